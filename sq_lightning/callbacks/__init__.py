@@ -1,0 +1,1 @@
+"""Lightning callbacks: thin glue that calls :mod:`sq_lightning.ops`."""

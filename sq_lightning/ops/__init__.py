@@ -1,0 +1,1 @@
+"""Pure-torch math of the package. Nothing here imports Lightning."""
