@@ -1,0 +1,32 @@
+"""Metric and histogram logging shared by the callbacks.
+
+``LightningModule.log`` is not allowed in every hook (``on_train_end`` for one), so
+the callbacks write their ``sq/*`` scalars straight to the trainer's loggers (which
+are rank-zero only) and mirror them into ``trainer.callback_metrics`` so that
+``ModelCheckpoint``/``EarlyStopping`` and tests can read them.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+
+
+def log_scalars(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+    for k, v in metrics.items():
+        trainer.callback_metrics[k] = torch.tensor(float(v))
+
+
+def log_histograms(trainer: pl.Trainer, tensors: dict[str, Tensor], prefix: str) -> None:
+    """Weight histograms per layer under ``<prefix>/<layer>`` (TensorBoard loggers only)."""
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            for name, t in tensors.items():
+                logger.experiment.add_histogram(f"{prefix}/{name}", t.detach().float().cpu(), trainer.global_step, bins="auto")
+            logger.experiment.flush()

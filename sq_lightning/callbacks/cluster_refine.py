@@ -1,0 +1,214 @@
+"""``ClusterRefine``: snap weights to their clusters, refine with tied weights, log bits.
+
+Second half of soft quantization (Bernstein, Di Carlo, Schwab, arXiv:2601.21219):
+after coupling, each layer's clusters are snapped to their means, BatchNorm
+statistics are re-estimated, and training continues with every cluster's members
+tied to one shared value. The bit-width of layer ``l`` is ``log2 K_l``.
+The work is done by :class:`sq_lightning.snapper.ClusterSnapper`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from sq_lightning.callbacks._logging import log_histograms, log_scalars
+from sq_lightning.layers import LayerSelector
+from sq_lightning.ops.clustering import MergePolicy
+from sq_lightning.snapper import ClusterSnapper, OnUnclustered
+
+log = logging.getLogger(__name__)
+
+
+class ClusterRefine(Callback):
+    """Snaps the selected layers to their clusters, then keeps them tied while training on.
+
+    At the start of epoch ``snap_epoch`` (``0``: at fit start, for a stage that starts
+    from a soft-quantized checkpoint; ``None``: at the end of fit, no refinement) each
+    layer's weights are sorted and split where neighbours are more than ``gap · w_l``
+    apart (``w_l = w · σ_l``; taken from a :class:`SoftQuantCallback` in the same
+    ``Trainer`` when there is one), small clusters are merged as ``merge`` says, and
+    every weight is set to its cluster's mean. BatchNorm running statistics are then
+    re-estimated on ``recalibrate_bn_batches`` training batches (snapping makes them
+    stale: 7-8 accuracy points on ResNet-20, DESIGN.md section 8). For the remaining
+    epochs, after every optimizer step each weight is set back to the mean of its
+    cluster (assignments fixed), so the model ends with exactly ``K_l`` distinct
+    values per layer.
+
+    Logged (TensorBoard): ``sq/bits/<layer>``, ``sq/clusters/<layer>``,
+    ``sq/snap_error/<layer>``, ``sq/bits_weighted``, ``sq/bits_mean``,
+    ``sq/compression_ratio`` at the snap and at every epoch end afterwards; weight
+    histograms ``sq/weights/<layer>`` every ``histogram_every_n_epochs`` epochs and
+    ``sq/weights_pre_snap/<layer>``, ``sq/weights_snapped/<layer>`` around the snap.
+    A per-layer table is printed after the snap and at the end.
+
+    Args:
+        snap_epoch: epoch at whose start the snap happens; ``None`` snaps at fit end.
+        w: range of the well relative to the layer std, as in ``SoftQuantCallback``
+            (used only when no ``SoftQuantCallback`` runs in the same ``Trainer``).
+        gap: split threshold as a fraction of ``w_l``.
+        min_cluster_frac: clusters below this fraction of a layer's weights may be
+            merged into their nearest neighbour.
+        merge: ``"storage"`` (merge only where it saves an index bit), ``"all"``, ``"none"``.
+        max_snap_error: relative snap error ``‖θ - snap(θ)‖ / ‖θ‖`` above which a layer
+            counts as not clustered.
+        on_unclustered: ``"keep"`` (full precision, 32 bits in the report), ``"snap"``
+            (snap anyway) or ``"raise"``; always reported as a warning.
+        clusters_from: ``"gaps"`` (discover clusters) or ``"codebook"`` (the learned
+            representatives of a :class:`LearnedCodebook` callback in the same ``Trainer``).
+        refine: keep the weights tied after the snap (``False``: snap only).
+        recalibrate_bn_batches: training batches used to re-estimate BatchNorm
+            statistics after the snap (0 disables).
+        histogram_every_n_epochs: weight-histogram interval (0 disables).
+        module_types: module class names whose ``weight`` is snapped.
+        include: regexes on full parameter names to snap whatever their module.
+        exclude: regexes on full parameter names never to snap.
+        min_size: layers with fewer weights are not snapped.
+
+    Raises:
+        ValueError: a bad argument, a selection that matches no layer, or
+            ``clusters_from="codebook"`` without a ``LearnedCodebook`` callback.
+        sq_lightning.snapper.UnclusteredLayerError: with ``on_unclustered="raise"``.
+
+    Example::
+
+        trainer = Trainer(max_epochs=6, callbacks=[
+            SoftQuantCallback(h=1e-3, w=0.3, stop_epoch=4),
+            ClusterRefine(snap_epoch=4, w=0.3),
+        ])
+    """
+
+    def __init__(
+        self,
+        snap_epoch: Optional[int] = 0,
+        w: float = 0.3,
+        gap: float = 0.5,
+        min_cluster_frac: float = 0.001,
+        merge: MergePolicy = "storage",
+        max_snap_error: float = 0.3,
+        on_unclustered: OnUnclustered = "keep",
+        clusters_from: Literal["gaps", "codebook"] = "gaps",
+        refine: bool = True,
+        recalibrate_bn_batches: int = 100,
+        histogram_every_n_epochs: int = 1,
+        module_types: Optional[list[str]] = None,
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        min_size: int = 0,
+    ) -> None:
+        super().__init__()
+        if snap_epoch is not None and (isinstance(snap_epoch, bool) or not isinstance(snap_epoch, int) or snap_epoch < 0):
+            raise ValueError(f"`snap_epoch` must be an int >= 0 or None (snap at fit end), got {snap_epoch!r}.")
+        if clusters_from not in ("gaps", "codebook"):
+            raise ValueError(f"`clusters_from` must be 'gaps' or 'codebook', got {clusters_from!r}.")
+        for name, value in (("recalibrate_bn_batches", recalibrate_bn_batches), ("histogram_every_n_epochs", histogram_every_n_epochs)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"`{name}` must be an int >= 0, got {value!r}.")
+        self.selector = LayerSelector(module_types, include, exclude, min_size)
+        self.snapper = ClusterSnapper(w, gap, min_cluster_frac, merge, max_snap_error, on_unclustered, self.selector)
+        self.snap_epoch = snap_epoch
+        self.clusters_from = clusters_from
+        self.refine = refine
+        self.recalibrate_bn_batches = recalibrate_bn_batches
+        self.histogram_every_n_epochs = histogram_every_n_epochs
+
+    @property
+    def snapped(self) -> bool:
+        return self.snapper.snapped
+
+    # -- hooks --------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.selector.select_or_raise(pl_module, type(self).__name__)
+        if self.clusters_from == "codebook" and self._codebook_callback(trainer) is None:
+            raise ValueError(
+                "`clusters_from='codebook'` needs a LearnedCodebook callback in the same Trainer; "
+                "add one or use `clusters_from='gaps'`."
+            )
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.snapped and self.snap_epoch is not None and trainer.current_epoch >= self.snap_epoch:
+            self._run_snap(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.snapped and self.refine:
+            self.snapper.tie(pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.snapped:
+            log_scalars(trainer, self._metrics())
+        n = self.histogram_every_n_epochs
+        if n and (trainer.current_epoch + 1) % n == 0:
+            log_histograms(trainer, self._weights(pl_module), "sq/weights")
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.snapped:
+            self._run_snap(trainer, pl_module, recalibrate=True)
+        rank_zero_info("ClusterRefine: final per-layer bit-widths\n" + self.snapper.table())
+
+    # -- helpers --------------------------------------------------------------------
+    def _codebook_callback(self, trainer: pl.Trainer):
+        for cb in trainer.callbacks:
+            if hasattr(cb, "codebooks") and callable(cb.codebooks):
+                return cb
+        return None
+
+    def _soft_quant_w_l(self, trainer: pl.Trainer) -> dict[str, float]:
+        from sq_lightning.callbacks.soft_quant import SoftQuantCallback
+
+        for cb in trainer.callbacks:
+            if isinstance(cb, SoftQuantCallback) and cb.coupler.prepared:
+                return {n: cb.coupler.w_l(n) for n in cb.coupler.sigma}
+        return {}
+
+    def _weights(self, pl_module: pl.LightningModule) -> dict:
+        return {n: p for n, p in self.selector.select(pl_module)}
+
+    def _run_snap(self, trainer: pl.Trainer, pl_module: pl.LightningModule, recalibrate: bool = True) -> None:
+        log_histograms(trainer, self._weights(pl_module), "sq/weights_pre_snap")
+        centroids = None
+        if self.clusters_from == "codebook":
+            centroids = self._codebook_callback(trainer).codebooks()
+        clusters = self.snapper.find(pl_module, w_l=self._soft_quant_w_l(trainer), centroids=centroids)
+        # Every rank holds the same weights, so the clusters agree; broadcasting rank 0's
+        # makes that a guarantee rather than a property of floating-point determinism.
+        clusters = trainer.strategy.broadcast(clusters, src=0)
+        self.snapper.snap(pl_module, clusters=clusters)
+        if recalibrate and self.recalibrate_bn_batches and trainer.train_dataloader is not None:
+            from sq_lightning.models.batchnorm import recalibrate_batchnorm
+
+            recalibrate_batchnorm(pl_module, trainer.train_dataloader, self.recalibrate_bn_batches, device=pl_module.device)
+        log_histograms(trainer, self._weights(pl_module), "sq/weights_snapped")
+        log_scalars(trainer, self._metrics())
+        rank_zero_info(f"ClusterRefine: snapped at epoch {trainer.current_epoch}\n" + self.snapper.table())
+
+    def _metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, r in self.snapper.reports.items():
+            out[f"sq/bits/{name}"] = r.bits
+            out[f"sq/clusters/{name}"] = float(r.k)
+            out[f"sq/snap_error/{name}"] = r.snap_error
+        out.update({f"sq/{k}": v for k, v in self.snapper.summary().items()})
+        return out
+
+    def clusters(self) -> dict:
+        """``{name: (centroids, assignments)}`` of the snapped layers, for :func:`sq_lightning.export.save_compressed`."""
+        return self.snapper.export_clusters()
+
+    # -- state --------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"snapper": self.snapper.state_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.snapper.load_state_dict(state_dict.get("snapper", {}))

@@ -1,0 +1,182 @@
+"""``SoftQuantCallback``: the weight-coupling loss of soft quantization in any ``Trainer``.
+
+Bernstein, Di Carlo, Schwab, "Soft Quantization: Model Compression Via Weight
+Coupling", arXiv:2601.21219 (2026). The math lives in :mod:`sq_lightning.ops.coupling`
+and :class:`sq_lightning.coupler.WeightCoupler`; this module only connects it to hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from sq_lightning.coupler import WeightCoupler, check_coupling_args
+from sq_lightning.layers import LayerSelector
+from sq_lightning.ops.coupling import DEFAULT_N_BINS
+
+log = logging.getLogger(__name__)
+
+
+def _check_window(start_epoch, stop_epoch, start_step, stop_step) -> None:
+    for name, value in (("start_epoch", start_epoch), ("stop_epoch", stop_epoch), ("start_step", start_step), ("stop_step", stop_step)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"`{name}` must be an int >= 0 or None, got {value!r}.")
+    if stop_epoch is not None and stop_epoch <= start_epoch:
+        raise ValueError(f"`stop_epoch` ({stop_epoch}) must be > `start_epoch` ({start_epoch}): the window would be empty.")
+    if stop_step is not None and start_step is not None and stop_step <= start_step:
+        raise ValueError(f"`stop_step` ({stop_step}) must be > `start_step` ({start_step}): the window would be empty.")
+
+
+class SoftQuantCallback(Callback):
+    r"""Makes the weights of each selected layer cluster during training.
+
+    At every optimizer step the gradient of the coupling loss
+
+    .. math::
+        L_C = \sum_l h_l \sum_{i \ne j} U_{w_l}(\theta_i - \theta_j), \quad
+        U_w(x) = (|x| - w)\,1[|x| < w]
+
+    is added to ``param.grad`` of each selected layer, with
+
+    * ``w_l = w · σ_l``: ``σ_l`` is the std of the layer's weights when coupling starts,
+      frozen afterwards and saved in checkpoints;
+    * ``h_l = h · N_l^(-alpha)``, ``N_l`` the layer's number of weights.
+
+    The gradient is injected in ``on_before_optimizer_step``: gradients there are
+    already unscaled by mixed precision and all-reduced by DDP, the hook runs once per
+    optimizer step (also with gradient accumulation), and the coupling gradient goes
+    through gradient clipping together with the task gradient. No autograd graph is
+    built and ``training_step`` is untouched. With several optimizers each one's
+    parameters get their coupling gradient at that optimizer's step.
+
+    Args:
+        h: coupling strength (dimensionless). With SGD (lr 0.01-0.05, momentum 0.9)
+            useful values are about 1e-4 to 2e-3; more is chaotic, less leaves small
+            layers unclustered. Only ``lr / (1 - momentum) · h`` matters for SGD.
+        w: range of the well relative to the layer's std. Larger ``w`` merges more:
+            fewer clusters, fewer bits (0.15 / 0.3 / 0.45 gave about 4 / 3 / 2.5 bits on
+            an MLP, DESIGN.md section 8).
+        alpha: exponent of the layer-size scaling of ``h_l`` (paper: 0.66).
+        n_bins: grid points per layer of the histogram backend (paper: 2^14).
+        backend: ``"histogram"``, ``"exact"`` or ``"auto"`` (exact for small layers).
+        module_types: module class names whose ``weight`` is coupled
+            (default Conv1d/2d/3d and Linear).
+        include: regexes on full parameter names to couple whatever their module.
+        exclude: regexes on full parameter names never to couple.
+        min_size: layers with fewer weights are not coupled.
+        start_epoch: first epoch with coupling.
+        stop_epoch: first epoch without coupling again (``None``: to the end).
+        start_step: if set, first optimizer step (``trainer.global_step``) with coupling;
+            combined with the epoch window by AND.
+        stop_step: if set, first optimizer step without coupling again.
+        log_every_n_steps: how often ``sq/coupling_loss`` is computed and logged
+            (computing the loss value costs one extra convolution).
+        log_per_layer: also log ``sq/coupling_loss/<layer>``.
+
+    Raises:
+        ValueError: a bad argument (in ``__init__``) or a selection that matches no
+            layer of the model (in ``setup``).
+
+    Example::
+
+        trainer = Trainer(callbacks=[SoftQuantCallback(h=1e-3, w=0.3)])
+        trainer.fit(model, datamodule)
+    """
+
+    def __init__(
+        self,
+        h: float = 1e-3,
+        w: float = 0.3,
+        alpha: float = 0.66,
+        n_bins: int = DEFAULT_N_BINS,
+        backend: Literal["histogram", "exact", "auto"] = "auto",
+        module_types: Optional[list[str]] = None,
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        min_size: int = 0,
+        start_epoch: int = 0,
+        stop_epoch: Optional[int] = None,
+        start_step: Optional[int] = None,
+        stop_step: Optional[int] = None,
+        log_every_n_steps: int = 50,
+        log_per_layer: bool = False,
+    ) -> None:
+        super().__init__()
+        check_coupling_args(h, w, alpha, n_bins, backend)
+        _check_window(start_epoch, stop_epoch, start_step, stop_step)
+        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
+            raise ValueError(f"`log_every_n_steps` must be an int >= 1, got {log_every_n_steps!r}.")
+        self.selector = LayerSelector(module_types, include, exclude, min_size)
+        self.coupler = WeightCoupler(h=h, w=w, alpha=alpha, n_bins=n_bins, backend=backend, selector=self.selector)
+        self.start_epoch, self.stop_epoch = start_epoch, stop_epoch
+        self.start_step, self.stop_step = start_step, stop_step
+        self.log_every_n_steps = log_every_n_steps
+        self.log_per_layer = log_per_layer
+        self.steps_applied = 0
+        self._pending_log: Optional[dict[str, torch.Tensor]] = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(h=self.coupler.h, w=self.coupler.w, alpha=self.coupler.alpha)
+
+    # -- hooks --------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.selector.select_or_raise(pl_module, type(self).__name__)
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        if trainer.sanity_checking or not self._active(trainer):
+            return
+        self._run_coupling(trainer, pl_module, optimizer)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._pending_log:
+            pl_module.log_dict(self._pending_log, on_step=True, on_epoch=False)
+            self._pending_log = None
+
+    # -- helpers --------------------------------------------------------------------
+    def _active(self, trainer: pl.Trainer) -> bool:
+        epoch, step = trainer.current_epoch, trainer.global_step
+        if epoch < self.start_epoch or (self.stop_epoch is not None and epoch >= self.stop_epoch):
+            return False
+        if self.start_step is not None and step < self.start_step:
+            return False
+        return self.stop_step is None or step < self.stop_step
+
+    def _run_coupling(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        if not self.coupler.prepared:
+            self.coupler.prepare(pl_module)
+            rank_zero_info(self._describe())
+        want_loss = trainer.global_step % self.log_every_n_steps == 0
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        losses = self.coupler.add_gradients(pl_module, compute_loss=want_loss, only=params)
+        self.steps_applied += 1
+        if want_loss and losses:
+            metrics = {"sq/coupling_loss": torch.stack(list(losses.values())).sum().detach()}
+            if self.log_per_layer:
+                metrics.update({f"sq/coupling_loss/{n}": v.detach() for n, v in losses.items()})
+            self._pending_log = metrics
+
+    def _describe(self) -> str:
+        rows = self.coupler.layer_table()
+        lines = [f"SoftQuantCallback: coupling {len(rows)} layers (h={self.coupler.h:g}, w={self.coupler.w:g}, alpha={self.coupler.alpha:g})"]
+        lines += [f"  {r['name']:<40} N={r['numel']:>8}  sigma={r['sigma']:.4g}  w_l={r['w_l']:.4g}  h_l={r['h_l']:.4g}" for r in rows]
+        return "\n".join(lines)
+
+    # -- state --------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.coupler.state_dict(), "steps_applied": self.steps_applied}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.coupler.load_state_dict(state_dict)
+        self.steps_applied = int(state_dict.get("steps_applied", 0))

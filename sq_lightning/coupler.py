@@ -1,0 +1,206 @@
+"""Trainer-free soft quantization: per-layer coupling strengths and gradient injection.
+
+Soft quantization (Bernstein, Di Carlo, Schwab, arXiv:2601.21219) adds to the task
+loss, for every quantized layer ``l`` with ``N_l`` weights::
+
+    L_C = Σ_l h_l Σ_{i≠j} U_{w_l}(θ_i - θ_j)
+    w_l = w · σ_l          σ_l: std of the layer's weights when coupling starts (frozen)
+    h_l = h · N_l^(-α)     α = 0.66 by default
+
+(the relative range ``w_l`` and the ``N_l^(-α)`` scaling are the project's definitions,
+DESIGN.md section 1). :class:`WeightCoupler` holds ``σ_l``, ``w_l``, ``h_l`` and adds
+``∂L_C/∂θ`` to ``param.grad``; it works on a plain ``nn.Module`` in a hand-written loop,
+and :class:`sq_lightning.callbacks.SoftQuantCallback` drives it from a ``Trainer``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from typing import Literal, Optional
+
+import torch
+from torch import Tensor, nn
+
+from sq_lightning.layers import LayerSelector
+from sq_lightning.ops.coupling import (
+    AUTO_EXACT_BELOW,
+    DEFAULT_N_BINS,
+    coupling_exact,
+    coupling_grad_batched,
+    layer_strength,
+)
+
+log = logging.getLogger(__name__)
+
+BackendName = Literal["histogram", "exact", "auto"]
+
+
+def check_coupling_args(h: float, w: float, alpha: float, n_bins: int, backend: str) -> None:
+    """Argument checks shared by :class:`WeightCoupler` and the callback."""
+    for name, value in (("h", h), ("w", w), ("alpha", alpha)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+    if h < 0:
+        raise ValueError(f"`h` must be >= 0, got {h}. It is the coupling strength; 1e-4 to 2e-3 is typical with SGD.")
+    if w <= 0:
+        raise ValueError(f"`w` must be > 0, got {w}. It is the well's range relative to the layer's std; try 0.15-0.45.")
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 16:
+        raise ValueError(f"`n_bins` must be an int >= 16, got {n_bins!r}. The paper uses 16384.")
+    if backend not in ("histogram", "exact", "auto"):
+        raise ValueError(f"`backend` must be one of 'histogram', 'exact', 'auto', got {backend!r}.")
+
+
+class WeightCoupler:
+    """Adds the coupling gradient of soft quantization to the selected weights.
+
+    Args:
+        h: global strength; layer ``l`` gets ``h_l = h · N_l^(-alpha)``.
+        w: range of the well relative to the layer's std: ``w_l = w · σ_l``.
+        alpha: exponent of the layer-size scaling of ``h_l``.
+        n_bins: grid points per layer of the histogram backend.
+        backend: ``"histogram"`` (the paper's scheme, all layers in one batched pass),
+            ``"exact"`` (sort-based, exact counts), or ``"auto"`` (exact for layers
+            under ``AUTO_EXACT_BELOW`` weights, histogram for the rest).
+        selector: which parameters are coupled (default: Conv/Linear weights).
+
+    Example::
+
+        coupler = WeightCoupler(h=1e-3, w=0.3)
+        coupler.prepare(model)           # captures σ_l, w_l, h_l
+        loss = criterion(model(x), y)
+        loss.backward()
+        coupler.add_gradients(model)     # adds ∂L_C/∂θ to every .grad
+        optimizer.step()
+    """
+
+    def __init__(
+        self,
+        h: float = 1e-3,
+        w: float = 0.3,
+        alpha: float = 0.66,
+        n_bins: int = DEFAULT_N_BINS,
+        backend: BackendName = "auto",
+        selector: Optional[LayerSelector] = None,
+    ) -> None:
+        check_coupling_args(h, w, alpha, n_bins, backend)
+        self.h, self.w, self.alpha, self.n_bins, self.backend = float(h), float(w), float(alpha), n_bins, backend
+        self.selector = selector or LayerSelector()
+        self.sigma: dict[str, float] = {}
+        self.numel: dict[str, int] = {}
+
+    # -- set-up ------------------------------------------------------------------
+    @property
+    def prepared(self) -> bool:
+        return bool(self.sigma)
+
+    def prepare(self, model: nn.Module) -> dict[str, float]:
+        """Captures ``σ_l`` of every selected layer (once; later calls keep the frozen values).
+
+        Layers whose std is 0 or not finite cannot define a range: they are skipped
+        with a warning (a zero-initialised layer, for instance).
+        """
+        if self.prepared:
+            return self.sigma
+        for name, param in self.selector.select_or_raise(model, type(self).__name__):
+            std = float(param.detach().float().std()) if param.numel() > 1 else 0.0
+            if not math.isfinite(std) or std <= 0:
+                log.warning("soft quantization skips %s: its weights have std %s, so `w_l = w·σ_l` is undefined.", name, std)
+                continue
+            self.sigma[name] = std
+            self.numel[name] = param.numel()
+        if not self.sigma:
+            raise ValueError("every selected layer has zero or non-finite std: there is nothing to couple.")
+        return self.sigma
+
+    def w_l(self, name: str) -> float:
+        return self.w * self.sigma[name]
+
+    def h_l(self, name: str) -> float:
+        return layer_strength(self.h, self.numel[name], self.alpha)
+
+    def layer_table(self) -> list[dict[str, float]]:
+        """One row per coupled layer: name, N_l, σ_l, w_l, h_l."""
+        return [
+            {"name": n, "numel": self.numel[n], "sigma": s, "w_l": self.w_l(n), "h_l": self.h_l(n)}
+            for n, s in self.sigma.items()
+        ]
+
+    # -- the step -----------------------------------------------------------------
+    def gradients(
+        self, params: dict[str, Tensor], compute_loss: bool = False
+    ) -> tuple[Optional[dict[str, Tensor]], dict[str, Tensor]]:
+        """Coupling gradient (float32) and, on request, loss per layer for ``params``."""
+        names = [n for n in params if n in self.sigma]
+        if self.backend == "exact":
+            exact_names, hist_names = names, []
+        elif self.backend == "histogram":
+            exact_names, hist_names = [], names
+        else:
+            exact_names = [n for n in names if self.numel[n] < AUTO_EXACT_BELOW]
+            hist_names = [n for n in names if self.numel[n] >= AUTO_EXACT_BELOW]
+        grads: dict[str, Tensor] = {}
+        losses: dict[str, Tensor] = {}
+        try:
+            for n in exact_names:
+                res = coupling_exact(params[n], self.w_l(n), self.h_l(n), compute_loss=compute_loss)
+                grads[n] = res.grad
+                if compute_loss:
+                    losses[n] = res.loss
+            if hist_names:
+                loss_vec, hist_grads = coupling_grad_batched(
+                    [params[n] for n in hist_names],
+                    [self.w_l(n) for n in hist_names],
+                    [self.h_l(n) for n in hist_names],
+                    n_bins=self.n_bins,
+                    compute_loss=compute_loss,
+                    per_layer_loss=True,
+                )
+                grads.update(zip(hist_names, hist_grads))
+                if compute_loss:
+                    losses.update(zip(hist_names, loss_vec.unbind()))
+        except ValueError as err:
+            bad = [n for n in names if not bool(torch.isfinite(params[n].detach()).all())]
+            if bad:
+                raise RuntimeError(
+                    f"soft quantization found non-finite weights in {bad}: training has diverged. "
+                    "Lower the learning rate or `h`; the coupling gradient was not applied."
+                ) from err
+            raise
+        return (losses if compute_loss else None), grads
+
+    @torch.no_grad()
+    def add_gradients(
+        self, model: nn.Module, compute_loss: bool = False, only: Optional[Iterable[Tensor]] = None
+    ) -> Optional[dict[str, Tensor]]:
+        """Adds ``∂L_C/∂θ`` to ``param.grad`` of every coupled layer.
+
+        Parameters whose ``.grad`` is ``None`` (frozen or unused this step) are skipped.
+        ``only`` restricts the update to these parameter objects (one optimizer's).
+
+        Returns:
+            per-layer loss values when ``compute_loss`` is set, else ``None``.
+        """
+        if not self.prepared:
+            self.prepare(model)
+        allowed = None if only is None else {id(p) for p in only}
+        params: dict[str, nn.Parameter] = {}
+        for name, p in model.named_parameters():
+            if name in self.sigma and p.grad is not None and (allowed is None or id(p) in allowed):
+                params[name] = p
+        if not params:
+            return {} if compute_loss else None
+        losses, grads = self.gradients(dict(params), compute_loss=compute_loss)
+        targets = [p.grad for p in params.values()]
+        updates = [grads[n].to(p.grad.dtype) for n, p in params.items()]
+        torch._foreach_add_(targets, updates)  # one call for every layer
+        return losses
+
+    # -- persistence --------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"sigma": dict(self.sigma), "numel": dict(self.numel)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sigma = {k: float(v) for k, v in state.get("sigma", {}).items()}
+        self.numel = {k: int(v) for k, v in state.get("numel", {}).items()}

@@ -1,0 +1,203 @@
+"""1-D cluster discovery, merging and snapping of one layer's weights.
+
+After soft quantization (arXiv:2601.21219) the weights of a layer sit in a few tight
+groups separated by gaps of about the well's range ``w_l``. A group is found by
+sorting the weights and splitting wherever two neighbours are more than ``gap``
+apart; groups smaller than a minimum population can then be merged into their
+nearest neighbour (the paper reassigns small clusters this way). Every weight is
+snapped to its group's mean.
+
+Bit-width of a layer with ``K`` clusters: ``b = log2 K`` (0 for one cluster); storing
+the indices takes ``ceil(log2 K)`` bits per weight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+MergePolicy = Literal["storage", "all", "none"]
+
+
+@dataclass
+class Clusters:
+    """Result of clustering one layer.
+
+    Attributes:
+        centroids: float32 (K,), ascending: the mean of each cluster's members.
+        assignments: int64, the layer's shape: cluster index of every weight.
+        counts: int64 (K,): members per cluster.
+    """
+
+    centroids: Tensor
+    assignments: Tensor
+    counts: Tensor
+
+    @property
+    def k(self) -> int:
+        return int(self.centroids.numel())
+
+    @property
+    def bits(self) -> float:
+        """``log2 K`` (0 for a single cluster)."""
+        return math.log2(self.k) if self.k > 1 else 0.0
+
+    @property
+    def storage_bits(self) -> int:
+        """``ceil(log2 K)``: bits per stored index."""
+        return math.ceil(math.log2(self.k)) if self.k > 1 else 0
+
+    def values(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The snapped weights ``centroids[assignments]``."""
+        return self.centroids[self.assignments].to(dtype)
+
+    def snap_error(self, theta: Tensor) -> float:
+        """Relative snap error ``‖θ - snap(θ)‖ / ‖θ‖`` (0 for an all-zero layer)."""
+        t = theta.detach().double()
+        norm = float(t.norm())
+        return float((t - self.centroids.double()[self.assignments]).norm()) / norm if norm > 0 else 0.0
+
+
+def _segment_means(sorted_vals: Tensor, seg: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    counts = torch.bincount(seg, minlength=k)
+    sums = torch.zeros(k, dtype=torch.float64, device=sorted_vals.device).index_add_(0, seg, sorted_vals.double())
+    return (sums / counts.clamp_min(1).double()), counts
+
+
+def find_clusters(
+    theta: Tensor,
+    gap: float,
+    min_size: int = 1,
+    merge: MergePolicy = "storage",
+) -> Clusters:
+    """Splits the sorted weights at gaps larger than ``gap`` and merges small groups.
+
+    Args:
+        theta: one layer's weights (any shape, dtype, device).
+        gap: split threshold in weight units (> 0); the callbacks use a fraction of
+            the well's range ``w_l``.
+        min_size: groups with fewer members are merge candidates.
+        merge: ``"storage"`` merges candidates (cheapest squared-error cost first)
+            only while that lowers ``ceil(log2 K)``, because a merge that does not
+            save an index bit only adds error (tail weights merged into big clusters
+            dominated the snap error of the prototype, DESIGN.md section 8);
+            ``"all"`` merges every candidate; ``"none"`` keeps every group.
+
+    Returns:
+        :class:`Clusters` with ascending centroids.
+
+    Raises:
+        ValueError: empty or non-finite ``theta``, ``gap <= 0``, bad ``min_size``/``merge``.
+    """
+    if not (isinstance(gap, (int, float)) and math.isfinite(gap) and gap > 0):
+        raise ValueError(f"`gap` must be a finite number > 0, got {gap!r}.")
+    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1:
+        raise ValueError(f"`min_size` must be an int >= 1, got {min_size!r}.")
+    if merge not in ("storage", "all", "none"):
+        raise ValueError(f"`merge` must be 'storage', 'all' or 'none', got {merge!r}.")
+    flat = theta.detach().reshape(-1).float()
+    if flat.numel() == 0:
+        raise ValueError("`theta` is empty: there is nothing to cluster.")
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError("`theta` holds non-finite values (NaN or inf): clusters are undefined.")
+    s, order = torch.sort(flat, stable=True)
+    split = torch.diff(s) > gap
+    seg = torch.zeros_like(order)
+    seg[1:] = torch.cumsum(split, 0)
+    k = int(seg[-1]) + 1
+    means, counts = _segment_means(s, seg, k)
+    if merge != "none" and k > 1:
+        label = _merge_small(means, counts, s, seg, min_size, merge)
+        seg = label[seg]
+        k = int(label.max()) + 1
+        means, counts = _segment_means(s, seg, k)
+    assignments = torch.empty_like(seg)
+    assignments[order] = seg
+    return Clusters(means.float(), assignments.reshape(theta.shape), counts)
+
+
+def _merge_small(means: Tensor, counts: Tensor, s: Tensor, seg: Tensor, min_size: int, merge: MergePolicy) -> Tensor:
+    """Maps each initial group to its final (contiguous, ascending) label."""
+    # Work on small per-cluster arrays in Python: K is at most a few thousand.
+    m = means.tolist()
+    c = counts.tolist()
+    sq = torch.zeros(len(m), dtype=torch.float64, device=s.device).index_add_(0, seg, s.double() ** 2).tolist()
+    groups = [[i] for i in range(len(m))]
+
+    def cost(a: int, b: int) -> float:  # increase of squared error when merging a and b
+        return c[a] * c[b] / (c[a] + c[b]) * (m[a] - m[b]) ** 2
+
+    def candidates() -> list[tuple[float, int, int]]:
+        out = []
+        for i in range(len(m)):
+            if c[i] >= min_size:
+                continue
+            for j in (i - 1, i + 1):
+                if 0 <= j < len(m):
+                    out.append((cost(i, j), i, j))
+        return sorted(out)
+
+    while len(m) > 1:
+        cand = candidates()
+        if not cand:
+            break
+        if merge == "storage":
+            k = len(m)
+            target = 1 << (math.ceil(math.log2(k)) - 1) if k > 1 else 1
+            small = sum(1 for x in c if x < min_size)
+            if k - target > small:
+                break  # cannot reach fewer index bits with small groups alone
+        _, i, j = cand[0]
+        lo, hi = min(i, j), max(i, j)
+        n = c[lo] + c[hi]
+        m[lo] = (m[lo] * c[lo] + m[hi] * c[hi]) / n
+        c[lo] = n
+        sq[lo] += sq[hi]
+        groups[lo] += groups[hi]
+        del m[hi], c[hi], sq[hi], groups[hi]
+    label = torch.empty(means.numel(), dtype=torch.long, device=means.device)
+    for new, members in enumerate(groups):
+        label[members] = new
+    return label
+
+
+def assign_to_centroids(theta: Tensor, centroids: Tensor) -> Clusters:
+    """Assigns each weight to its nearest centroid; centroids become the members' means.
+
+    Used with given representatives (a learned codebook, a baseline's levels).
+    Centroids with no member are dropped, so every cluster is populated.
+    """
+    flat = theta.detach().reshape(-1).float()
+    c, _ = torch.sort(centroids.detach().reshape(-1).float().to(flat.device))
+    if c.numel() == 0:
+        raise ValueError("`centroids` is empty.")
+    pos = torch.searchsorted(c, flat).clamp(1, max(c.numel() - 1, 1))
+    if c.numel() == 1:
+        near = torch.zeros_like(pos)
+    else:
+        left, right = c[pos - 1], c[pos]
+        near = torch.where((flat - left).abs() <= (right - flat).abs(), pos - 1, pos)
+    used, dense = torch.unique(near, return_inverse=True)
+    k = used.numel()
+    means, counts = _segment_means(flat, dense, k)
+    return Clusters(means.float(), dense.reshape(theta.shape), counts)
+
+
+def tie_to_clusters(theta: Tensor, assignments: Tensor, k: int) -> Tensor:
+    """Means of the current members of each cluster (assignments fixed), float32 (k,)."""
+    means, _ = _segment_means(theta.detach().reshape(-1).float(), assignments.reshape(-1), k)
+    return means.float()
+
+
+def bits_summary(numels: list[int], ks: list[int]) -> dict[str, float]:
+    """Parameter-weighted and plain mean bits, and fp32 size over codebook + packed indices."""
+    bits = [math.log2(k) if k > 1 else 0.0 for k in ks]
+    total = sum(numels)
+    weighted = sum(n * b for n, b in zip(numels, bits)) / total if total else 0.0
+    mean = sum(bits) / len(bits) if bits else 0.0
+    packed = sum(n * (math.ceil(math.log2(k)) if k > 1 else 0) + 32 * k for n, k in zip(numels, ks))
+    return {"bits_weighted": weighted, "bits_mean": mean, "compression_ratio": 32.0 * total / max(packed, 1)}

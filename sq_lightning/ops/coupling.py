@@ -1,0 +1,404 @@
+"""Weight-coupling loss of soft quantization.
+
+Bernstein, Di Carlo, Schwab, "Soft Quantization: Model Compression Via Weight
+Coupling", arXiv:2601.21219 (2026).
+
+For the weights ``θ`` (N entries) of one layer, with range ``w`` and strength ``h``::
+
+    U_w(x) = (|x| - w) · 1[|x| < w]                  triangular well, depth -w at 0
+    L      = h Σ_{i≠j} U_w(θ_i - θ_j)                 ordered pairs, one layer
+    ∂L/∂θ_i = 2 h (n_<(i) - n_>(i))                   n_< / n_>: weights within w
+                                                      strictly below / above θ_i
+
+Three backends compute the same loss and gradient:
+
+* ``pairwise``: O(N²), blockwise; the reference for tests.
+* ``exact``: sort + searchsorted + prefix sums, O(N log N); exact counts and loss.
+* ``histogram``: the paper's scheme, O(N + N_b log N_b): the weights are deposited
+  linearly ("cloud in cell") on a grid of ``n_bins`` points spanning
+  ``[min θ - w, max θ + w]``; the force field is the linear (zero-padded, not
+  circular) convolution of that histogram with the odd sign kernel of half-width
+  ``w``; the field is interpolated linearly back at each weight. The grid kernel is
+  the sign box convolved with the deposit's hat function, so its two edge taps are
+  fractional and the result does not jump when ``w`` crosses a bin boundary.
+
+The histogram of several layers is built in one pass (one deposit, one batched
+convolution, one gather) by :func:`coupling_grad_batched`: ResNet-sized models have
+many small layers and the per-layer Python overhead would dominate otherwise.
+
+The convolution of a sign box is a difference of prefix sums (``conv="prefix"``,
+O(N_b)); the FFT route (``conv="fft"``) is the general one and is kept as an
+option and as a cross-check. All arithmetic is float32, prefix sums float64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+Backend = Literal["histogram", "exact", "pairwise"]
+Conv = Literal["prefix", "fft"]
+
+DEFAULT_N_BINS = 2**14
+# `auto` picks `exact` below this many weights: sorting a small layer costs less than
+# touching 2^14 bins (see benchmarks/results/coupling_scaling.md).
+AUTO_EXACT_BELOW = 4096
+
+
+class CouplingResult(NamedTuple):
+    """Loss value (0-dim float32 tensor, or ``None`` when not requested) and gradient."""
+
+    loss: Optional[Tensor]
+    grad: Tensor
+
+
+def triangular_well(x: Tensor, w: float) -> Tensor:
+    """``U_w(x) = (|x| - w) · 1[|x| < w]``."""
+    a = x.abs()
+    return torch.where(a < w, a - w, torch.zeros_like(a))
+
+
+def _check(theta: Tensor, w: float, h: float, name: str = "theta") -> Tensor:
+    if not isinstance(theta, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(theta).__name__}.")
+    if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0):
+        raise ValueError(f"`w` must be a finite number > 0, got {w!r}.")
+    if not (isinstance(h, (int, float)) and math.isfinite(h) and h >= 0):
+        raise ValueError(f"`h` must be a finite number >= 0, got {h!r}.")
+    flat = theta.detach().reshape(-1).float()
+    if flat.numel() and not bool(torch.isfinite(flat).all()):
+        raise ValueError(
+            f"`{name}` holds non-finite values (NaN or inf): the coupling force is undefined. "
+            "Fix the divergence first (lower the learning rate or `h`)."
+        )
+    return flat
+
+
+def coupling_pairwise(
+    theta: Tensor, w: float, h: float, compute_loss: bool = True, block: int = 2048
+) -> CouplingResult:
+    """O(N²) reference, ``block`` rows at a time so memory stays ``block * N``."""
+    flat = _check(theta, w, h).double()
+    n = flat.numel()
+    grad = torch.zeros_like(flat)
+    loss = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for start in range(0, n, block):
+        d = flat[start : start + block, None] - flat[None, :]
+        inside = d.abs() < w
+        grad[start : start + block] = (torch.sign(d) * inside).sum(1)
+        if compute_loss:
+            loss += torch.where(inside, d.abs() - w, torch.zeros_like(d)).sum()
+    grad = (2.0 * h * grad).to(torch.float32).reshape(theta.shape)
+    if not compute_loss:
+        return CouplingResult(None, grad)
+    # The diagonal i == j adds U(0) = -w per weight: it is not a pair.
+    loss = (h * (loss + n * w)).to(torch.float32)
+    return CouplingResult(loss, grad)
+
+
+def coupling_exact(theta: Tensor, w: float, h: float, compute_loss: bool = True) -> CouplingResult:
+    """Exact counts and loss by sorting, O(N log N)."""
+    flat = _check(theta, w, h)
+    if flat.numel() == 0:
+        return CouplingResult(flat.new_zeros(()) if compute_loss else None, torch.zeros_like(theta, dtype=torch.float32))
+    s, _ = torch.sort(flat)
+    # float64 makes |θ_i - θ_j| < w exact for float32 weights: a pair at the edge of the
+    # well is decided as the definition says, not by the rounding of θ_i ± w.
+    s64, q64 = s.double(), flat.double()
+    lo_in = torch.searchsorted(s64, q64 - w, side="right")  # first index with s > θ - w
+    eq_lo = torch.searchsorted(s, flat, side="left")  # first index with s >= θ
+    eq_hi = torch.searchsorted(s, flat, side="right")  # first index with s > θ
+    hi_in = torch.searchsorted(s64, q64 + w, side="left")  # first index with s >= θ + w
+    n_below = eq_lo - lo_in
+    n_above = hi_in - eq_hi
+    grad = (2.0 * h * (n_below - n_above).float()).reshape(theta.shape)
+    if not compute_loss:
+        return CouplingResult(None, grad)
+    # Centre before the float64 prefix sums so they do not lose the small differences.
+    c = (s - s.mean()).double()
+    prefix = torch.nn.functional.pad(torch.cumsum(c, 0), (1, 0))
+    x = (flat - s.mean()).double()
+    sum_below = prefix[eq_lo] - prefix[lo_in]
+    sum_above = prefix[hi_in] - prefix[eq_hi]
+    n_eq = (eq_hi - eq_lo - 1).double()  # ties other than i itself sit at U(0) = -w
+    per_i = (
+        n_below.double() * (x - w) - sum_below + sum_above - n_above.double() * (x + w) - w * n_eq
+    )
+    return CouplingResult((h * per_i.sum()).to(torch.float32), grad)
+
+
+# ---------------------------------------------------------------------------------
+# Histogram backend
+# ---------------------------------------------------------------------------------
+
+
+def _edge_taps(r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Splits the hat-smoothed sign kernel of half-width ``r`` bins into its parts.
+
+    For an integer offset ``j >= 1`` the kernel is ``1 - H(j - r)`` with ``H`` the CDF
+    of the unit hat on [-1, 1]: exactly 1 for ``j <= q - 1`` (``q = floor(r)``),
+    ``1 - (1 - φ)²/2`` at ``j = q`` and ``φ²/2`` at ``j = q + 1`` (``φ = r - q``), 0
+    beyond. Returns ``q`` (long) and the two fractional taps.
+    """
+    q = torch.floor(r)
+    phi = r - q
+    return q.long(), 1.0 - 0.5 * (1.0 - phi) ** 2, 0.5 * phi**2
+
+
+def _force_prefix(hist: Tensor, r: Tensor) -> Tensor:
+    """Force of each row of ``hist`` (L, M) by prefix sums, O(M); ``r`` (L,) in bins.
+
+    With ``C(x)`` the cumulative mass of the hat-deposited histogram, the force at grid
+    point ``k`` is (mass within ``r`` below) - (mass within ``r`` above)::
+
+        F[k] = 2 C(k) - C(k - r) - C(k + r)
+
+    ``C`` is piecewise quadratic: ``C(i + φ) = P[i] + a(φ) H[i] + b(φ) H[i+1]`` with
+    ``P`` the exclusive prefix sum, ``a(φ) = 1/2 + φ - φ²/2`` and ``b(φ) = φ²/2``. The
+    fraction of ``k ± r`` is the same for every ``k`` of a row, so each term is one
+    vector operation and one gather. This equals convolving with the hat-smoothed sign
+    kernel of ``_grid_kernel`` (the FFT route), exactly.
+    """
+    n_layers, m = hist.shape
+    q = torch.floor(r)
+    phi = (r - q)[:, None]
+    psi = 1.0 - phi
+    q = q.long()
+    guard = int(q.max()) + 2
+    # Integer counts stay exact in float32 up to 2^24 weights a row; beyond, float64.
+    dtype = torch.float64 if float(hist.sum(1).max()) > 2**24 else torch.float32
+    hp = torch.nn.functional.pad(hist.to(dtype), (guard, guard + 1))
+    prefix = torch.cumsum(hp, 1) - hp
+    nxt = hp[:, 1:]
+    hp, prefix = hp[:, :-1], prefix[:, :-1]
+    c_plus = prefix + (0.5 + phi - 0.5 * phi**2) * hp + (0.5 * phi**2) * nxt
+    c_minus = prefix + (0.5 + psi - 0.5 * psi**2) * hp + (0.5 * psi**2) * nxt
+    base = torch.arange(guard, guard + m, device=hist.device)[None, :]
+    c_mid = (prefix + 0.5 * hp)[:, guard : guard + m]
+    force = 2.0 * c_mid - c_minus.gather(1, base - q[:, None] - 1) - c_plus.gather(1, base + q[:, None])
+    return force.float()
+
+
+def _grid_kernel(r: Tensor, half: int, well: bool) -> Tensor:
+    """Kernels on integer offsets ``-half..half`` for each row of ``r`` (L,).
+
+    ``well=False``: the hat-smoothed sign box (force). ``well=True``: the triangular
+    well ``(|d| - r) 1[|d| < r]`` in bin units, sampled (used for the loss value).
+    """
+    j = torch.arange(-half, half + 1, device=r.device, dtype=torch.float32)[None, :]
+    rr = r[:, None]
+    if well:
+        a = j.abs()
+        return torch.where(a < rr, a - rr, torch.zeros((), device=r.device))
+    q, tap_q, tap_q1 = _edge_taps(r)
+    a = j.abs()
+    mag = torch.where(a <= (q[:, None] - 1).float(), torch.ones((), device=r.device), torch.zeros((), device=r.device))
+    mag = torch.where(a == q[:, None].float(), tap_q[:, None].expand_as(mag), mag)
+    mag = torch.where(a == (q[:, None] + 1).float(), tap_q1[:, None].expand_as(mag), mag)
+    return torch.sign(j) * mag
+
+
+def _conv_fft(hist: Tensor, kernel: Tensor) -> Tensor:
+    """Linear (zero-padded) convolution of each row of ``hist`` (L, M) with ``kernel`` (L, 2J+1)."""
+    m = hist.shape[1]
+    half = (kernel.shape[1] - 1) // 2
+    size = m + kernel.shape[1] - 1
+    n_fft = 1 << (size - 1).bit_length()
+    spec = torch.fft.rfft(hist, n_fft) * torch.fft.rfft(kernel, n_fft)
+    full = torch.fft.irfft(spec, n_fft)
+    return full[:, half : half + m]
+
+
+_LAYOUT_CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def _layout(sizes: tuple[int, ...], n_bins: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Layer index of every weight and its row offset ``l * n_bins`` (cached: fixed per model)."""
+    key = (sizes, n_bins, str(device))
+    hit = _LAYOUT_CACHE.get(key)
+    if hit is None:
+        if len(_LAYOUT_CACHE) > 64:
+            _LAYOUT_CACHE.clear()
+        lid = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+        hit = _LAYOUT_CACHE[key] = (lid, lid * n_bins)
+    return hit
+
+
+def _deposit(flat: Tensor, sizes: tuple[int, ...], w: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Linear deposit of every layer of ``flat`` into its own row of an (L, M) histogram.
+
+    Returns ``(hist, idx, frac, r, delta)``: ``idx`` is each weight's lower grid point
+    with its layer's row offset ``l*M`` added, ``frac`` its position between that point
+    and the next, ``r`` the well's half-width in bins and ``delta`` the bin width.
+    """
+    n_layers = len(sizes)
+    if n_layers == 1:
+        mn, mx = torch.aminmax(flat)
+        mins, maxs = mn[None], mx[None]
+    else:
+        lid, offset = _layout(sizes, n_bins, flat.device)
+        mins = flat.new_full((n_layers,), math.inf).scatter_reduce_(0, lid, flat, "amin")
+        maxs = flat.new_full((n_layers,), -math.inf).scatter_reduce_(0, lid, flat, "amax")
+    if not bool(torch.isfinite(mins).all() and torch.isfinite(maxs).all()):
+        bad = [i for i in range(n_layers) if not (math.isfinite(mins[i].item()) and math.isfinite(maxs[i].item()))]
+        raise ValueError(
+            f"layer(s) {bad} hold non-finite weights (NaN or inf): the coupling force is undefined. "
+            "Fix the divergence first (lower the learning rate or `h`)."
+        )
+    lo = mins - w
+    inv = (n_bins - 1) / (maxs + w - lo)
+    if n_layers == 1:
+        t = (flat - lo) * inv
+    else:
+        t = (flat - lo[lid]).mul_(inv[lid])
+    idx = t.long().clamp_(0, n_bins - 2)
+    frac = t - idx
+    if n_layers > 1:
+        # The row offset goes on the integer index, not on t: float32 cannot hold
+        # l*M + fraction precisely once l*M is large.
+        idx += offset
+    size = n_layers * n_bins
+    ones = torch.bincount(idx, minlength=size)
+    upper = torch.bincount(idx, weights=frac, minlength=size)
+    # Bin k keeps (1 - f) of its own weights and receives f from those of bin k-1.
+    hist = ones.to(upper.dtype) - upper
+    hist[1:] += upper[:-1]
+    return hist.float().view(n_layers, n_bins), idx, frac, w * inv, 1.0 / inv
+
+
+def _interpolate(table: Tensor, idx: Tensor, frac: Tensor) -> Tensor:
+    """Linear interpolation of a flat grid table at ``idx + frac``."""
+    slope = torch.zeros_like(table)
+    slope[:-1] = table[1:] - table[:-1]
+    return torch.addcmul(table[idx], frac, slope[idx])
+
+
+def coupling_grad_batched(
+    params: Sequence[Tensor],
+    w: Sequence[float] | Tensor,
+    h: Sequence[float] | Tensor,
+    n_bins: int = DEFAULT_N_BINS,
+    compute_loss: bool = False,
+    conv: Conv = "prefix",
+    per_layer_loss: bool = False,
+) -> tuple[Optional[Tensor], list[Tensor]]:
+    """Histogram-backend coupling gradient of several layers in one pass.
+
+    One deposit, one batched convolution and one gather serve every layer, so the
+    cost does not grow with the number of layers the way a per-layer loop does.
+
+    Args:
+        params: the layers' weight tensors (any shapes, one device).
+        w: range of the well per layer, in weight units (``w_l``), each > 0.
+        h: strength per layer (``h_l``), each >= 0.
+        n_bins: grid points per layer (the paper uses 2^14).
+        compute_loss: also return the loss (costs one more convolution).
+        conv: ``"prefix"`` (prefix-sum differences, O(N_b)) or ``"fft"``.
+        per_layer_loss: return the loss of each layer (shape ``(L,)``) instead of the sum.
+
+    Returns:
+        ``(loss or None, [grad per layer, float32, each param's shape])``.
+    """
+    if not params:
+        return (torch.zeros(()) if compute_loss else None), []
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 16:
+        raise ValueError(f"`n_bins` must be an int >= 16, got {n_bins!r}.")
+    if conv not in ("prefix", "fft"):
+        raise ValueError(f"`conv` must be 'prefix' or 'fft', got {conv!r}.")
+    device = params[0].device
+    w_t = torch.as_tensor(w, dtype=torch.float32, device=device).reshape(-1)
+    h_t = torch.as_tensor(h, dtype=torch.float32, device=device).reshape(-1)
+    if w_t.numel() != len(params) or h_t.numel() != len(params):
+        raise ValueError(
+            f"`w` and `h` need one value per layer: got {w_t.numel()} and {h_t.numel()} for {len(params)} layers."
+        )
+    if not bool((w_t > 0).all()) or not bool(torch.isfinite(w_t).all()):
+        raise ValueError(f"`w` must be finite and > 0 for every layer, got {w_t.tolist()}.")
+    if not bool((h_t >= 0).all()):
+        raise ValueError(f"`h` must be >= 0 for every layer, got {h_t.tolist()}.")
+    sizes = tuple(p.numel() for p in params)
+    if 0 in sizes:
+        raise ValueError(f"layer(s) {[i for i, n in enumerate(sizes) if n == 0]} of `params` are empty: nothing to couple.")
+    flat = torch.cat([p.detach().reshape(-1) for p in params]).float() if len(params) > 1 else params[0].detach().reshape(-1).float()
+    hist, idx, frac, r, delta = _deposit(flat, sizes, w_t, n_bins)
+    if conv == "prefix":
+        force = _force_prefix(hist, r)
+    else:
+        half = int(torch.ceil(r.max()).item()) + 1
+        force = _conv_fft(hist, _grid_kernel(r, half, well=False))
+    force = force * (2.0 * h_t)[:, None]
+    grad_flat = _interpolate(force.reshape(-1), idx, frac)
+    grads = [g.view(p.shape) for g, p in zip(torch.split(grad_flat, sizes), params)]
+    if not compute_loss:
+        return None, grads
+    # Potential V = H ⊛ U in bin units, times Δ for weight units; self pairs add N w.
+    half = int(torch.ceil(r.max()).item()) + 1
+    pot = _conv_fft(hist, _grid_kernel(r, half, well=True)) * delta[:, None]
+    v = _interpolate(pot.reshape(-1), idx, frac)
+    per_layer = torch.stack([s.double().sum() for s in torch.split(v, sizes)])
+    n = torch.tensor(sizes, dtype=torch.float64, device=device)
+    loss = (h_t.double() * (per_layer + n * w_t.double())).float()
+    return (loss if per_layer_loss else loss.sum()), grads
+
+
+def coupling_histogram(
+    theta: Tensor, w: float, h: float, n_bins: int = DEFAULT_N_BINS, compute_loss: bool = True, conv: Conv = "prefix"
+) -> CouplingResult:
+    """The paper's histogram + convolution scheme for one layer."""
+    _check_scalars(w, h)
+    if theta.numel() == 0:
+        return CouplingResult(theta.new_zeros((), dtype=torch.float32) if compute_loss else None, torch.zeros_like(theta, dtype=torch.float32))
+    loss, grads = coupling_grad_batched([theta], [w], [h], n_bins=n_bins, compute_loss=compute_loss, conv=conv)
+    return CouplingResult(loss, grads[0])
+
+
+def _check_scalars(w: float, h: float) -> None:
+    if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0):
+        raise ValueError(f"`w` must be a finite number > 0, got {w!r}.")
+    if not (isinstance(h, (int, float)) and math.isfinite(h) and h >= 0):
+        raise ValueError(f"`h` must be a finite number >= 0, got {h!r}.")
+
+
+def coupling(
+    theta: Tensor,
+    w: float,
+    h: float,
+    backend: Literal["histogram", "exact", "pairwise", "auto"] = "auto",
+    n_bins: int = DEFAULT_N_BINS,
+    compute_loss: bool = True,
+) -> CouplingResult:
+    """Coupling loss and gradient of one layer.
+
+    Args:
+        theta: the layer's weights, any shape, dtype and device (computed in float32).
+        w: range of the well ``w_l`` in weight units, > 0.
+        h: strength ``h_l`` >= 0.
+        backend: ``"histogram"``, ``"exact"``, ``"pairwise"``, or ``"auto"``
+            (exact below ``AUTO_EXACT_BELOW`` weights, histogram above).
+        n_bins: grid points of the histogram backend.
+        compute_loss: skip the loss value (the gradient alone is cheaper).
+
+    Returns:
+        :class:`CouplingResult` with the gradient in float32 and ``theta``'s shape.
+
+    Raises:
+        ValueError: ``w <= 0``, ``h < 0``, unknown backend, non-finite weights.
+    """
+    if backend == "auto":
+        backend = "exact" if theta.numel() < AUTO_EXACT_BELOW else "histogram"
+    if backend == "histogram":
+        return coupling_histogram(theta, w, h, n_bins=n_bins, compute_loss=compute_loss)
+    if backend == "exact":
+        return coupling_exact(theta, w, h, compute_loss=compute_loss)
+    if backend == "pairwise":
+        return coupling_pairwise(theta, w, h, compute_loss=compute_loss)
+    raise ValueError(f"`backend` must be one of 'histogram', 'exact', 'pairwise', 'auto', got {backend!r}.")
+
+
+def layer_strength(h: float, n: int, alpha: float) -> float:
+    """``h_l = h · N_l^(-α)`` (project definition, DESIGN.md section 1)."""
+    return h * float(n) ** (-alpha)

@@ -1,0 +1,245 @@
+"""Trainer-free snapping and refinement: weights -> clusters -> shared values.
+
+:class:`ClusterSnapper` finds each selected layer's clusters
+(:func:`sq_lightning.ops.clustering.find_clusters`, or given representatives such as a
+learned codebook), snaps the weights to the cluster means, keeps them tied during
+refinement, and reports per-layer ``K_l``, bits and snap error. The callback
+:class:`sq_lightning.callbacks.ClusterRefine` drives it from a ``Trainer``; a notebook
+can use it directly on a plain ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+from torch import Tensor, nn
+
+from sq_lightning.layers import LayerSelector
+from sq_lightning.ops.clustering import Clusters, MergePolicy, assign_to_centroids, bits_summary, find_clusters, tie_to_clusters
+
+log = logging.getLogger(__name__)
+
+OnUnclustered = Literal["keep", "snap", "raise"]
+
+
+@dataclass
+class LayerReport:
+    name: str
+    numel: int
+    k: int
+    bits: float
+    snap_error: float
+    snapped: bool
+
+
+def check_snap_args(w: float, gap: float, min_cluster_frac: float, merge: str, max_snap_error: float, on_unclustered: str) -> None:
+    for name, value in (("w", w), ("gap", gap), ("min_cluster_frac", min_cluster_frac), ("max_snap_error", max_snap_error)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+    if w <= 0:
+        raise ValueError(f"`w` must be > 0, got {w}. Use the same `w` as the SoftQuantCallback stage.")
+    if gap <= 0:
+        raise ValueError(f"`gap` must be > 0, got {gap}. It is the split threshold as a fraction of `w_l`; 0.5 is a good start.")
+    if not 0 <= min_cluster_frac < 1:
+        raise ValueError(f"`min_cluster_frac` must be in [0, 1), got {min_cluster_frac}.")
+    if merge not in ("storage", "all", "none"):
+        raise ValueError(f"`merge` must be 'storage', 'all' or 'none', got {merge!r}.")
+    if max_snap_error <= 0:
+        raise ValueError(f"`max_snap_error` must be > 0, got {max_snap_error}.")
+    if on_unclustered not in ("keep", "snap", "raise"):
+        raise ValueError(f"`on_unclustered` must be 'keep', 'snap' or 'raise', got {on_unclustered!r}.")
+
+
+class UnclusteredLayerError(RuntimeError):
+    """A layer would be destroyed by snapping and ``on_unclustered="raise"``."""
+
+
+class ClusterSnapper:
+    """Clusters, snaps and ties the selected layers of a model.
+
+    Args:
+        w: range of the well relative to the layer's std (as in soft quantization);
+            used for ``w_l = w · σ_l`` when no ``w_l`` is passed to :meth:`find`.
+        gap: split threshold as a fraction of ``w_l``: neighbours (in sorted order)
+            further apart than ``gap · w_l`` start a new cluster.
+        min_cluster_frac: clusters with fewer than this fraction of the layer's
+            weights are merge candidates (see ``merge``).
+        merge: ``"storage"``, ``"all"`` or ``"none"``; see :func:`find_clusters`.
+        max_snap_error: a layer whose relative snap error ``‖θ - snap(θ)‖ / ‖θ‖``
+            exceeds this is "unclustered" (coupling was too weak for it).
+        on_unclustered: ``"keep"`` leaves such a layer in full precision (reported as
+            32 bits), ``"snap"`` snaps it anyway, ``"raise"`` stops with an error.
+            Every case is logged as a warning with the layer's name and error.
+        selector: which parameters are snapped.
+    """
+
+    def __init__(
+        self,
+        w: float = 0.3,
+        gap: float = 0.5,
+        min_cluster_frac: float = 0.001,
+        merge: MergePolicy = "storage",
+        max_snap_error: float = 0.3,
+        on_unclustered: OnUnclustered = "keep",
+        selector: Optional[LayerSelector] = None,
+    ) -> None:
+        check_snap_args(w, gap, min_cluster_frac, merge, max_snap_error, on_unclustered)
+        self.w, self.gap, self.min_cluster_frac, self.merge = w, gap, min_cluster_frac, merge
+        self.max_snap_error, self.on_unclustered = max_snap_error, on_unclustered
+        self.selector = selector or LayerSelector()
+        self.clusters: dict[str, Clusters] = {}
+        self.reports: dict[str, LayerReport] = {}
+
+    @property
+    def snapped(self) -> bool:
+        return bool(self.reports)
+
+    @torch.no_grad()
+    def find(
+        self,
+        model: nn.Module,
+        w_l: Optional[dict[str, float]] = None,
+        centroids: Optional[dict[str, Tensor]] = None,
+    ) -> dict[str, Clusters]:
+        """Finds the clusters of every selected layer (does not change the model).
+
+        Args:
+            model: the model.
+            w_l: per-layer well range in weight units (from soft quantization);
+                missing layers use ``w · std(θ)``.
+            centroids: given representatives per layer (a learned codebook); layers
+                listed here are assigned to their nearest representative instead.
+        """
+        found: dict[str, Clusters] = {}
+        for name, param in self.selector.select_or_raise(model, type(self).__name__):
+            theta = param.detach()
+            if centroids is not None and name in centroids:
+                found[name] = assign_to_centroids(theta, centroids[name])
+                continue
+            wl = (w_l or {}).get(name)
+            if wl is None:
+                wl = self.w * float(theta.float().std()) if theta.numel() > 1 else 1.0
+            if not math.isfinite(wl) or wl <= 0:
+                wl = 1.0  # a constant layer: one cluster whatever the threshold
+            min_size = max(1, int(self.min_cluster_frac * theta.numel()))
+            found[name] = find_clusters(theta, self.gap * wl, min_size=min_size, merge=self.merge)
+        return found
+
+    @torch.no_grad()
+    def snap(
+        self,
+        model: nn.Module,
+        clusters: Optional[dict[str, Clusters]] = None,
+        w_l: Optional[dict[str, float]] = None,
+        centroids: Optional[dict[str, Tensor]] = None,
+    ) -> dict[str, LayerReport]:
+        """Snaps every selected layer to its clusters and returns the per-layer report.
+
+        Raises:
+            UnclusteredLayerError: a layer's snap error exceeds ``max_snap_error`` and
+                ``on_unclustered="raise"`` (the model is then left unchanged).
+        """
+        clusters = clusters if clusters is not None else self.find(model, w_l=w_l, centroids=centroids)
+        params = dict(model.named_parameters())
+        reports: dict[str, LayerReport] = {}
+        keep: dict[str, Clusters] = {}
+        for name, cl in clusters.items():
+            theta = params[name]
+            err = cl.snap_error(theta)
+            ok = err <= self.max_snap_error
+            if not ok:
+                msg = (
+                    f"layer {name} is not clustered: snapping it to K={cl.k} values would cause a relative error "
+                    f"of {err:.3f} (> max_snap_error={self.max_snap_error}). Coupling was too weak for it: raise `h`, "
+                    "couple longer, or exclude the layer."
+                )
+                if self.on_unclustered == "raise":
+                    raise UnclusteredLayerError(msg)
+                action = "it stays in full precision" if self.on_unclustered == "keep" else "snapping it anyway"
+                log.warning("%s (on_unclustered=%r: %s)", msg, self.on_unclustered, action)
+            snapped = ok or self.on_unclustered == "snap"
+            reports[name] = LayerReport(name, theta.numel(), cl.k, cl.bits if snapped else 32.0, err, snapped)
+            if snapped:
+                keep[name] = cl
+        for name, cl in keep.items():
+            params[name].copy_(cl.values(params[name].dtype).reshape(params[name].shape))
+        self.clusters, self.reports = keep, reports
+        return reports
+
+    @torch.no_grad()
+    def tie(self, model: nn.Module) -> None:
+        """Sets every snapped weight to the current mean of its cluster (assignments fixed).
+
+        Called after each optimizer step during refinement, so a centroid moves by
+        the mean update of its members: weight sharing.
+        """
+        params = dict(model.named_parameters())
+        for name, cl in self.clusters.items():
+            p = params[name]
+            a = cl.assignments.to(p.device)
+            means = tie_to_clusters(p, a, cl.k)
+            cl.centroids = means.to(cl.centroids.device)
+            p.copy_(means[a].to(p.dtype).reshape(p.shape))
+
+    def summary(self) -> dict[str, float]:
+        """``bits_weighted``, ``bits_mean``, ``compression_ratio`` over the reported layers.
+
+        Layers kept in full precision count as 32 bits and as uncompressed.
+        """
+        rows = list(self.reports.values())
+        numels = [r.numel for r in rows]
+        out = bits_summary(numels, [r.k for r in rows])
+        total = sum(numels)
+        if any(not r.snapped for r in rows) and total:
+            out["bits_weighted"] = sum(r.numel * r.bits for r in rows) / total
+            out["bits_mean"] = sum(r.bits for r in rows) / len(rows)
+            packed = sum(
+                r.numel * (math.ceil(math.log2(r.k)) if r.k > 1 else 0) + 32 * r.k if r.snapped else 32 * r.numel for r in rows
+            )
+            out["compression_ratio"] = 32.0 * total / max(packed, 1)
+        return out
+
+    def table(self) -> str:
+        """Per-layer table (name, N_l, K_l, bits, snap error) and the averages."""
+        lines = [f"{'layer':<40} {'N_l':>9} {'K_l':>5} {'bits':>6} {'snap_err':>9}"]
+        for r in self.reports.values():
+            flag = "" if r.snapped else "  (kept fp32)"
+            lines.append(f"{r.name:<40} {r.numel:>9} {r.k:>5} {r.bits:>6.2f} {r.snap_error:>9.4f}{flag}")
+        s = self.summary()
+        lines.append(
+            f"bits_weighted={s['bits_weighted']:.3f}  bits_mean={s['bits_mean']:.3f}  compression_ratio={s['compression_ratio']:.2f}x"
+        )
+        return "\n".join(lines)
+
+    def export_clusters(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{name: (centroids, assignments)}`` of the snapped layers, for :mod:`sq_lightning.export`."""
+        return {n: (c.centroids.clone(), c.assignments.clone()) for n, c in self.clusters.items()}
+
+    # -- persistence ----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "clusters": {
+                n: {"centroids": c.centroids.cpu(), "assignments": _compact(c.assignments.cpu(), c.k), "counts": c.counts.cpu()}
+                for n, c in self.clusters.items()
+            },
+            "reports": {n: vars(r).copy() for n, r in self.reports.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clusters = {
+            n: Clusters(d["centroids"].float(), d["assignments"].long(), d["counts"].long()) for n, d in state.get("clusters", {}).items()
+        }
+        self.reports = {n: LayerReport(**r) for n, r in state.get("reports", {}).items()}
+
+
+def _compact(a: Tensor, k: int) -> Tensor:
+    """Assignments in the smallest integer type that holds ``k`` labels (checkpoint size)."""
+    if k <= 256:
+        return a.to(torch.uint8)
+    if k <= 32768:
+        return a.to(torch.int16)
+    return a.to(torch.int32)

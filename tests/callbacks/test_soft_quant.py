@@ -1,0 +1,198 @@
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from sq_lightning.callbacks import SoftQuantCallback
+from sq_lightning.coupler import WeightCoupler
+from sq_lightning.ops.clustering import find_clusters
+from sq_lightning.ops.coupling import coupling_exact, layer_strength
+from tests.helpers import TinyNet, accuracy, digits_loaders, trainer
+
+
+class GradProbe(Callback):
+    """Records every .grad at on_before_optimizer_step (runs where it sits in the list)."""
+
+    def __init__(self):
+        self.records = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.records.append(
+            {n: (p.detach().clone(), p.grad.detach().clone()) for n, p in pl_module.named_parameters() if p.grad is not None}
+        )
+
+
+def _clusters_needed(theta, gap, max_error=0.05):
+    """Gap-separated clusters needed to snap ``theta`` within ``max_error`` relative error.
+
+    Shrinks the split threshold until the snap error is small enough: tight groups
+    separated by empty gaps need few clusters, an unclustered layer needs hundreds.
+    """
+    while True:
+        c = find_clusters(theta, gap, merge="none")
+        if c.snap_error(theta) <= max_error:
+            return c.k
+        gap /= 2
+
+
+def _clusters(model, sigma, w=0.3):
+    return {n: _clusters_needed(p, 0.5 * w * sigma[n]) for n, p in model.named_parameters() if n.endswith("weight")}
+
+
+def test_injected_gradient_is_the_exact_coupling_gradient():
+    pl.seed_everything(0)
+    train, _ = digits_loaders()
+    before, after = GradProbe(), GradProbe()
+    cb = SoftQuantCallback(h=1e-2, w=0.3, backend="exact")
+    model = TinyNet()
+    sigma0 = {n: float(p.detach().std()) for n, p in model.named_parameters() if n.endswith("weight")}
+    trainer(max_steps=3, callbacks=[before, cb, after]).fit(model, train)
+    assert len(before.records) == 3 and cb.steps_applied == 3
+    for rec_b, rec_a in zip(before.records, after.records):
+        for name, (theta, g0) in rec_b.items():
+            added = rec_a[name][1] - g0
+            if not name.endswith("weight"):
+                assert torch.equal(added, torch.zeros_like(added)), name
+                continue
+            w_l = 0.3 * sigma0[name]
+            h_l = layer_strength(1e-2, theta.numel(), 0.66)
+            expected = coupling_exact(theta, w_l, h_l).grad
+            torch.testing.assert_close(added, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_coupling_clusters_the_weights_far_more_than_plain_training():
+    train, val = digits_loaders()
+    results = {}
+    for label, cbs in (("plain", []), ("coupled", [SoftQuantCallback(h=2e-3, w=0.3)])):
+        pl.seed_everything(0)
+        model = TinyNet()
+        sigma = {n: float(p.detach().std()) for n, p in model.named_parameters()}
+        trainer(max_epochs=12, callbacks=cbs).fit(model, train)
+        results[label] = (_clusters(model, sigma), accuracy(model, val))
+    plain, coupled = results["plain"][0], results["coupled"][0]
+    print("clusters per layer (plain / coupled):", plain, coupled, "accuracy:", results["plain"][1], results["coupled"][1])
+    for name in plain:
+        assert coupled[name] * 2 <= plain[name], (name, plain[name], coupled[name])
+    # The smallest layer clusters last (DESIGN.md section 8); the big ones by far.
+    assert sum(coupled.values()) * 5 <= sum(plain.values())
+    assert results["coupled"][1] > results["plain"][1] - 0.05
+
+
+def test_sigma_captured_at_start_and_frozen():
+    pl.seed_everything(0)
+    train, _ = digits_loaders()
+    model = TinyNet()
+    cb = SoftQuantCallback(h=1e-3, w=0.3, start_epoch=1)
+    probe = GradProbe()
+    t = trainer(max_epochs=3, callbacks=[probe, cb])
+    t.fit(model, train)
+    steps_per_epoch = len(train)
+    assert cb.steps_applied == 2 * steps_per_epoch
+    # σ_l is the std of the weights at the first coupled step (start of epoch 1).
+    first = probe.records[steps_per_epoch]
+    for name, (theta, _) in first.items():
+        if name in cb.coupler.sigma:
+            assert cb.coupler.sigma[name] == pytest.approx(float(theta.std()), rel=1e-6)
+
+
+def test_resume_from_mid_run_checkpoint_is_exact(tmp_path):
+    # No shuffling: a plain DataLoader's shuffle generator is not part of a checkpoint.
+    train, _ = digits_loaders(shuffle=False)
+
+    def run(max_epochs, ckpt_path=None, ckpt_cb=None):
+        pl.seed_everything(0)
+        model = TinyNet()
+        cbs = [SoftQuantCallback(h=2e-3, w=0.3)] + ([ckpt_cb] if ckpt_cb else [])
+        t = trainer(max_epochs=max_epochs, callbacks=cbs, enable_checkpointing=ckpt_cb is not None)
+        t.fit(model, train, ckpt_path=ckpt_path)
+        return model, cbs[0]
+
+    full, cb_full = run(4)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    run(2, ckpt_cb=ckpt)
+    path = tmp_path / "epoch=1.ckpt"
+    state = torch.load(path, weights_only=False)["callbacks"]
+    assert any("sigma" in v for v in state.values())
+    resumed, cb_res = run(4, ckpt_path=str(path))
+    for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), n
+    assert cb_res.coupler.sigma == cb_full.coupler.sigma
+    assert cb_res.steps_applied == cb_full.steps_applied
+
+
+def test_frozen_and_unused_parameters_are_skipped():
+    pl.seed_everything(0)
+    train, _ = digits_loaders()
+    model = TinyNet()
+    model.net[0].weight.requires_grad_(False)
+    frozen_before = model.net[0].weight.detach().clone()
+    trainer(max_steps=5, callbacks=[SoftQuantCallback(h=1e-2, w=0.3)]).fit(model, train)
+    assert torch.equal(model.net[0].weight, frozen_before)
+
+
+def test_gradient_accumulation_adds_once_per_optimizer_step():
+    pl.seed_everything(0)
+    train, _ = digits_loaders()
+    cb = SoftQuantCallback(h=1e-3, w=0.3)
+    trainer(max_steps=4, accumulate_grad_batches=3, callbacks=[cb]).fit(TinyNet(), train)
+    assert cb.steps_applied == 4
+
+
+def test_trainer_free_use_on_a_plain_module():
+    torch.manual_seed(0)
+    net = TinyNet().net
+    coupler = WeightCoupler(h=1e-2, w=0.3, backend="histogram")
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    losses = coupler.add_gradients(net, compute_loss=True)
+    assert set(losses) == {"0.weight", "2.weight", "4.weight"}
+    for n, p in net.named_parameters():
+        if n in losses:
+            ref = coupling_exact(p, coupler.w_l(n), coupler.h_l(n))
+            assert torch.allclose(p.grad - grads[n], ref.grad, rtol=0.05, atol=0.05 * float(ref.grad.abs().max()))
+            assert float(losses[n]) == pytest.approx(float(ref.loss), rel=1e-3)
+
+
+def test_non_finite_weights_fail_loudly_without_touching_grads():
+    net = TinyNet().net
+    coupler = WeightCoupler(h=1e-2, w=0.3)
+    coupler.prepare(net)
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    with torch.no_grad():
+        net[0].weight[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match=r"non-finite weights in \['0.weight'\]"):
+        coupler.add_gradients(net)
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in net.parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"h": -1.0}, "`h` must be >= 0"),
+        ({"w": 0.0}, "`w` must be > 0"),
+        ({"w": float("nan")}, "`w` must be a finite number"),
+        ({"backend": "gpu"}, "`backend` must be one of"),
+        ({"n_bins": 8}, "`n_bins` must be an int >= 16"),
+        ({"start_epoch": -1}, "`start_epoch` must be an int >= 0"),
+        ({"start_epoch": 3, "stop_epoch": 2}, "`stop_epoch` \\(2\\) must be > `start_epoch`"),
+        ({"start_step": 5, "stop_step": 5}, "`stop_step` \\(5\\) must be > `start_step`"),
+        ({"log_every_n_steps": 0}, "`log_every_n_steps` must be an int >= 1"),
+        ({"include": ["("]}, "`include` pattern '\\(' is not a valid regex"),
+        ({"module_types": "Linear"}, "`module_types` must be a list"),
+        ({"min_size": -3}, "`min_size` must be an int >= 0"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SoftQuantCallback(**kwargs)
+
+
+def test_selection_matching_nothing_fails_at_setup():
+    train, _ = digits_loaders()
+    cb = SoftQuantCallback(module_types=["Conv2d"])
+    with pytest.raises(ValueError, match="no parameter of TinyNet was selected.*Widen `module_types`"):
+        trainer(max_steps=1, callbacks=[cb]).fit(TinyNet(), train)
