@@ -1,3 +1,30 @@
-"""sq_lightning: training-time weight clustering (soft quantization) for PyTorch Lightning."""
+"""sq_lightning: training-time weight clustering (soft quantization) for PyTorch Lightning.
+
+Methods:
+
+* soft quantization by weight coupling, Bernstein, Di Carlo, Schwab, arXiv:2601.21219
+  (:class:`SoftQuantCallback`, then :class:`ClusterRefine`);
+* quantization-aware regularization with learned representatives, Malchiodi, Frasca,
+  Ferraretto, arXiv:2602.03614 (:class:`LearnedCodebook`).
+"""
 
 __version__ = "0.1.0"
+
+from sq_lightning.callbacks import ClusterRefine, LearnedCodebook, SoftQuantCallback
+from sq_lightning.coupler import WeightCoupler
+from sq_lightning.export import load_compressed, save_compressed
+from sq_lightning.layers import LayerSelector
+from sq_lightning.snapper import ClusterSnapper, UnclusteredLayerError
+
+__all__ = [
+    "ClusterRefine",
+    "ClusterSnapper",
+    "LayerSelector",
+    "LearnedCodebook",
+    "SoftQuantCallback",
+    "UnclusteredLayerError",
+    "WeightCoupler",
+    "__version__",
+    "load_compressed",
+    "save_compressed",
+]

@@ -21,14 +21,14 @@ def digits_loaders(batch_size=64, n_train=1400, shuffle=True):
 
 
 class TinyNet(pl.LightningModule):
-    def __init__(self, hidden=64, lr=0.05, momentum=0.9, bn=False):
+    def __init__(self, hidden=64, lr=0.05, momentum=0.9, bn=False, weight_decay=0.0):
         super().__init__()
         layers = [nn.Linear(64, hidden)]
         if bn:
             layers.append(nn.BatchNorm1d(hidden))
         layers += [nn.ReLU(), nn.Linear(hidden, 32), nn.ReLU(), nn.Linear(32, 10)]
         self.net = nn.Sequential(*layers)
-        self.lr, self.momentum = lr, momentum
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
 
     def forward(self, x):
         return self.net(x)
@@ -45,7 +45,7 @@ class TinyNet(pl.LightningModule):
         self.log("val/acc", (logits.argmax(1) == y).float().mean(), prog_bar=False)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
 
 def accuracy(model, loader):

@@ -153,7 +153,8 @@ class ClusterRefine(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.snapped:
             self._run_snap(trainer, pl_module, recalibrate=True)
-        rank_zero_info("ClusterRefine: final per-layer bit-widths\n" + self.snapper.table())
+        scores = "  ".join(f"{k}={float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/"))
+        rank_zero_info("ClusterRefine: final per-layer bit-widths\n" + self.snapper.table() + (f"\nlast validation: {scores}" if scores else ""))
 
     # -- helpers --------------------------------------------------------------------
     def _codebook_callback(self, trainer: pl.Trainer):

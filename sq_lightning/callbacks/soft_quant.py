@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from sq_lightning.callbacks._logging import log_histograms, log_scalars
 from sq_lightning.coupler import WeightCoupler, check_coupling_args
 from sq_lightning.layers import LayerSelector
 from sq_lightning.ops.coupling import DEFAULT_N_BINS
@@ -78,6 +79,9 @@ class SoftQuantCallback(Callback):
         log_every_n_steps: how often ``sq/coupling_loss`` is computed and logged
             (computing the loss value costs one extra convolution).
         log_per_layer: also log ``sq/coupling_loss/<layer>``.
+        histogram_every_n_epochs: TensorBoard weight histograms ``sq/weights/<layer>``
+            every this many epochs while coupling (0 disables), to watch the
+            distributions collapse into spikes.
 
     Raises:
         ValueError: a bad argument (in ``__init__``) or a selection that matches no
@@ -106,6 +110,7 @@ class SoftQuantCallback(Callback):
         stop_step: Optional[int] = None,
         log_every_n_steps: int = 50,
         log_per_layer: bool = False,
+        histogram_every_n_epochs: int = 1,
     ) -> None:
         super().__init__()
         check_coupling_args(h, w, alpha, n_bins, backend)
@@ -118,8 +123,10 @@ class SoftQuantCallback(Callback):
         self.start_step, self.stop_step = start_step, stop_step
         self.log_every_n_steps = log_every_n_steps
         self.log_per_layer = log_per_layer
+        if isinstance(histogram_every_n_epochs, bool) or not isinstance(histogram_every_n_epochs, int) or histogram_every_n_epochs < 0:
+            raise ValueError(f"`histogram_every_n_epochs` must be an int >= 0, got {histogram_every_n_epochs!r}.")
+        self.histogram_every_n_epochs = histogram_every_n_epochs
         self.steps_applied = 0
-        self._pending_log: Optional[dict[str, torch.Tensor]] = None
 
     @property
     def state_key(self) -> str:
@@ -137,10 +144,10 @@ class SoftQuantCallback(Callback):
         self._run_coupling(trainer, pl_module, optimizer)
 
     @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._pending_log:
-            pl_module.log_dict(self._pending_log, on_step=True, on_epoch=False)
-            self._pending_log = None
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        n = self.histogram_every_n_epochs
+        if n and self.coupler.prepared and (trainer.current_epoch + 1) % n == 0 and not self._has_refine(trainer):
+            log_histograms(trainer, {k: p for k, p in pl_module.named_parameters() if k in self.coupler.sigma}, "sq/weights")
 
     # -- helpers --------------------------------------------------------------------
     def _active(self, trainer: pl.Trainer) -> bool:
@@ -160,10 +167,17 @@ class SoftQuantCallback(Callback):
         losses = self.coupler.add_gradients(pl_module, compute_loss=want_loss, only=params)
         self.steps_applied += 1
         if want_loss and losses:
-            metrics = {"sq/coupling_loss": torch.stack(list(losses.values())).sum().detach()}
+            # Straight to the loggers: `self.log` from this hook is only flushed on the
+            # trainer's own logging steps, which need not match ours.
+            metrics = {"sq/coupling_loss": float(sum(float(v) for v in losses.values()))}
             if self.log_per_layer:
-                metrics.update({f"sq/coupling_loss/{n}": v.detach() for n, v in losses.items()})
-            self._pending_log = metrics
+                metrics.update({f"sq/coupling_loss/{n}": float(v) for n, v in losses.items()})
+            log_scalars(trainer, metrics)
+
+    @staticmethod
+    def _has_refine(trainer: pl.Trainer) -> bool:
+        # ClusterRefine logs the same histograms; one writer per tag and step.
+        return any(type(cb).__name__ == "ClusterRefine" for cb in trainer.callbacks)
 
     def _describe(self) -> str:
         rows = self.coupler.layer_table()

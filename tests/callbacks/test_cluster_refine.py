@@ -1,0 +1,173 @@
+import copy
+import logging
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from sq_lightning.callbacks import ClusterRefine, SoftQuantCallback
+from sq_lightning.export import load_compressed, save_compressed
+from sq_lightning.ops.baselines import quantize
+from sq_lightning.snapper import ClusterSnapper, UnclusteredLayerError
+from tests.helpers import TinyNet, accuracy, digits_loaders, trainer
+
+WEIGHTS = ("net.0.weight", "net.2.weight", "net.4.weight")
+BN_WEIGHTS = ("net.0.weight", "net.3.weight", "net.5.weight")  # TinyNet(bn=True)
+
+
+def _pipeline(tmp_path, epochs=22, snap_epoch=18, start_epoch=10, logger=True, extra=(), bn=False, **refine_kw):
+    """Pretrain, couple, snap and refine in one fit: the three stages as epoch windows."""
+    pl.seed_everything(0)
+    train, val = digits_loaders()
+    # Without BatchNorm by default: a layer followed by BatchNorm is scale-invariant, its
+    # norm drifts under SGD, and a range frozen at coupling start drifts with it.
+    model = TinyNet(bn=bn)
+    soft = SoftQuantCallback(h=2e-3, w=0.45, start_epoch=start_epoch, stop_epoch=snap_epoch)
+    refine = ClusterRefine(snap_epoch=snap_epoch, w=0.45, recalibrate_bn_batches=20, **refine_kw)
+    log = TensorBoardLogger(tmp_path, name="tb") if logger else False
+    trainer(max_epochs=epochs, callbacks=[soft, refine, *extra], logger=log, enable_checkpointing=bool(extra)).fit(model, train, val)
+    return model, refine, train, val
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("refine")
+    model, refine, train, val = _pipeline(tmp)
+    return tmp, model, refine, train, val
+
+
+def test_refined_model_holds_exactly_k_values_per_layer(pipeline):
+    _, model, refine, _, _ = pipeline
+    params = dict(model.named_parameters())
+    assert set(refine.snapper.reports) == set(WEIGHTS)
+    for name, rep in refine.snapper.reports.items():
+        assert rep.snapped, (name, rep)
+        assert torch.unique(params[name].detach()).numel() == rep.k
+        assert 2 <= rep.k <= 16
+        assert rep.snap_error < 0.3
+
+
+def test_metrics_and_histograms_reach_tensorboard(pipeline):
+    tmp, _, refine, _, _ = pipeline
+    acc = EventAccumulator(str(tmp / "tb" / "version_0"), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    scalars, hists = set(acc.Tags()["scalars"]), set(acc.Tags()["histograms"])
+    for name in WEIGHTS:
+        for metric in ("bits", "clusters", "snap_error"):
+            assert f"sq/{metric}/{name}" in scalars
+        for prefix in ("sq/weights", "sq/weights_pre_snap", "sq/weights_snapped"):
+            assert f"{prefix}/{name}" in hists
+    for tag in ("sq/bits_weighted", "sq/bits_mean", "sq/compression_ratio", "sq/coupling_loss"):
+        assert tag in scalars
+    bits = acc.Scalars("sq/bits_weighted")[-1].value
+    assert bits == pytest.approx(refine.snapper.summary()["bits_weighted"], rel=1e-5)
+    k0 = acc.Scalars(f"sq/clusters/{WEIGHTS[0]}")[-1].value
+    assert k0 == refine.snapper.reports[WEIGHTS[0]].k
+
+
+def test_beats_heq_of_the_full_precision_model_at_the_same_k(pipeline):
+    _, model, refine, train, val = pipeline
+    pl.seed_everything(0)
+    fp = TinyNet()
+    trainer(max_epochs=22).fit(fp, train)
+    fp_acc = accuracy(fp, val)
+    heq = copy.deepcopy(fp)
+    params = dict(heq.named_parameters())
+    with torch.no_grad():
+        for name, rep in refine.snapper.reports.items():
+            params[name].copy_(quantize(params[name], rep.k, "heq").values)
+    heq_acc, sq_acc = accuracy(heq, val), accuracy(model, val)
+    print(f"full precision {fp_acc:.4f}  soft quantization + refine {sq_acc:.4f}  HEQ at same K_l {heq_acc:.4f}")
+    print(refine.snapper.table())
+    assert sq_acc >= fp_acc - 0.02
+    assert sq_acc > heq_acc + 0.01
+
+
+def test_export_of_the_refined_model_round_trips(pipeline, tmp_path):
+    _, model, refine, _, _ = pipeline
+    report = save_compressed(model, tmp_path / "m.safetensors", refine.clusters())
+    state = load_compressed(tmp_path / "m.safetensors")
+    for k, v in model.state_dict().items():
+        assert torch.equal(state[k], v), k
+    assert report.compression_ratio > 1
+
+
+def test_resume_during_refinement_is_exact(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    kw = dict(snap_epoch=3, start_epoch=0, logger=False, bn=True, on_unclustered="snap")
+    full, refine_full, _, _ = _pipeline(tmp_path, epochs=6, **kw)
+    _pipeline(tmp_path, epochs=5, extra=[ckpt], **kw)
+    pl.seed_everything(0)
+    train, val = digits_loaders()
+    resumed = TinyNet(bn=True)
+    refine = ClusterRefine(snap_epoch=3, w=0.45, recalibrate_bn_batches=20, on_unclustered="snap")
+    cbs = [SoftQuantCallback(h=2e-3, w=0.45, stop_epoch=3), refine]
+    trainer(max_epochs=6, callbacks=cbs).fit(resumed, train, val, ckpt_path=str(tmp_path / "ck" / "epoch=4.ckpt"))
+    assert refine.snapped
+    for name in BN_WEIGHTS:
+        assert torch.equal(refine.snapper.clusters[name].assignments, refine_full.snapper.clusters[name].assignments)
+    # Shuffling draws from the generator of a plain DataLoader, which a checkpoint does not hold,
+    # so the resumed epoch sees another batch order: compare structure, not values.
+    for name in BN_WEIGHTS:
+        p = dict(resumed.named_parameters())[name]
+        assert torch.unique(p.detach()).numel() == refine.snapper.reports[name].k
+
+
+def test_unclustered_layer_is_kept_and_reported(caplog):
+    torch.manual_seed(0)
+    net = TinyNet().net  # untrained: Gaussian-like weights, nothing clustered
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    snapper = ClusterSnapper(w=0.3, max_snap_error=0.3, on_unclustered="keep")
+    with caplog.at_level(logging.WARNING):
+        reports = snapper.snap(net)
+    assert all(not r.snapped and r.bits == 32.0 for r in reports.values())
+    assert "layer 0.weight is not clustered" in caplog.text
+    for n, p in net.named_parameters():
+        assert torch.equal(p, before[n])
+    assert snapper.summary()["bits_weighted"] == 32.0
+
+    with pytest.raises(UnclusteredLayerError, match="layer 0.weight is not clustered.*raise `h`"):
+        ClusterSnapper(on_unclustered="raise").snap(net)
+    for n, p in net.named_parameters():
+        assert torch.equal(p, before[n])
+
+    forced = ClusterSnapper(on_unclustered="snap")
+    forced.snap(net)
+    assert torch.unique(net[0].weight.detach()).numel() == forced.reports["0.weight"].k
+
+
+def test_snap_with_given_centroids():
+    net = TinyNet().net
+    snapper = ClusterSnapper(max_snap_error=10.0)
+    centroids = {n: torch.tensor([-0.1, 0.0, 0.1]) for n in ("0.weight", "2.weight", "4.weight")}
+    snapper.snap(net, centroids=centroids)
+    for n in centroids:
+        assert torch.unique(dict(net.named_parameters())[n].detach()).numel() <= 3
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"snap_epoch": -1}, "`snap_epoch` must be an int >= 0 or None"),
+        ({"w": 0}, "`w` must be > 0"),
+        ({"gap": -0.5}, "`gap` must be > 0"),
+        ({"min_cluster_frac": 1.5}, "`min_cluster_frac` must be in"),
+        ({"merge": "some"}, "`merge` must be"),
+        ({"max_snap_error": 0}, "`max_snap_error` must be > 0"),
+        ({"on_unclustered": "ignore"}, "`on_unclustered` must be"),
+        ({"clusters_from": "kmeans"}, "`clusters_from` must be"),
+        ({"recalibrate_bn_batches": -1}, "`recalibrate_bn_batches` must be an int >= 0"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ClusterRefine(**kwargs)
+
+
+def test_codebook_source_requires_a_codebook_callback():
+    train, _ = digits_loaders()
+    with pytest.raises(ValueError, match="needs a LearnedCodebook callback"):
+        trainer(max_steps=1, callbacks=[ClusterRefine(clusters_from="codebook")]).fit(TinyNet(), train)

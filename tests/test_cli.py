@@ -1,0 +1,102 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from sq_lightning.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(REPO.glob("configs/*.yaml"))
+
+
+def test_configs_exist():
+    assert CONFIGS, f"no YAML config found in {REPO / 'configs'}"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_config_parses(config, tmp_path):
+    # A fresh interpreter per config, as a user runs it; --print_config instantiates nothing.
+    result = subprocess.run(
+        [sys.executable, "-m", "sq_lightning", "fit", "--config", str(config), "--print_config"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    parsed = yaml.safe_load(result.stdout)
+    assert parsed["model"]["class_path"] and parsed["data"]["class_path"]
+    assert not list(tmp_path.iterdir()), "--print_config must not write files"
+
+
+@pytest.fixture(autouse=True)
+def _clean_argv(monkeypatch):
+    # main(args) parses `args`; pytest's own sys.argv would only trigger Lightning's warning.
+    monkeypatch.setattr(sys, "argv", ["sq-lightning"])
+
+
+def _scalars(log_dir: Path) -> dict[str, list[float]]:
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_fit_then_test_writes_tensorboard_events(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = [
+        "--seed_everything=0",
+        "--model=sq_lightning.models.ImageClassifier",
+        "--model.arch=mlp",
+        "--model.in_features=64",
+        "--model.lr=0.05",
+        "--data=sq_lightning.data.DigitsDataModule",
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.log_every_n_steps=5",
+    ]
+    assert main(["fit", *common, "--trainer.max_epochs=1"]) is None
+
+    # No logger configured: the CLI's default, TensorBoard under runs/.
+    run = tmp_path / "runs" / "lightning_logs" / "version_0"
+    assert list(run.glob("events.out.tfevents.*")) and (run / "config.yaml").is_file()
+    scalars = _scalars(run)
+    assert {"val/acc", "val/loss", "train/loss", "train/acc"} <= set(scalars)
+    assert len(scalars["val/acc"]) == 1
+    assert 0.5 < scalars["val/acc"][0] <= 1.0  # one epoch of SGD learns the digits well past chance (0.1)
+    assert len(scalars["train/loss"]) == 4  # 23 steps, logged every 5
+
+    (ckpt,) = (run / "checkpoints").glob("*.ckpt")
+    main(["test", *common, f"--ckpt_path={ckpt}"])
+    test_scalars = _scalars(tmp_path / "runs" / "lightning_logs" / "version_1")
+    # Same weights, same images (the digits module tests on its validation part).
+    assert test_scalars["test/acc"][0] == pytest.approx(scalars["val/acc"][0])
+
+
+def test_bad_argument_exits_with_usage_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--model=sq_lightning.models.ImageClassifier", "--model.lr=fast",
+              "--data=sq_lightning.data.DigitsDataModule"])
+    assert info.value.code != 0
+    assert "lr" in capsys.readouterr().err
+
+
+OVERLAYS = sorted(REPO.glob("configs/overlays/*.yaml"))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=[c.name for c in OVERLAYS])
+def test_overlay_composes_with_the_quickstart(overlay, tmp_path):
+    """Overlays change a base config (one extra `--config`): they parse composed with it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "sq_lightning", "fit", "--config", str(REPO / "configs/quickstart_digits.yaml"),
+         "--config", str(overlay), "--print_config"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    parsed = yaml.safe_load(result.stdout)
+    names = [cb["class_path"] for cb in parsed["trainer"]["callbacks"]]
+    assert any("LearnedCodebook" in n for n in names), names
