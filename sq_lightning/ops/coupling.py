@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple, Optional
 
 import torch
+import torch.distributed
 from torch import Tensor
 
 Backend = Literal["histogram", "exact", "pairwise"]
@@ -228,21 +229,34 @@ def _layout(sizes: tuple[int, ...], n_bins: int, device: torch.device) -> tuple[
     return hit
 
 
-def _deposit(flat: Tensor, sizes: tuple[int, ...], w: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _layer_bounds(flat: Tensor, sizes: tuple[int, ...], n_bins: int) -> tuple[Tensor, Tensor]:
+    """Per-layer minimum and maximum of the concatenated weights ``flat``."""
+    n_layers = len(sizes)
+    if n_layers == 1:
+        mn, mx = torch.aminmax(flat)
+        return mn[None], mx[None]
+    lid, _ = _layout(sizes, n_bins, flat.device)
+    mins = flat.new_full((n_layers,), math.inf).scatter_reduce_(0, lid, flat, "amin")
+    maxs = flat.new_full((n_layers,), -math.inf).scatter_reduce_(0, lid, flat, "amax")
+    return mins, maxs
+
+
+def _deposit(
+    flat: Tensor, sizes: tuple[int, ...], w: Tensor, n_bins: int, bounds: Optional[tuple[Tensor, Tensor]] = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Linear deposit of every layer of ``flat`` into its own row of an (L, M) histogram.
+
+    ``bounds`` (per-layer min and max) defaults to those of ``flat``; a sharded layer
+    passes the bounds of the whole layer so that every rank uses the same grid.
 
     Returns ``(hist, idx, frac, r, delta)``: ``idx`` is each weight's lower grid point
     with its layer's row offset ``l*M`` added, ``frac`` its position between that point
     and the next, ``r`` the well's half-width in bins and ``delta`` the bin width.
     """
     n_layers = len(sizes)
-    if n_layers == 1:
-        mn, mx = torch.aminmax(flat)
-        mins, maxs = mn[None], mx[None]
-    else:
+    mins, maxs = bounds if bounds is not None else _layer_bounds(flat, sizes, n_bins)
+    if n_layers > 1:
         lid, offset = _layout(sizes, n_bins, flat.device)
-        mins = flat.new_full((n_layers,), math.inf).scatter_reduce_(0, lid, flat, "amin")
-        maxs = flat.new_full((n_layers,), -math.inf).scatter_reduce_(0, lid, flat, "amax")
     if not bool(torch.isfinite(mins).all() and torch.isfinite(maxs).all()):
         bad = [i for i in range(n_layers) if not (math.isfinite(mins[i].item()) and math.isfinite(maxs[i].item()))]
         raise ValueError(
@@ -285,6 +299,8 @@ def coupling_grad_batched(
     compute_loss: bool = False,
     conv: Conv = "prefix",
     per_layer_loss: bool = False,
+    group: Optional[Any] = None,
+    sharded: bool = False,
 ) -> tuple[Optional[Tensor], list[Tensor]]:
     """Histogram-backend coupling gradient of several layers in one pass.
 
@@ -299,6 +315,14 @@ def coupling_grad_batched(
         compute_loss: also return the loss (costs one more convolution).
         conv: ``"prefix"`` (prefix-sum differences, O(N_b)) or ``"fft"``.
         per_layer_loss: return the loss of each layer (shape ``(L,)``) instead of the sum.
+        sharded: ``params`` are this rank's shards of layers split over the ranks of
+            ``group`` (FSDP, DTensor). The histogram is additive: every rank bins its
+            shard on the grid of the whole layer (one all-reduce of the per-layer
+            min/max), one all-reduce of the ``L x n_bins`` counts gives every rank the
+            whole layer's field, and each rank interpolates it at its own weights.
+            Communication per call: ``2L + L·n_bins`` floats, whatever the layer size.
+            Empty shards are allowed. Needs an initialised ``torch.distributed``.
+        group: the process group of ``sharded`` (default: the world).
 
     Returns:
         ``(loss or None, [grad per layer, float32, each param's shape])``.
@@ -321,10 +345,15 @@ def coupling_grad_batched(
     if not bool((h_t >= 0).all()):
         raise ValueError(f"`h` must be >= 0 for every layer, got {h_t.tolist()}.")
     sizes = tuple(p.numel() for p in params)
-    if 0 in sizes:
+    if 0 in sizes and not sharded:
         raise ValueError(f"layer(s) {[i for i, n in enumerate(sizes) if n == 0]} of `params` are empty: nothing to couple.")
     flat = torch.cat([p.detach().reshape(-1) for p in params]).float() if len(params) > 1 else params[0].detach().reshape(-1).float()
-    hist, idx, frac, r, delta = _deposit(flat, sizes, w_t, n_bins)
+    if sharded:
+        bounds = _global_bounds(flat, sizes, n_bins, group)
+        hist, idx, frac, r, delta = _deposit(flat, sizes, w_t, n_bins, bounds=bounds)
+        torch.distributed.all_reduce(hist, group=group)
+    else:
+        hist, idx, frac, r, delta = _deposit(flat, sizes, w_t, n_bins)
     if conv == "prefix":
         force = _force_prefix(hist, r)
     else:
@@ -341,8 +370,33 @@ def coupling_grad_batched(
     v = _interpolate(pot.reshape(-1), idx, frac)
     per_layer = torch.stack([s.double().sum() for s in torch.split(v, sizes)])
     n = torch.tensor(sizes, dtype=torch.float64, device=device)
+    if sharded:
+        both = torch.cat([per_layer, n])
+        torch.distributed.all_reduce(both, group=group)
+        per_layer, n = both[: len(sizes)], both[len(sizes) :]
     loss = (h_t.double() * (per_layer + n * w_t.double())).float()
     return (loss if per_layer_loss else loss.sum()), grads
+
+
+def _global_bounds(flat: Tensor, sizes: tuple[int, ...], n_bins: int, group: Optional[Any]) -> tuple[Tensor, Tensor]:
+    """Min and max of each whole layer from the shards of every rank (one all-reduce)."""
+    n_layers = len(sizes)
+    if flat.numel():
+        mins, maxs = _layer_bounds(flat, sizes, n_bins)
+        bad = flat.new_tensor([0.0 if bool(torch.isfinite(flat).all()) else 1.0])
+    else:
+        mins = flat.new_full((n_layers,), math.inf)
+        maxs = flat.new_full((n_layers,), -math.inf)
+        bad = flat.new_zeros(1)
+    # MAX of (-min, max, non-finite flag): both extremes and every rank's verdict in one call.
+    packed = torch.cat([torch.nan_to_num(-mins), torch.nan_to_num(maxs), bad])
+    torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MAX, group=group)
+    if packed[-1] > 0:
+        raise ValueError(
+            "a shard of `params` holds non-finite weights (NaN or inf) on some rank: the coupling force is "
+            "undefined. Fix the divergence first (lower the learning rate or `h`)."
+        )
+    return -packed[:n_layers], packed[n_layers : 2 * n_layers]
 
 
 def coupling_histogram(
