@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from typing import Literal, Optional
 
 import torch
+import torch.distributed
 from torch import Tensor, nn
 
 from sq_lightning.layers import LayerSelector
@@ -50,6 +51,22 @@ def check_coupling_args(h: float, w: float, alpha: float, n_bins: int, backend: 
         raise ValueError(f"`n_bins` must be an int >= 16, got {n_bins!r}. The paper uses 16384.")
     if backend not in ("histogram", "exact", "auto"):
         raise ValueError(f"`backend` must be one of 'histogram', 'exact', 'auto', got {backend!r}.")
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return hasattr(t, "to_local") and hasattr(t, "device_mesh")
+
+
+def _std(t: Tensor) -> float:
+    """Unbiased std of a whole tensor; a sharded DTensor reduces its moments over the ranks."""
+    if not _is_dtensor(t):
+        return float(t.float().std())
+    local = t.to_local().double().reshape(-1)
+    moments = torch.stack([local.new_tensor(float(local.numel())), local.sum(), (local * local).sum()])
+    group = t.device_mesh.get_group() if t.device_mesh.ndim == 1 else None
+    torch.distributed.all_reduce(moments, group=group)
+    n, s, ss = moments.tolist()
+    return math.sqrt(max(ss - s * s / n, 0.0) / (n - 1)) if n > 1 else 0.0
 
 
 class WeightCoupler:
@@ -104,7 +121,7 @@ class WeightCoupler:
         if self.prepared:
             return self.sigma
         for name, param in self.selector.select_or_raise(model, type(self).__name__):
-            std = float(param.detach().float().std()) if param.numel() > 1 else 0.0
+            std = _std(param.detach()) if param.numel() > 1 else 0.0
             if not math.isfinite(std) or std <= 0:
                 log.warning("soft quantization skips %s: its weights have std %s, so `w_l = w·σ_l` is undefined.", name, std)
                 continue
@@ -191,11 +208,36 @@ class WeightCoupler:
                 params[name] = p
         if not params:
             return {} if compute_loss else None
-        losses, grads = self.gradients(dict(params), compute_loss=compute_loss)
-        targets = [p.grad for p in params.values()]
-        updates = [grads[n].to(p.grad.dtype) for n, p in params.items()]
-        torch._foreach_add_(targets, updates)  # one call for every layer
-        return losses
+        dense = {n: p for n, p in params.items() if not _is_dtensor(p)}
+        sharded = {n: p for n, p in params.items() if _is_dtensor(p)}
+        losses: dict[str, Tensor] = {}
+        if dense:
+            dense_losses, grads = self.gradients(dict(dense), compute_loss=compute_loss)
+            torch._foreach_add_([p.grad for p in dense.values()], [grads[n].to(p.grad.dtype) for n, p in dense.items()])
+            losses.update(dense_losses or {})
+        if sharded:
+            losses.update(self._add_sharded(sharded, compute_loss))
+        return losses if compute_loss else None
+
+    def _add_sharded(self, params: dict[str, nn.Parameter], compute_loss: bool) -> dict[str, Tensor]:
+        """DTensor (FSDP2) layers: each rank bins its shard, one all-reduce of the counts."""
+        names = list(params)
+        first = params[names[0]]
+        group = first.device_mesh.get_group() if first.device_mesh.ndim == 1 else None
+        loss, grads = coupling_grad_batched(
+            [params[n].to_local() for n in names],
+            [self.w_l(n) for n in names],
+            [self.h_l(n) for n in names],
+            n_bins=self.n_bins,
+            compute_loss=compute_loss,
+            per_layer_loss=True,
+            sharded=True,
+            group=group,
+        )
+        for n, g in zip(names, grads):
+            local = params[n].grad.to_local()
+            local.add_(g.to(local.dtype))
+        return dict(zip(names, loss.unbind())) if compute_loss else {}
 
     # -- persistence --------------------------------------------------------------
     def state_dict(self) -> dict:
