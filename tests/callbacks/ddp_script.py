@@ -1,0 +1,165 @@
+"""Trains ``tests.helpers.TinyNet`` on the digits with the callbacks under test and saves
+what every rank ends with; run by ``tests/callbacks/test_distributed.py``.
+
+Lightning's ``strategy="ddp"`` starts ranks 1.. by re-running ``sys.argv``: that works for
+a script, not from inside pytest, hence this file. One launch runs every mode in turn
+(the process group is set up once), which saves the start-up of a launch per mode::
+
+    PYTHONPATH=. python tests/callbacks/ddp_script.py OUT --devices 2 --batch-size 50 --modes soft,refine,codebook
+
+writes ``OUT/rank{r}.pt`` = ``{mode: {"state_dict": ..., ...}}`` on each rank. The test
+imports :func:`run_mode` for the one-process reference, so both take the same path.
+
+How the two runs see the same samples. Under DDP Lightning replaces the sampler of a
+plain training ``DataLoader`` by ``DistributedSampler(shuffle=True, seed=PL_GLOBAL_SEED)``
+and calls its ``set_epoch`` every epoch; it shuffles the *training* loader even when
+the ``DataLoader`` was built with ``shuffle=False`` (``_process_dataloader`` passes
+``shuffle=True`` for the training stage). That sampler draws one permutation ``π_e`` of
+all samples per epoch from ``seed + e`` (1400 samples, even: no padding) and deals it
+out interleaved: rank ``r`` gets ``π_e[r], π_e[r + 2], ...``. Batch ``k`` of the two
+ranks together is therefore the block ``π_e[2kB : 2kB + 2B]``, and the one-process
+reference gets exactly these blocks from a ``DistributedSampler(num_replicas=1,
+shuffle=True, seed=0)`` with batch ``2B``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, DistributedSampler
+
+from sq_lightning.callbacks import ClusterRefine, SoftQuantCallback
+from sq_lightning.callbacks.learned_codebook import LearnedCodebook
+from tests.helpers import TinyNet, digits_loaders
+
+MODES = ("soft", "refine", "codebook", "plain")
+DDP_MODES = ("soft", "refine", "codebook")
+REFINE_SNAP_EPOCH = 2
+SEED = 0
+
+
+class BatchRecorder(Callback):
+    """Keeps the inputs of every training batch (to check the data split)."""
+
+    def __init__(self) -> None:
+        self.inputs: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.inputs.append(batch[0].detach().clone())
+
+
+class LocalClusters(Callback):
+    """Finds the clusters on this rank alone, just before ClusterRefine snaps.
+
+    ClusterRefine broadcasts rank 0's clusters; these are found without any
+    communication, to show that every rank would have found the same ones anyway.
+    """
+
+    def __init__(self, refine: ClusterRefine, soft: SoftQuantCallback) -> None:
+        self.refine, self.soft, self.assignments = refine, soft, None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == REFINE_SNAP_EPOCH:
+            w_l = {n: self.soft.coupler.w_l(n) for n in self.soft.coupler.sigma}
+            found = self.refine.snapper.find(pl_module, w_l=w_l)
+            self.assignments = {n: c.assignments.clone() for n, c in found.items()}
+
+
+def make_trainer(devices: int, max_epochs: int, callbacks: list) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+
+
+def train_loader(devices: int, batch_size: int) -> DataLoader:
+    """Per-rank batch ``batch_size``; see the module docstring for the sample order."""
+    train, _ = digits_loaders(batch_size=batch_size, shuffle=False)
+    if devices > 1:
+        return train  # Lightning puts its DistributedSampler in
+    sampler = DistributedSampler(train.dataset, num_replicas=1, rank=0, shuffle=True, seed=SEED)
+    return DataLoader(train.dataset, batch_size=batch_size, sampler=sampler)
+
+
+def run_mode(mode: str, devices: int, batch_size: int) -> tuple[pl.Trainer, dict]:
+    """Trains one mode; returns the trainer and this rank's results (CPU tensors)."""
+    pl.seed_everything(SEED)  # also the seed of Lightning's DistributedSampler
+    train = train_loader(devices, batch_size)
+    out: dict = {}
+    if mode == "soft":
+        model = TinyNet()
+        soft = SoftQuantCallback(h=2e-3, w=0.3)
+        recorder = BatchRecorder()
+        trainer = make_trainer(devices, 3, [recorder, soft])
+        trainer.fit(model, train)
+        out["batches"] = recorder.inputs
+        out["sigma"] = dict(soft.coupler.sigma)
+        out["steps_applied"] = soft.steps_applied
+    elif mode == "refine":
+        # BatchNorm so that the snap's statistics re-estimation runs under DDP too. A
+        # strong `h` clusters every layer in two epochs; "snap" ties every layer even
+        # if one is not quite clustered, so that all three are refined.
+        model = TinyNet(bn=True)
+        soft = SoftQuantCallback(h=1e-2, w=0.45, stop_epoch=REFINE_SNAP_EPOCH)
+        refine = ClusterRefine(
+            snap_epoch=REFINE_SNAP_EPOCH, w=0.45, on_unclustered="snap", recalibrate_bn_batches=5, histogram_every_n_epochs=0
+        )
+        local = LocalClusters(refine, soft)
+        trainer = make_trainer(devices, REFINE_SNAP_EPOCH + 2, [soft, local, refine])
+        trainer.fit(model, train)
+        out["assignments"] = {n: a.long() for n, (_, a) in refine.clusters().items()}
+        out["centroids"] = {n: c for n, (c, _) in refine.clusters().items()}
+        out["local_assignments"] = local.assignments
+        out["k"] = {n: r.k for n, r in refine.snapper.reports.items()}
+    elif mode == "codebook":
+        model = TinyNet()
+        codebook = LearnedCodebook(lam=20.0, bits=2, start_epoch=1, codebook_lr=1e-3)
+        trainer = make_trainer(devices, 3, [codebook])
+        trainer.fit(model, train)
+        out["codebooks"] = codebook.codebooks()
+        out["codebook_steps"] = codebook._steps
+    elif mode == "plain":  # the "soft" run without coupling: how far coupling moves the weights
+        model = TinyNet()
+        trainer = make_trainer(devices, 3, [])
+        trainer.fit(model, train)
+    else:
+        raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
+    out["state_dict"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out["global_step"] = trainer.global_step
+    out["world_size"] = trainer.world_size
+    return trainer, out
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--modes", default=",".join(DDP_MODES))
+    args = parser.parse_args(argv)
+    # One thread a process: two ranks share two cores.
+    torch.set_num_threads(1)
+    results, rank = {}, 0
+    for mode in args.modes.split(","):
+        trainer, results[mode] = run_mode(mode, args.devices, args.batch_size)
+        rank = trainer.global_rank
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.save(results, args.out / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,131 @@
+"""The callbacks under DDP: 2 CPU processes (gloo) against each other and against 1 process.
+
+DESIGN.md section 7: all ranks hold the same weights, so they compute the same coupling
+gradient, the same clusters and the same codebooks. ``ddp_script.py`` trains under
+``Trainer(strategy="ddp", devices=2)`` (Lightning starts rank 1 by re-running the script,
+which cannot be done from inside pytest) and saves each rank's final state; these tests
+compare the ranks bit for bit, and the coupled run with a 1-process run over the same
+global batches.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.callbacks.ddp_script import run_mode
+
+SCRIPT = Path(__file__).with_name("ddp_script.py")
+REPO = Path(__file__).resolve().parents[2]
+PER_RANK_BATCH = 50
+TIMEOUT_S = 900  # two cores shared with other jobs: a launch normally takes 20-60 s
+
+# Set by a launcher around pytest they would make Lightning join that job instead of
+# starting its own two ranks.
+_LAUNCHER_VARS = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")
+
+
+def _run_ddp_script(out: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, str(SCRIPT), str(out), "--devices", "2", "--batch-size", str(PER_RANK_BATCH)]
+    # Own session: on a timeout the whole group (rank 0 and the rank 1 it started) goes.
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"the DDP script did not finish in {TIMEOUT_S} s:\n{output[-5000:]}")
+    assert proc.returncode == 0, f"the DDP script failed (exit {proc.returncode}):\n{output[-5000:]}"
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """``(rank 0 results, rank 1 results)``, each ``{mode: {...}}``, from one DDP launch."""
+    out = tmp_path_factory.mktemp("ddp")
+    _run_ddp_script(out)
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    for r in (r0, r1):
+        assert all(res["world_size"] == 2 for res in r.values())
+    return r0, r1
+
+
+@pytest.fixture(scope="module")
+def soft_reference():
+    """The same coupled training in 1 process, batch ``2 · PER_RANK_BATCH``, same samples."""
+    return {mode: run_mode(mode, devices=1, batch_size=2 * PER_RANK_BATCH)[1] for mode in ("soft", "plain")}
+
+
+def _assert_same_tensors(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{what}: `{k}` differs between the ranks"
+
+
+def _parameters(state_dict: dict) -> dict:
+    # BatchNorm running statistics are per rank under plain DDP (no SyncBatchNorm): each
+    # rank's forward updates them from its own batch after DDP broadcasts rank 0's.
+    return {k: v for k, v in state_dict.items() if not k.endswith(("running_mean", "running_var"))}
+
+
+def test_soft_quant_weights_are_identical_on_both_ranks(ranks):
+    r0, r1 = (r["soft"] for r in ranks)
+    _assert_same_tensors(r0["state_dict"], r1["state_dict"], "weights")
+    assert r0["sigma"] == r1["sigma"]
+    assert r0["steps_applied"] == r1["steps_applied"] == r0["global_step"] == 3 * 14
+
+
+def test_ranks_together_see_the_batches_of_the_reference(ranks, soft_reference):
+    # Rank r gets every other sample of one permutation, starting at r: interleaving the
+    # two ranks' batch k gives the reference's batch k, every epoch.
+    r0, r1 = (r["soft"]["batches"] for r in ranks)
+    ref = soft_reference["soft"]["batches"]
+    assert len(r0) == len(r1) == len(ref) == 3 * 14
+    for k, (x0, x1, x) in enumerate(zip(r0, r1, ref)):
+        assert torch.equal(torch.stack([x0, x1], 1).reshape(x.shape), x), f"batch {k}"
+
+
+def test_soft_quant_under_ddp_matches_one_process_with_the_global_batch(ranks, soft_reference):
+    ddp, ref, plain = ranks[0]["soft"], soft_reference["soft"], soft_reference["plain"]
+    assert ddp["sigma"] == pytest.approx(ref["sigma"], rel=1e-6)
+    assert ddp["steps_applied"] == ref["steps_applied"]
+    # Averaging two half-batch gradients rounds differently from one full-batch mean
+    # (~1e-7). The coupling gradient counts neighbours within w_l, so a pair whose
+    # distance sits that close to w_l can flip one count: that moves a weight by at
+    # most lr · 2 h_l / (1 - momentum) ≈ 1e-5..4e-5 here. A few flips in 42 steps stay
+    # well under 2e-4, while the coupling itself moves the weights by far more (below).
+    for name, expected in ref["state_dict"].items():
+        torch.testing.assert_close(ddp["state_dict"][name], expected, rtol=0, atol=2e-4, msg=lambda m: f"{name}: {m}")
+    moved = max(float((ref["state_dict"][n] - plain["state_dict"][n]).abs().max()) for n in ref["state_dict"])
+    assert moved > 50 * 2e-4, f"coupling moved the weights by only {moved:.2e}: the comparison proves nothing"
+
+
+def test_cluster_refine_assignments_and_weights_are_identical_on_both_ranks(ranks):
+    r0, r1 = (r["refine"] for r in ranks)
+    assert r0["k"] == r1["k"] and set(r0["k"]) == {"net.0.weight", "net.3.weight", "net.5.weight"}
+    _assert_same_tensors(r0["assignments"], r1["assignments"], "assignments")
+    _assert_same_tensors(r0["centroids"], r1["centroids"], "centroids")
+    # ClusterRefine broadcasts rank 0's clusters; found on each rank alone they agree too.
+    _assert_same_tensors(r0["local_assignments"], r1["local_assignments"], "clusters found per rank")
+    for name, a in r0["assignments"].items():
+        assert torch.equal(r0["local_assignments"][name].long().reshape(a.shape), a), name
+    _assert_same_tensors(_parameters(r0["state_dict"]), _parameters(r1["state_dict"]), "weights")
+    # Refinement kept every layer at exactly K_l shared values.
+    for name, k in r0["k"].items():
+        assert torch.unique(r0["state_dict"][name]).numel() == k, name
+
+
+def test_learned_codebooks_and_weights_are_identical_on_both_ranks(ranks):
+    r0, r1 = (r["codebook"] for r in ranks)
+    assert set(r0["codebooks"]) == {"net.0.weight", "net.2.weight", "net.4.weight"}
+    _assert_same_tensors(r0["codebooks"], r1["codebooks"], "codebooks")
+    _assert_same_tensors(r0["state_dict"], r1["state_dict"], "weights")
+    assert r0["codebook_steps"] == r1["codebook_steps"] == 2 * 14  # epochs 1 and 2
