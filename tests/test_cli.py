@@ -100,3 +100,16 @@ def test_overlay_composes_with_the_quickstart(overlay, tmp_path):
     parsed = yaml.safe_load(result.stdout)
     names = [cb["class_path"] for cb in parsed["trainer"]["callbacks"]]
     assert any("LearnedCodebook" in n for n in names), names
+
+
+def test_unknown_config_key_is_rejected_with_its_name(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        (REPO / "configs/quickstart_digits.yaml").read_text().replace("h: 2.0e-3", "h: 2.0e-3\n        hh: 1.0")
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "sq_lightning", "fit", "--config", str(bad), "--print_config"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "hh" in result.stderr

@@ -196,3 +196,18 @@ def test_selection_matching_nothing_fails_at_setup():
     cb = SoftQuantCallback(module_types=["Conv2d"])
     with pytest.raises(ValueError, match="no parameter of TinyNet was selected.*Widen `module_types`"):
         trainer(max_steps=1, callbacks=[cb]).fit(TinyNet(), train)
+
+
+def test_fit_twice_on_the_same_trainer_and_module():
+    pl.seed_everything(0)
+    train, _ = digits_loaders()
+    model, cb = TinyNet(), SoftQuantCallback(h=1e-3, w=0.3)
+    t = trainer(max_epochs=1, callbacks=[cb])
+    t.fit(model, train)
+    sigma, steps = dict(cb.coupler.sigma), cb.steps_applied
+    t.fit(model, train)  # max_epochs already reached: a no-op that must not fail
+    t2 = trainer(max_epochs=2, callbacks=[cb])
+    t2.fit(model, train)  # a second run on the same module and callback continues the coupling
+    assert cb.coupler.sigma == sigma  # frozen at the first coupled step
+    assert cb.steps_applied == steps + 2 * len(train)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
