@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 from typing_extensions import override
 
 from sq_lightning.callbacks._logging import log_histograms, log_scalars
@@ -184,7 +185,8 @@ class ClusterRefine(Callback):
         # makes that a guarantee rather than a property of floating-point determinism.
         clusters = trainer.strategy.broadcast(clusters, src=0)
         self.snapper.snap(pl_module, clusters=clusters)
-        if recalibrate and self.recalibrate_bn_batches and trainer.train_dataloader is not None:
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules())
+        if recalibrate and has_bn and self.recalibrate_bn_batches and trainer.train_dataloader is not None:
             from sq_lightning.models.batchnorm import recalibrate_batchnorm
 
             recalibrate_batchnorm(pl_module, trainer.train_dataloader, self.recalibrate_bn_batches, device=pl_module.device)
