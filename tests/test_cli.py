@@ -113,3 +113,26 @@ def test_unknown_config_key_is_rejected_with_its_name(tmp_path):
     )
     assert result.returncode != 0
     assert "hh" in result.stderr
+
+
+@pytest.mark.slow
+def test_cifar10_stage_runs_a_few_batches_on_the_offline_copy(tmp_path, monkeypatch):
+    """Stage 2 as a user runs it, on the real offline archive, cut to a few batches."""
+    archive = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+    if not archive.exists():
+        pytest.skip(f"offline CIFAR-10 archive not found at {archive}")
+    monkeypatch.chdir(tmp_path)
+    main([
+        "fit",
+        "--config", str(REPO / "configs/cifar10_resnet20_softquant.yaml"),
+        "--model.init_args.init_from=null",
+        f"--data.init_args.archive={archive}",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=2",
+        "--trainer.enable_progress_bar=false",
+    ])
+    logs = list((tmp_path / "runs" / "cifar10_resnet20" / "softquant").glob("version_*"))
+    assert logs, "no TensorBoard run written"
+    scalars = _scalars(logs[0])
+    assert "sq/coupling_loss" in scalars and "val/acc" in scalars
