@@ -101,28 +101,43 @@ def coupling_pairwise(
     return CouplingResult(loss, grad)
 
 
+def _sort_permutation(flat: Tensor) -> Tensor:
+    """Permutation that sorts the finite float32 vector ``flat`` ascending.
+
+    The sort runs on int32 keys: torch sorts integers (radix sort) several times faster
+    than floats on CPU. Flipping the magnitude bits of negative numbers makes the
+    integer order of IEEE bit patterns the float order (``-0.0`` lands just before
+    ``+0.0``, which compare equal anyway: ties are counted by value afterwards).
+    """
+    bits = flat.contiguous().view(torch.int32)
+    return torch.sort(bits ^ ((bits >> 31) & 0x7FFFFFFF)).indices
+
+
 def coupling_exact(theta: Tensor, w: float, h: float, compute_loss: bool = True) -> CouplingResult:
     """Exact counts and loss by sorting, O(N log N)."""
     flat = _check(theta, w, h)
     if flat.numel() == 0:
         return CouplingResult(flat.new_zeros(()) if compute_loss else None, torch.zeros_like(theta, dtype=torch.float32))
-    s, _ = torch.sort(flat)
+    perm = _sort_permutation(flat)
+    s = flat.index_select(0, perm)
+    # Every count is taken for the sorted weights (sorted queries: searchsorted walks
+    # memory in order) and scattered back to the original order at the end.
     # float64 makes |θ_i - θ_j| < w exact for float32 weights: a pair at the edge of the
     # well is decided as the definition says, not by the rounding of θ_i ± w.
-    s64, q64 = s.double(), flat.double()
-    lo_in = torch.searchsorted(s64, q64 - w, side="right")  # first index with s > θ - w
-    eq_lo = torch.searchsorted(s, flat, side="left")  # first index with s >= θ
-    eq_hi = torch.searchsorted(s, flat, side="right")  # first index with s > θ
-    hi_in = torch.searchsorted(s64, q64 + w, side="left")  # first index with s >= θ + w
+    s64 = s.double()
+    lo_in = torch.searchsorted(s64, s64 - w, side="right")  # first index with s > θ - w
+    eq_lo = torch.searchsorted(s, s, side="left")  # first index with s >= θ
+    eq_hi = torch.searchsorted(s, s, side="right")  # first index with s > θ
+    hi_in = torch.searchsorted(s64, s64 + w, side="left")  # first index with s >= θ + w
     n_below = eq_lo - lo_in
     n_above = hi_in - eq_hi
-    grad = (2.0 * h * (n_below - n_above).float()).reshape(theta.shape)
+    grad_sorted = 2.0 * h * (n_below - n_above).float()
+    grad = torch.empty_like(grad_sorted).scatter_(0, perm, grad_sorted).reshape(theta.shape)
     if not compute_loss:
         return CouplingResult(None, grad)
     # Centre before the float64 prefix sums so they do not lose the small differences.
-    c = (s - s.mean()).double()
-    prefix = torch.nn.functional.pad(torch.cumsum(c, 0), (1, 0))
-    x = (flat - s.mean()).double()
+    x = (s - s.mean()).double()
+    prefix = torch.nn.functional.pad(torch.cumsum(x, 0), (1, 0))
     sum_below = prefix[eq_lo] - prefix[lo_in]
     sum_above = prefix[hi_in] - prefix[eq_hi]
     n_eq = (eq_hi - eq_lo - 1).double()  # ties other than i itself sit at U(0) = -w
@@ -173,15 +188,21 @@ def _force_prefix(hist: Tensor, r: Tensor) -> Tensor:
     # Integer counts stay exact in float32 up to 2^24 weights a row; beyond, float64.
     dtype = torch.float64 if float(hist.sum(1).max()) > 2**24 else torch.float32
     hp = torch.nn.functional.pad(hist.to(dtype), (guard, guard + 1))
-    prefix = torch.cumsum(hp, 1) - hp
+    prefix = torch.cumsum(hp, 1).sub_(hp)
     nxt = hp[:, 1:]
     hp, prefix = hp[:, :-1], prefix[:, :-1]
-    c_plus = prefix + (0.5 + phi - 0.5 * phi**2) * hp + (0.5 * phi**2) * nxt
-    c_minus = prefix + (0.5 + psi - 0.5 * psi**2) * hp + (0.5 * psi**2) * nxt
-    base = torch.arange(guard, guard + m, device=hist.device)[None, :]
-    c_mid = (prefix + 0.5 * hp)[:, guard : guard + m]
-    force = 2.0 * c_mid - c_minus.gather(1, base - q[:, None] - 1) - c_plus.gather(1, base + q[:, None])
-    return force.float()
+    # prefix + a·hp + b·nxt, evaluated in that order with one scratch buffer.
+    scratch = torch.empty_like(prefix)
+    c_plus = torch.mul(hp, 0.5 + phi - 0.5 * phi**2).add_(prefix).add_(torch.mul(nxt, 0.5 * phi**2, out=scratch))
+    c_minus = torch.mul(hp, 0.5 + psi - 0.5 * psi**2).add_(prefix).add_(torch.mul(nxt, 0.5 * psi**2, out=scratch))
+    c_mid = torch.mul(hp[:, guard : guard + m], 0.5).add_(prefix[:, guard : guard + m])
+    # Row l needs C(k ± r) for k = 0..m-1: a contiguous window of its row shifted by
+    # its own q. Windows of the flattened rows (unfold: a view) picked by index_select
+    # copy m values each; an (L, m) index for gather would cost more than the rest.
+    start = torch.arange(n_layers, device=hist.device) * c_plus.shape[1] + guard
+    above = c_plus.reshape(-1).unfold(0, m, 1).index_select(0, start + q)
+    below = c_minus.reshape(-1).unfold(0, m, 1).index_select(0, start - q - 1)
+    return c_mid.mul_(2.0).sub_(below).sub_(above).float()
 
 
 def _grid_kernel(r: Tensor, half: int, well: bool) -> Tensor:
@@ -217,6 +238,12 @@ def _conv_fft(hist: Tensor, kernel: Tensor) -> Tensor:
 _LAYOUT_CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
+def _index_dtype(n_rows: int, n_bins: int) -> torch.dtype:
+    """int32 grid indices while they fit: half the memory traffic of int64 in the
+    deposit (``bincount``) and the gather (``index_select``), which both take int32."""
+    return torch.int32 if n_rows * n_bins < 2**31 else torch.int64
+
+
 def _layout(sizes: tuple[int, ...], n_bins: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Layer index of every weight and its row offset ``l * n_bins`` (cached: fixed per model)."""
     key = (sizes, n_bins, str(device))
@@ -225,7 +252,7 @@ def _layout(sizes: tuple[int, ...], n_bins: int, device: torch.device) -> tuple[
         if len(_LAYOUT_CACHE) > 64:
             _LAYOUT_CACHE.clear()
         lid = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
-        hit = _LAYOUT_CACHE[key] = (lid, lid * n_bins)
+        hit = _LAYOUT_CACHE[key] = (lid, (lid * n_bins).to(_index_dtype(len(sizes), n_bins)))
     return hit
 
 
@@ -235,6 +262,11 @@ def _layer_bounds(flat: Tensor, sizes: tuple[int, ...], n_bins: int) -> tuple[Te
     if n_layers == 1:
         mn, mx = torch.aminmax(flat)
         return mn[None], mx[None]
+    if 0 not in sizes and flat.numel() >= 2048 * n_layers:
+        # One aminmax per layer (a view each) beats two scatter_reduce passes over all
+        # the weights unless the layers are many and small.
+        mm = [torch.aminmax(seg) for seg in torch.split(flat, sizes)]
+        return torch.stack([m[0] for m in mm]), torch.stack([m[1] for m in mm])
     lid, _ = _layout(sizes, n_bins, flat.device)
     mins = flat.new_full((n_layers,), math.inf).scatter_reduce_(0, lid, flat, "amin")
     maxs = flat.new_full((n_layers,), -math.inf).scatter_reduce_(0, lid, flat, "amax")
@@ -265,12 +297,14 @@ def _deposit(
         )
     lo = mins - w
     inv = (n_bins - 1) / (maxs + w - lo)
+    # Few large temporaries on purpose: a fresh N-sized tensor costs page faults about
+    # as dear as a pass over it, so t is computed in place and then becomes frac.
     if n_layers == 1:
-        t = (flat - lo) * inv
+        t = torch.sub(flat, lo).mul_(inv)
     else:
-        t = (flat - lo[lid]).mul_(inv[lid])
-    idx = t.long().clamp_(0, n_bins - 2)
-    frac = t - idx
+        t = torch.sub(flat, lo.index_select(0, lid)).mul_(inv.index_select(0, lid))
+    idx = t.to(_index_dtype(n_layers, n_bins)).clamp_(0, n_bins - 2)
+    frac = t.sub_(idx)
     if n_layers > 1:
         # The row offset goes on the integer index, not on t: float32 cannot hold
         # l*M + fraction precisely once l*M is large.
@@ -288,7 +322,8 @@ def _interpolate(table: Tensor, idx: Tensor, frac: Tensor) -> Tensor:
     """Linear interpolation of a flat grid table at ``idx + frac``."""
     slope = torch.zeros_like(table)
     slope[:-1] = table[1:] - table[:-1]
-    return torch.addcmul(table[idx], frac, slope[idx])
+    # index_select, not table[idx]: advanced indexing is several times slower on CPU.
+    return table.index_select(0, idx).addcmul_(frac, slope.index_select(0, idx))
 
 
 def coupling_grad_batched(

@@ -1,0 +1,213 @@
+"""Training-step overhead of the soft-quantization coupling gradient on a CIFAR ResNet-20 (CPU).
+
+Soft quantization (Bernstein, Di Carlo, Schwab, arXiv:2601.21219) adds the gradient of
+the weight-coupling loss to ``param.grad`` between ``backward`` and ``optimizer.step``
+(what ``SoftQuantCallback.on_before_optimizer_step`` does). This script measures what
+that costs per training step.
+
+Plain loop: ResNet-20 (``sq_lightning.models.resnet20``), a batch of random 3x32x32
+inputs, cross-entropy, SGD with momentum 0.9. Each round times one step WITHOUT the
+coupling and one step WITH it for every backend (``auto``, ``histogram``, ``exact``),
+in an order rotated every round, all in one process; the reported overhead is the
+median over rounds of (step with coupling) / (step without) of the same round, with
+the 25-75 % spread. The coupling call alone is timed inside the step it belongs to.
+``log step`` is the coupling call that also computes the loss value (what the
+callback does every ``log_every_n_steps`` steps). Target: ratio <= 1.03.
+
+Lightning variant (``--trainer-fits``, 0 disables): alternating short ``Trainer.fit``
+runs of :class:`sq_lightning.models.ImageClassifier` with ``SoftQuantCallback`` and
+without any, a callback timing each training batch (forward, backward, coupling,
+optimizer step); the first ``--trainer-skip`` batches of every fit are dropped.
+
+Usage::
+
+    python benchmarks/bench_overhead.py [--threads 2] [--batch 128] [--rounds 30]
+        [--backends auto histogram exact] [--trainer-fits 6] [--trainer-steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+import _common as C
+from sq_lightning.coupler import WeightCoupler
+from sq_lightning.models import resnet20
+
+RESULTS = C.RESULTS_DIR / "overhead.md"
+H, W = 1e-3, 0.3
+
+
+def plain_loop(args) -> tuple[list[str], dict]:
+    torch.manual_seed(0)
+    model = resnet20()
+    x = torch.randn(args.batch, 3, 32, 32)
+    y = torch.randint(0, 10, (args.batch,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    couplers = {b: WeightCoupler(h=H, w=W, backend=b) for b in args.backends}
+    for c in couplers.values():
+        c.prepare(model)  # σ_l captured once, as the callback does at its first step
+    coupling_time: dict[str, list[float]] = {b: [] for b in args.backends}
+
+    def step(backend: str | None, compute_loss: bool = False) -> float:
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        if backend is not None:
+            t0 = time.perf_counter()
+            couplers[backend].add_gradients(model, compute_loss=compute_loss)
+            coupling_time[backend].append(time.perf_counter() - t0)
+        opt.step()
+        return time.perf_counter() - start
+
+    arms = ["none", *args.backends]
+    for _ in range(args.warmup):
+        for a in arms:
+            step(None if a == "none" else a)
+    for b in args.backends:
+        coupling_time[b].clear()
+    times: dict[str, list[float]] = {a: [] for a in arms}
+    for r in range(args.rounds):
+        order = arms[r % len(arms) :] + arms[: r % len(arms)]
+        for a in order:
+            times[a].append(step(None if a == "none" else a))
+        print(f"\rround {r + 1}/{args.rounds}", end="", flush=True)
+    print()
+    # The loss-computing call (logging steps), timed alone after the rounds.
+    log_time: dict[str, list[float]] = {}
+    for b in args.backends:
+        log_time[b] = []
+        for _ in range(max(3, args.rounds // 5)):
+            t0 = time.perf_counter()
+            couplers[b].add_gradients(model, compute_loss=True)
+            log_time[b].append(time.perf_counter() - t0)
+
+    base = times["none"]
+    rows = [
+        f"Plain loop: ResNet-20, batch {args.batch}, h={H}, w={W}, {args.rounds} rounds after "
+        f"{args.warmup} warm-up round(s); every round runs one step per arm in rotated order.",
+        "",
+        "| backend | step ratio with/without: median [p25, p75] | ratio of medians | step without (ms) | "
+        "step with (ms) | coupling call (ms) [p25, p75] | coupling / step | log step: coupling + loss (ms) | target <= 1.03 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
+    ]
+    summary = {}
+    for b in args.backends:
+        rr = C.ratios(times[b], base)
+        med = C.median(rr)
+        ct = [1e3 * t for t in coupling_time[b]]
+        summary[b] = med
+        rows.append(
+            f"| {b} | {med:.4f} {C.spread(rr, '{:.4f}')} | {C.median(times[b]) / C.median(base):.4f} | "
+            f"{1e3 * C.median(base):.1f} | {1e3 * C.median(times[b]):.1f} | {C.median(ct):.2f} {C.spread(ct, '{:.2f}')} | "
+            f"{C.median(ct) / (1e3 * C.median(base)):.4f} | {1e3 * C.median(log_time[b]):.2f} | "
+            f"{'yes' if med <= 1.03 else 'NO'} |"
+        )
+    return rows, summary
+
+
+def trainer_variant(args) -> list[str]:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from sq_lightning.callbacks import SoftQuantCallback
+    from sq_lightning.models import ImageClassifier
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+    class BatchTimer(Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self._t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.times.append(time.perf_counter() - self._t0)
+
+    torch.manual_seed(0)
+    n = args.batch * args.trainer_steps
+    data = TensorDataset(torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,)))
+    loader = DataLoader(data, batch_size=args.batch, shuffle=False, num_workers=0)
+    module = ImageClassifier(arch="resnet20", lr=0.01, momentum=0.9, schedule="constant")
+    sq = SoftQuantCallback(h=H, w=W, backend=args.trainer_backend, histogram_every_n_epochs=0)
+
+    def fit(with_sq: bool) -> list[float]:
+        timer = BatchTimer()
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=1, max_epochs=1, limit_val_batches=0, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, callbacks=[timer, sq] if with_sq else [timer],
+        )
+        trainer.fit(module, train_dataloaders=loader)
+        torch.set_num_threads(args.threads)  # in case the Trainer changed it
+        return timer.times[args.trainer_skip :]
+
+    per_fit = {"none": [], "sq": []}
+    pooled = {"none": [], "sq": []}
+    for i in range(args.trainer_fits):
+        for arm in (("none", "sq") if i % 2 == 0 else ("sq", "none")):
+            t = fit(arm == "sq")
+            per_fit[arm].append(C.median(t))
+            pooled[arm].extend(t)
+        print(f"\rtrainer fit pair {i + 1}/{args.trainer_fits}", end="", flush=True)
+    print()
+    rr = C.ratios(per_fit["sq"], per_fit["none"])
+    return [
+        f"Lightning `Trainer`: ImageClassifier(resnet20), SoftQuantCallback(h={H}, w={W}, backend="
+        f"'{args.trainer_backend}') vs no callback; {args.trainer_fits} pairs of alternating fits of "
+        f"{args.trainer_steps} batches, first {args.trainer_skip} batches of each fit dropped; "
+        "time from on_train_batch_start to on_train_batch_end.",
+        "",
+        "| arm | median batch (ms) [p25, p75] | batches timed |",
+        "| --- | ---: | ---: |",
+        *[
+            f"| {a} | {1e3 * C.median(pooled[a]):.1f} {C.spread([1e3 * t for t in pooled[a]], '{:.1f}')} | {len(pooled[a])} |"
+            for a in ("none", "sq")
+        ],
+        "",
+        f"Ratio with/without, per fit pair: median {C.median(rr):.4f} {C.spread(rr, '{:.4f}')}; "
+        f"ratio of pooled medians {C.median(pooled['sq']) / C.median(pooled['none']):.4f}.",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=30, help="timed rounds (one step per arm each)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    parser.add_argument("--backends", nargs="+", default=["auto", "histogram", "exact"],
+                        choices=["auto", "histogram", "exact"])
+    parser.add_argument("--trainer-fits", type=int, default=6, help="pairs of Trainer fits (0: skip the Lightning variant)")
+    parser.add_argument("--trainer-steps", type=int, default=10, help="batches per Trainer fit")
+    parser.add_argument("--trainer-skip", type=int, default=2, help="batches dropped at the start of each fit")
+    parser.add_argument("--trainer-backend", default="auto", choices=["auto", "histogram", "exact"])
+    parser.add_argument("--no-save", action="store_true", help=f"print only, do not append to {RESULTS.name}")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load_start = C.uptime()
+
+    rows, summary = plain_loop(args)
+    print("\n".join(rows))
+    if args.trainer_fits > 0:
+        rows += ["", *trainer_variant(args)]
+        print("\n".join(rows[-8:]))
+    notes = [
+        "Times are wall-clock on a shared machine: compare the ratios (measured alternately in one "
+        "process), not absolute times across runs.",
+        "",
+    ]
+    C.save(RESULTS, C.header("Coupling overhead per training step", notes, load_start) + rows, not args.no_save)
+
+
+if __name__ == "__main__":
+    main()
