@@ -43,13 +43,30 @@ RESULTS = C.RESULTS_DIR / "overhead.md"
 H, W = 1e-3, 0.3
 
 
+class _CodebookArm:
+    """Method B in the same harness: LearnedCodebook's per-step work (its gradient injection
+    into the weights and the step of its own codebook optimizer), 2 bits, kmeans init."""
+
+    def __init__(self, model) -> None:
+        from sq_lightning.callbacks import LearnedCodebook
+
+        self.cb = LearnedCodebook(lam=30.0, bits=2, init="kmeans")
+
+    def prepare(self, model) -> None:
+        self.cb.prepare(model)
+        self.cb.init_codebooks(model)
+
+    def add_gradients(self, model, compute_loss: bool = False):
+        return self.cb.step(model)
+
+
 def plain_loop(args) -> tuple[list[str], dict]:
     torch.manual_seed(0)
     model = resnet20()
     x = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch,))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    couplers = {b: WeightCoupler(h=H, w=W, backend=b) for b in args.backends}
+    couplers = {b: (_CodebookArm(model) if b == "codebook" else WeightCoupler(h=H, w=W, backend=b)) for b in args.backends}
     for c in couplers.values():
         c.prepare(model)  # σ_l captured once, as the callback does at its first step
     coupling_time: dict[str, list[float]] = {b: [] for b in args.backends}
@@ -185,8 +202,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds (one step per arm each)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
-    parser.add_argument("--backends", nargs="+", default=["auto", "histogram", "exact"],
-                        choices=["auto", "histogram", "exact"])
+    parser.add_argument("--backends", nargs="+", default=["auto", "histogram", "exact"],  # also: codebook (method B)
+                        choices=["auto", "histogram", "exact", "codebook"])
     parser.add_argument("--trainer-fits", type=int, default=6, help="pairs of Trainer fits (0: skip the Lightning variant)")
     parser.add_argument("--trainer-steps", type=int, default=10, help="batches per Trainer fit")
     parser.add_argument("--trainer-skip", type=int, default=2, help="batches dropped at the start of each fit")
