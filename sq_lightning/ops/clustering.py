@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from sq_lightning.ops.codebook import nearest_centroid
+
 MergePolicy = Literal["storage", "all", "none"]
 
 
@@ -168,22 +170,21 @@ def _merge_small(means: Tensor, counts: Tensor, s: Tensor, seg: Tensor, min_size
 def assign_to_centroids(theta: Tensor, centroids: Tensor) -> Clusters:
     """Assigns each weight to its nearest centroid; centroids become the members' means.
 
-    Used with given representatives (a learned codebook, a baseline's levels).
-    Centroids with no member are dropped, so every cluster is populated.
+    Used with given representatives (a learned codebook, a baseline's levels). The
+    nearest-centroid rule (ties included) is the one of
+    :func:`sq_lightning.ops.codebook.nearest_centroid`, so a snap here agrees with the
+    method-B callback's own. Centroids with no member are dropped.
     """
-    flat = theta.detach().reshape(-1).float()
-    c, _ = torch.sort(centroids.detach().reshape(-1).float().to(flat.device))
-    if c.numel() == 0:
+    if centroids.numel() == 0:
         raise ValueError("`centroids` is empty.")
-    pos = torch.searchsorted(c, flat).clamp(1, max(c.numel() - 1, 1))
-    if c.numel() == 1:
-        near = torch.zeros_like(pos)
-    else:
-        left, right = c[pos - 1], c[pos]
-        near = torch.where((flat - left).abs() <= (right - flat).abs(), pos - 1, pos)
-    used, dense = torch.unique(near, return_inverse=True)
-    k = used.numel()
-    means, counts = _segment_means(flat, dense, k)
+    flat = theta.detach().reshape(-1).float()
+    near = nearest_centroid(flat, centroids.detach().reshape(-1).to(flat.device))
+    # Centroid order is ascending value; unique() keeps that order for the used ones.
+    order = torch.argsort(centroids.detach().reshape(-1).float().to(flat.device), stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    used, dense = torch.unique(rank[near], return_inverse=True)
+    means, counts = _segment_means(flat, dense, used.numel())
     return Clusters(means.float(), dense.reshape(theta.shape), counts)
 
 

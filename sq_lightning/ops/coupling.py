@@ -326,6 +326,21 @@ def _interpolate(table: Tensor, idx: Tensor, frac: Tensor) -> Tensor:
     return table.index_select(0, idx).addcmul_(frac, slope.index_select(0, idx))
 
 
+def _checked_layer_values(w, h, n_layers: int, device) -> tuple[Tensor, Tensor]:
+    """Per-layer ``w`` and ``h`` given as tensors: validated with tensor ops."""
+    w_t = torch.as_tensor(w, dtype=torch.float32, device=device).reshape(-1)
+    h_t = torch.as_tensor(h, dtype=torch.float32, device=device).reshape(-1)
+    if w_t.numel() != n_layers or h_t.numel() != n_layers:
+        raise ValueError(
+            f"`w` and `h` need one value per layer: got {w_t.numel()} and {h_t.numel()} for {n_layers} layers."
+        )
+    if not bool((w_t > 0).all()) or not bool(torch.isfinite(w_t).all()):
+        raise ValueError(f"`w` must be finite and > 0 for every layer, got {w_t.tolist()}.")
+    if not bool((h_t >= 0).all()):
+        raise ValueError(f"`h` must be >= 0 for every layer, got {h_t.tolist()}.")
+    return w_t, h_t
+
+
 def coupling_grad_batched(
     params: Sequence[Tensor],
     w: Sequence[float] | Tensor,
@@ -369,16 +384,18 @@ def coupling_grad_batched(
     if conv not in ("prefix", "fft"):
         raise ValueError(f"`conv` must be 'prefix' or 'fft', got {conv!r}.")
     device = params[0].device
-    w_t = torch.as_tensor(w, dtype=torch.float32, device=device).reshape(-1)
-    h_t = torch.as_tensor(h, dtype=torch.float32, device=device).reshape(-1)
-    if w_t.numel() != len(params) or h_t.numel() != len(params):
-        raise ValueError(
-            f"`w` and `h` need one value per layer: got {w_t.numel()} and {h_t.numel()} for {len(params)} layers."
-        )
-    if not bool((w_t > 0).all()) or not bool(torch.isfinite(w_t).all()):
-        raise ValueError(f"`w` must be finite and > 0 for every layer, got {w_t.tolist()}.")
-    if not bool((h_t >= 0).all()):
-        raise ValueError(f"`h` must be >= 0 for every layer, got {h_t.tolist()}.")
+    if not isinstance(w, Tensor) and not isinstance(h, Tensor):
+        # Checked on the Python floats: no tensor op (nor device sync) per training step.
+        if len(w) != len(params) or len(h) != len(params):
+            raise ValueError(f"`w` and `h` need one value per layer: got {len(w)} and {len(h)} for {len(params)} layers.")
+        if not all(math.isfinite(x) and x > 0 for x in w):
+            raise ValueError(f"`w` must be finite and > 0 for every layer, got {list(w)}.")
+        if not all(x >= 0 for x in h):
+            raise ValueError(f"`h` must be >= 0 for every layer, got {list(h)}.")
+        w_t = torch.tensor(w, dtype=torch.float32, device=device)
+        h_t = torch.tensor(h, dtype=torch.float32, device=device)
+    else:
+        w_t, h_t = _checked_layer_values(w, h, len(params), device)
     sizes = tuple(p.numel() for p in params)
     if 0 in sizes and not sharded:
         raise ValueError(f"layer(s) {[i for i, n in enumerate(sizes) if n == 0]} of `params` are empty: nothing to couple.")
