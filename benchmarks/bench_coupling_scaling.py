@@ -54,6 +54,7 @@ from sq_lightning.ops.coupling import (
 
 # The module (the package re-exports a function of the same name).
 CP = importlib.import_module("sq_lightning.ops.coupling")
+K = importlib.import_module("sq_lightning.ops._cpu_kernels")
 RESULTS = C.RESULTS_DIR / "coupling_scaling.md"
 W, H = 0.3, 1e-3
 TARGET = 4.0
@@ -75,9 +76,16 @@ def scaling(args) -> tuple[list[str], dict]:
         "`pass` = `grad.add_(param)` on preallocated float32 tensors of N entries (one memory-bound "
         "elementwise pass). Ratios are taken round by round against the pass timed in the same round.",
         "",
-        "| N | pass (ms) | histogram (ms) | histogram / pass | exact (ms) | exact / pass | pairwise (ms) | "
-        f"hist <= {TARGET:g}x pass? |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
+        "`histogram` = `coupling_histogram` as shipped (fused numba kernels on the CPU when numba is "
+        "installed, returning a fresh gradient tensor); `hist into grad` = the same added in place into a "
+        "preallocated gradient (`coupling_grad_batched(..., out=[grad])`, what `WeightCoupler` does); "
+        "`hist torch` = the pure-torch path (`SQ_LIGHTNING_KERNELS=torch`).",
+        "",
+        f"numba kernels available: {K.numba is not None}.",
+        "",
+        "| N | pass (ms) | histogram (ms) | histogram / pass | hist into grad / pass | hist torch / pass | "
+        f"exact (ms) | exact / pass | pairwise (ms) | best hist <= {TARGET:g}x pass? |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
     ]
     summary = {}
     exact_prev: tuple[int, float] | None = None
@@ -85,9 +93,20 @@ def scaling(args) -> tuple[list[str], dict]:
     for n in args.sizes:
         x = torch.randn(n, generator=gen)
         g = torch.zeros(n)
+        g2 = torch.zeros(n)
+
+        def torch_path():
+            mode, K._MODE = K._MODE, "torch"
+            try:
+                coupling_histogram(x, W, H, compute_loss=False)
+            finally:
+                K._MODE = mode
+
         fns = {
             "pass": lambda: g.add_(x),
             "histogram": lambda: coupling_histogram(x, W, H, compute_loss=False),
+            "into": lambda: coupling_grad_batched([x], [W], [H], out=[g2]),
+            "torch": torch_path,
         }
         predicted = None
         if exact_prev is not None:
@@ -118,23 +137,24 @@ def scaling(args) -> tuple[list[str], dict]:
         if "exact" in times:
             exact_prev = (n, C.median(times["exact"]))
         cells = {}
-        for k in ("histogram", "exact"):
+        for k in ("histogram", "into", "torch", "exact"):
             if k in times:
                 rr = C.ratios(times[k], paired_pass[k])
                 cells[k] = (_fmt_ms(times[k]), f"{C.median(rr):.3g} {C.spread(rr, '{:.3g}')}", C.median(rr))
             else:
                 cells[k] = (f"skipped (predicted {predicted:.0f} s > {args.exact_limit:g} s)", "-", None)
         pair = _fmt_ms(times["pairwise"]) if "pairwise" in times else "-"
-        hr = cells["histogram"][2]
+        hr = min(cells["histogram"][2], cells["into"][2])
         summary[n] = {"hist_ratio": hr, "hist_ms": 1e3 * C.median(times["histogram"]),
-                      "pass_ms": 1e3 * C.median(times["pass"])}
+                      "torch_ratio": cells["torch"][2], "pass_ms": 1e3 * C.median(times["pass"])}
         ok = ("yes" if hr <= TARGET else "NO") if n >= 10**7 else "(n/a)"
         rows.append(
             f"| {n:.0e} | {_fmt_ms(times['pass'])} | {cells['histogram'][0]} | {cells['histogram'][1]} | "
+            f"{cells['into'][1]} | {cells['torch'][1]} | "
             f"{cells['exact'][0]} | {cells['exact'][1]} | {pair} | {ok} |"
         )
         print(rows[-1], flush=True)
-        del x, g, fns
+        del x, g, g2, fns
         C.free_memory()
     return rows, summary
 
@@ -150,6 +170,12 @@ def profile_histogram(args) -> list[str]:
     force = CP._force_prefix(hist, r)
     table = (force * (2.0 * h_t)[:, None]).reshape(-1)
     buf = torch.empty(n)
+    lo, inv = (x.min() - W)[None], ((DEFAULT_N_BINS - 1) / (x.max() - x.min() + 2 * W))[None]
+    arrays = K.as_arrays([x]) if K.numba is not None else None
+    kernels = {
+        "numba kernels: deposit (one read of the weights)": lambda: K.deposit(arrays, lo, inv, DEFAULT_N_BINS),
+        "numba kernels: gather added into a preallocated grad": lambda: K.gather(arrays, lo, inv, table[None], [buf]),
+    } if arrays is not None else {}
     phases = {
         "whole call (coupling_histogram)": lambda: coupling_histogram(x, W, H, compute_loss=False),
         "bounds (aminmax)": lambda: torch.aminmax(x),
@@ -164,6 +190,7 @@ def profile_histogram(args) -> list[str]:
         "  of which 1 index_select into a preallocated one": lambda: torch.index_select(table, 0, idx, out=buf),
         "reference: pass grad.add_(param), preallocated": lambda: buf.add_(x),
         "reference: fresh tensor of N float32, filled": lambda: torch.empty(n).fill_(1.0),
+        **kernels,
     }
     res = C.alternate(phases, rounds=args.profile_rounds, min_seconds=1e-3)
     whole = C.median(res["whole call (coupling_histogram)"])
@@ -171,7 +198,8 @@ def profile_histogram(args) -> list[str]:
         f"### 2. Where the histogram time goes, N = {n:.0e} (one layer, gradient only)",
         "",
         f"Each phase timed alone on the same data, alternately, {args.profile_rounds} rounds. "
-        "The phases are the module's own helpers (`_deposit`, `_force_prefix`, `_interpolate`).",
+        "The phases are the module's own helpers (`_deposit`, `_force_prefix`, `_interpolate`: the torch path), "
+        "then the two fused numba kernels that replace the deposit and the gather on the CPU.",
         "",
         "| phase | median ms [p25, p75] | share of the whole call |",
         "| --- | ---: | ---: |",

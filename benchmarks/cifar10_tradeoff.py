@@ -1,7 +1,7 @@
 """ResNet-20 / CIFAR-10: accuracy vs average bits, soft quantization against HEQ.
 
     python benchmarks/cifar10_tradeoff.py --pretrained benchmarks/checkpoints/resnet20_cifar10_fp.ckpt \\
-        --points 1e-3:0.3 1e-3:0.45 --couple-epochs 1 --refine-epochs 1
+        --points 1e-3:0.3 1e-3:0.45 --codebook-bits 2 --dkm-bits 2 4 --couple-epochs 2 --refine-epochs 1
 
 For each ``h:w`` point, starting from the full-precision checkpoint:
 
@@ -9,6 +9,19 @@ For each ``h:w`` point, starting from the full-precision checkpoint:
 2. snap + BatchNorm recalibration + refinement (``ClusterRefine``) for ``--refine-epochs``;
 3. post-training baselines of the full-precision model at the same per-layer ``K_l``:
    HEQ, optimal 1-D k-means and uniform, each without and with BatchNorm recalibration.
+
+The other training-time methods, same start, same lr and the same number of epochs:
+
+* ``--codebook-bits B``: method B (``LearnedCodebook``, learned representatives,
+  ``K = 2^B`` per layer) for ``--couple-epochs``, then snap to the representatives
+  and refine (``ClusterRefine(clusters_from="codebook")``) for ``--refine-epochs``;
+* ``--dkm-bits B``: coremltools' training-time palettization (DKM,
+  ``coremltools.optimize.torch.palettization.DKMPalettizer``, ``n_bits=B`` on every
+  conv/linear weight) for all ``couple + refine`` epochs, then ``finalize()``.
+  Needs ``pip install coremltools``.
+
+Every row records the median training-step time (forward, backward, optimizer step
+and the method's own work) measured inside its own run.
 
 Resumable: every finished point is appended as one JSON line to
 ``benchmarks/results/cifar10_tradeoff.jsonl`` and skipped on the next run; the
@@ -23,6 +36,7 @@ import argparse
 import datetime
 import json
 import logging
+import math
 import platform
 import sys
 import time
@@ -32,7 +46,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from sq_lightning.callbacks import ClusterRefine, SoftQuantCallback
+from lightning.pytorch import Callback
+
+from sq_lightning.callbacks import ClusterRefine, LearnedCodebook, SoftQuantCallback
 from sq_lightning.data import CIFAR10DataModule
 from sq_lightning.evaluate import accuracy, evaluate_baselines
 from sq_lightning.models import ImageClassifier
@@ -48,6 +64,81 @@ def _trainer(epochs: int, callbacks: list, limit: float | int) -> pl.Trainer:
     )
 
 
+class StepTimer(Callback):
+    """Wall time of every training step (batch start to batch end: forward, backward,
+    the callbacks' gradient work and the optimizer step)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._t = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.times.append(time.perf_counter() - self._t)
+
+    def median_ms(self) -> float:
+        return 1e3 * float(torch.tensor(self.times).median()) if self.times else float("nan")
+
+
+class DKMPalettize(Callback):
+    """coremltools' DKM palettization of ``pl_module.model`` for the whole fit.
+
+    The model is prepared in ``setup`` (before ``configure_optimizers`` builds the
+    optimizer over its parameters), ``DKMPalettizer.step`` runs after every batch and
+    ``finalize`` leaves plain modules with ``2^n_bits`` distinct values per weight.
+    """
+
+    def __init__(self, n_bits: int) -> None:
+        from coremltools.optimize.torch.palettization import DKMPalettizer, DKMPalettizerConfig
+
+        self.n_bits = n_bits
+        self._cls = DKMPalettizer
+        # Every conv/linear weight (threshold 0), clustering from the first step.
+        self._cfg = DKMPalettizerConfig.from_dict(
+            {"global_config": {"n_bits": n_bits, "weight_threshold": 0, "milestone": 0}}
+        )
+        self.palettizer = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and self.palettizer is None:
+            self.palettizer = self._cls(pl_module.model, self._cfg)
+            pl_module.model = self.palettizer.prepare()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.palettizer.step()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        pl_module.model = self.palettizer.finalize(inplace=False)
+
+
+def _row(args, method: str, module, dm, ks: dict, timer: StepTimer, t0: float, **extra) -> dict:
+    """Accuracy, bits, the post-training baselines at the same K_l and the run's facts."""
+    val = dm.val_dataloader()
+    acc = accuracy(module.model, val)
+    fp = ImageClassifier(arch="resnet20", init_from=args.pretrained).model
+    params = dict(fp.named_parameters())
+    rows = evaluate_baselines(fp, ks, val, dm.train_dataloader(), recalibrate_batches=100)
+    # Distinct values per quantized layer of the trained model, counted, not assumed.
+    trained = dict(module.model.named_parameters())
+    distinct = {n: int(trained[n].detach().unique().numel()) for n in ks}
+    if "bits_weighted" not in extra and ks:  # from the counted values (soft quantization passes its own summary)
+        bits = {n: math.log2(k) if k > 1 else 0.0 for n, k in distinct.items()}
+        extra["bits_weighted"] = sum(bits[n] * params[n].numel() for n in ks) / sum(params[n].numel() for n in ks)
+        extra["bits_mean"] = sum(bits.values()) / len(bits)
+    return {
+        "method": method, **extra,
+        "distinct_per_layer": distinct,
+        "acc": acc, "baselines": rows, "couple_epochs": args.couple_epochs, "refine_epochs": args.refine_epochs,
+        "lr": args.lr, "limit_train_batches": args.limit, "seconds": time.time() - t0,
+        "step_ms_median": timer.median_ms(), "threads": torch.get_num_threads(),
+        "date": str(datetime.date.today()), "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
+        "torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "command": args.command,
+    }
+
+
 def run_point(args, h: float, w: float, dm: CIFAR10DataModule) -> dict:
     """Stages 2 and 3 in one fit (epoch windows), then the baselines at the same K_l."""
     t0 = time.time()
@@ -56,49 +147,107 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule) -> dict:
     e2 = args.couple_epochs
     soft = SoftQuantCallback(h=h, w=w, stop_epoch=e2)
     refine = ClusterRefine(snap_epoch=e2, w=w, recalibrate_bn_batches=100)
-    _trainer(e2 + args.refine_epochs, [soft, refine], args.limit).fit(module, datamodule=dm)
-    val = dm.val_dataloader()
-    acc = accuracy(module.model, val)
+    timer = StepTimer()
+    _trainer(e2 + args.refine_epochs, [soft, refine, timer], args.limit).fit(module, datamodule=dm)
     ks = {n.removeprefix("model."): r.k for n, r in refine.snapper.reports.items() if r.snapped}
-    fp = ImageClassifier(arch="resnet20", init_from=args.pretrained).model
-    rows = evaluate_baselines(fp, ks, val, dm.train_dataloader(), recalibrate_batches=100)
     summary = refine.snapper.summary()
-    return {
-        "h": h, "w": w, "bits_weighted": summary["bits_weighted"], "bits_mean": summary["bits_mean"],
-        "k_per_layer": {n: r.k for n, r in refine.snapper.reports.items()},
-        "kept_fp32": [n for n, r in refine.snapper.reports.items() if not r.snapped],
-        "acc": acc, "baselines": rows, "couple_epochs": e2, "refine_epochs": args.refine_epochs,
-        "lr": args.lr, "limit_train_batches": args.limit, "seconds": time.time() - t0,
-        "date": str(datetime.date.today()), "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
-        "torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
-    }
+    return _row(
+        args, "softquant", module, dm, ks, timer, t0, h=h, w=w,
+        bits_weighted=summary["bits_weighted"], bits_mean=summary["bits_mean"],
+        k_per_layer={n: r.k for n, r in refine.snapper.reports.items()},
+        kept_fp32=[n for n, r in refine.snapper.reports.items() if not r.snapped],
+    )
 
 
-def write_reports(lines: list[dict], command: str) -> None:
+def run_codebook(args, bits: int, dm: CIFAR10DataModule) -> dict:
+    """Method B for the coupling epochs, then snap to its representatives and refine."""
+    t0 = time.time()
+    pl.seed_everything(0)
+    module = ImageClassifier(arch="resnet20", lr=args.lr, schedule="constant", init_from=args.pretrained)
+    e2 = args.couple_epochs
+    cb = LearnedCodebook(lam=args.codebook_lam, bits=bits, init="kmeans", stop_epoch=e2)
+    refine = ClusterRefine(
+        snap_epoch=e2, clusters_from="codebook", recalibrate_bn_batches=100, on_unclustered="snap"
+    )  # method B ends by snapping to its representatives, whatever the error
+    timer = StepTimer()
+    _trainer(e2 + args.refine_epochs, [cb, refine, timer], args.limit).fit(module, datamodule=dm)
+    ks = {n.removeprefix("model."): r.k for n, r in refine.snapper.reports.items() if r.snapped}
+    return _row(args, "codebook", module, dm, ks, timer, t0, n_bits=bits, lam=args.codebook_lam,
+                kept_fp32=[n for n, r in refine.snapper.reports.items() if not r.snapped])
+
+
+def run_dkm(args, bits: int, dm: CIFAR10DataModule) -> dict:
+    """coremltools DKM palettization for all the epochs, then finalize."""
+    t0 = time.time()
+    pl.seed_everything(0)
+    module = ImageClassifier(arch="resnet20", lr=args.lr, schedule="constant", init_from=args.pretrained)
+    dkm = DKMPalettize(bits)
+    timer = StepTimer()
+    _trainer(args.couple_epochs + args.refine_epochs, [dkm, timer], args.limit).fit(module, datamodule=dm)
+    ks = {n: 2**bits for n, p in module.model.named_parameters() if p.dim() > 1}
+    return _row(args, "dkm", module, dm, ks, timer, t0, n_bits=bits, kept_fp32=[])
+
+
+def _method(r: dict) -> str:
+    return r.get("method", "softquant")
+
+
+def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
+    """``cifar10_tradeoff.md`` and ``.png`` in ``directory`` from all result lines."""
     if not lines:
         return
     fp = next(r["acc"] for r in lines[0]["baselines"] if r["method"] == "full precision")
+    cell = lambda b, m, key: f"{b[m][key]:.4f}" if b.get(m) and b[m].get(key) is not None else "-"  # noqa: E731
+    step = lambda r: f"{r['step_ms_median']:.0f}" if r.get("step_ms_median") else "-"  # noqa: E731
     out = [
         "# ResNet-20 / CIFAR-10: soft quantization vs post-training baselines at the same K_l",
         "",
-        f"Command: `{command}`",
         f"Full-precision accuracy of the starting checkpoint: {fp:.4f}. Data: offline CIFAR-10 JPEG copy (slightly below the",
-        "original binary release). Baselines quantize the full-precision model post-training at the per-layer K_l that soft",
-        "quantization found; 'BN' columns re-estimate BatchNorm statistics on 100 training batches.",
+        "original binary release). Baselines quantize the full-precision model post-training at the per-layer K_l that the",
+        "training-time method found; 'BN' columns re-estimate BatchNorm statistics on 100 training batches. 'step' is the",
+        "median training-step time (batch 128, forward + backward + the method's work + SGD step) inside that run; runs on",
+        "this 2-core machine used 1 torch thread each and two of them could share the machine, so compare step times",
+        "within one table row or between rows of the same date loosely. The command of every row is listed below the tables.",
         "",
-        "| h | w | bits (weighted) | bits (mean) | layers kept fp32 | soft quant + refine | degradation | HEQ | HEQ+BN | k-means | k-means+BN | uniform | uniform+BN | epochs (couple/refine) | date, device |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "## Soft quantization + refinement (SoftQuantCallback, ClusterRefine)",
+        "",
+        "| h | w | bits (weighted) | bits (mean) | layers kept fp32 | soft quant + refine | degradation | HEQ | HEQ+BN | k-means | k-means+BN | uniform | uniform+BN | step ms | epochs (couple/refine) | date, device |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in sorted(lines, key=lambda r: (r["w"], r["h"])):
+    soft = sorted((r for r in lines if _method(r) == "softquant"), key=lambda r: (r["w"], r["h"], r["couple_epochs"]))
+    for r in soft:
         b = {x["method"].split(" ")[0]: x for x in r["baselines"]}
-        cell = lambda m, key: f"{b[m][key]:.4f}" if b.get(m) and b[m].get(key) is not None else "-"  # noqa: E731
         out.append(
             f"| {r['h']:g} | {r['w']:g} | {r['bits_weighted']:.2f} | {r['bits_mean']:.2f} | {len(r['kept_fp32'])} | "
-            f"{r['acc']:.4f} | {fp - r['acc']:+.4f} | {cell('heq', 'acc')} | {cell('heq', 'acc_bn')} | "
-            f"{cell('kmeans', 'acc')} | {cell('kmeans', 'acc_bn')} | {cell('uniform', 'acc')} | {cell('uniform', 'acc_bn')} | "
+            f"{r['acc']:.4f} | {fp - r['acc']:+.4f} | {cell(b, 'heq', 'acc')} | {cell(b, 'heq', 'acc_bn')} | "
+            f"{cell(b, 'kmeans', 'acc')} | {cell(b, 'kmeans', 'acc_bn')} | {cell(b, 'uniform', 'acc')} | "
+            f"{cell(b, 'uniform', 'acc_bn')} | {step(r)} | "
             f"{r['couple_epochs']}/{r['refine_epochs']} | {r['date']}, {r['device']} |"
         )
-    (RESULTS / "cifar10_tradeoff.md").write_text("\n".join(out) + "\n")
+    others = sorted((r for r in lines if _method(r) != "softquant"), key=lambda r: (_method(r), r["n_bits"]))
+    if others:
+        names = {"codebook": "method B (LearnedCodebook) + refine", "dkm": "coremltools DKM palettization"}
+        out += [
+            "",
+            "## Other training-time methods, same start, lr and epochs",
+            "",
+            "Method B: regularized for the 'couple' epochs, then snapped to its learned representatives and refined. "
+            "DKM: palettized for all the epochs (couple + refine), then finalized. Bits are counted from the distinct "
+            "values of the trained model.",
+            "",
+            "| method | n_bits | bits (weighted) | accuracy | degradation | HEQ+BN | k-means+BN | step ms | epochs | date, device |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in others:
+            b = {x["method"].split(" ")[0]: x for x in r["baselines"]}
+            out.append(
+                f"| {names.get(_method(r), _method(r))} | {r['n_bits']} | {r['bits_weighted']:.2f} | {r['acc']:.4f} | "
+                f"{fp - r['acc']:+.4f} | {cell(b, 'heq', 'acc_bn')} | {cell(b, 'kmeans', 'acc_bn')} | {step(r)} | "
+                f"{r['couple_epochs']}/{r['refine_epochs']} | {r['date']}, {r['device']} |"
+            )
+    cmds = sorted({r.get("command", LEGACY_COMMAND) for r in lines})
+    out += ["", "## Commands", "", *[f"- `{c}`" for c in cmds]]
+    (directory / "cifar10_tradeoff.md").write_text("\n".join(out) + "\n")
     try:
         import matplotlib
 
@@ -106,26 +255,40 @@ def write_reports(lines: list[dict], command: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover - matplotlib is in the dev extra
         return
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    pts = sorted(lines, key=lambda r: r["bits_weighted"])
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=100)
+    pts = sorted(soft, key=lambda r: r["bits_weighted"])
     x = [r["bits_weighted"] for r in pts]
-    ax.plot(x, [r["acc"] for r in pts], "o-", label="soft quantization + refine")
-    for method, marker in (("heq", "s"), ("kmeans", "^"), ("uniform", "v")):
+    ax.plot(x, [r["acc"] for r in pts], "o", color="C0", label="soft quantization + refine")
+    for i, (method, marker) in enumerate((("heq", "s"), ("kmeans", "^"), ("uniform", "v"))):
         ys = [next(b["acc_bn"] for b in r["baselines"] if b["method"].startswith(method)) for r in pts]
-        ax.plot(x, ys, marker + "--", label=f"{method} post-training (+BN recal.)")
+        ax.plot(x, ys, marker, color=f"C{i + 1}", mfc="none", label=f"{method} post-training (+BN recal.) at the same K_l")
+    for method, marker, color, label in (("codebook", "D", "C4", "method B + refine"), ("dkm", "P", "C5", "coremltools DKM")):
+        rs = sorted((r for r in others if _method(r) == method), key=lambda r: r["bits_weighted"])
+        if rs:
+            ax.plot([r["bits_weighted"] for r in rs], [r["acc"] for r in rs], marker, color=color, ms=8, label=label)
     ax.axhline(fp, color="gray", lw=0.8, label="full precision")
     ax.set_xlabel("average bits per weight (parameter-weighted)")
     ax.set_ylabel("CIFAR-10 test accuracy")
     ax.set_title("ResNet-20: accuracy vs bits")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6.5, loc="lower right")
     fig.tight_layout()
-    fig.savefig(RESULTS / "cifar10_tradeoff.png")
+    fig.savefig(directory / "cifar10_tradeoff.png")
+
+
+# Rows written before commands were recorded per row all came from this script at 1/1 epochs.
+LEGACY_COMMAND = (
+    "python benchmarks/cifar10_tradeoff.py --pretrained benchmarks/checkpoints/resnet20_cifar10_fp.ckpt "
+    "--points 1e-3:0.3 1e-3:0.45 3e-3:0.3 --couple-epochs 1 --refine-epochs 1"
+)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pretrained", required=True, help="full-precision ImageClassifier checkpoint")
-    ap.add_argument("--points", nargs="+", default=["1e-3:0.3", "1e-3:0.45"], help="h:w pairs")
+    ap.add_argument("--points", nargs="*", default=[], help="soft quantization h:w pairs")
+    ap.add_argument("--codebook-bits", type=int, nargs="*", default=[], help="method B runs at these bits")
+    ap.add_argument("--codebook-lam", type=float, default=30.0, help="method B strength")
+    ap.add_argument("--dkm-bits", type=int, nargs="*", default=[], help="coremltools DKM runs at these bits")
     ap.add_argument("--couple-epochs", type=int, default=1)
     ap.add_argument("--refine-epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=0.01, help="SGD lr, constant over coupling and refinement")
@@ -133,26 +296,45 @@ def main() -> None:
     ap.add_argument("--archive", default=None)
     ap.add_argument("--download", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "cifar10_tradeoff.jsonl"))
+    ap.add_argument("--report-only", action="store_true", help="rebuild the table and plot from --out, train nothing")
     args = ap.parse_args()
     if args.limit >= 1:
         args.limit = 1.0 if args.limit == 1 else int(args.limit)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    command = "python " + " ".join(sys.argv)
+    args.command = "python " + " ".join(sys.argv)
     out = Path(args.out)
-    done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    read = lambda: [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []  # noqa: E731
+    if args.report_only:
+        write_reports(read(), out.parent)
+        return
     dm = CIFAR10DataModule(archive=args.archive, download=args.download, batch_size=128)
-    for point in args.points:
-        h, w = (float(v) for v in point.split(":"))
-        if any(r["h"] == h and r["w"] == w and r["couple_epochs"] == args.couple_epochs for r in done):
-            print(f"skip h={h:g} w={w:g}: already in {out}")
+    jobs = [("softquant", p) for p in args.points] + [("codebook", b) for b in args.codebook_bits]
+    jobs += [("dkm", b) for b in args.dkm_bits]
+    for method, spec in jobs:
+        done = read()  # re-read: another process may share the results file
+
+        def same(r: dict) -> bool:
+            if _method(r) != method or r["couple_epochs"] != args.couple_epochs or r["refine_epochs"] != args.refine_epochs:
+                return False
+            if method == "softquant":
+                return (r["h"], r["w"]) == tuple(float(v) for v in spec.split(":"))
+            return r["n_bits"] == spec
+
+        if any(same(r) for r in done):
+            print(f"skip {method} {spec}: already in {out}")
             continue
-        row = run_point(args, h, w, dm)
-        done.append(row)
+        if method == "softquant":
+            h, w = (float(v) for v in spec.split(":"))
+            row = run_point(args, h, w, dm)
+        elif method == "codebook":
+            row = run_codebook(args, spec, dm)
+        else:
+            row = run_dkm(args, spec, dm)
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        print(json.dumps({k: row[k] for k in ("h", "w", "bits_weighted", "acc")}), flush=True)
-        write_reports(done, command)
+        print(json.dumps({k: row.get(k) for k in ("method", "h", "w", "n_bits", "bits_weighted", "acc", "step_ms_median")}), flush=True)
+        write_reports(read(), out.parent)
 
 
 if __name__ == "__main__":

@@ -146,9 +146,13 @@ class WeightCoupler:
 
     # -- the step -----------------------------------------------------------------
     def gradients(
-        self, params: dict[str, Tensor], compute_loss: bool = False
+        self, params: dict[str, Tensor], compute_loss: bool = False, out: Optional[dict[str, Tensor]] = None
     ) -> tuple[Optional[dict[str, Tensor]], dict[str, Tensor]]:
-        """Coupling gradient (float32) and, on request, loss per layer for ``params``."""
+        """Coupling gradient (float32) and, on request, loss per layer for ``params``.
+
+        With ``out`` (name -> tensor of the layer's shape, e.g. its ``.grad``), the
+        gradient is added into those tensors in place and they are returned.
+        """
         names = [n for n in params if n in self.sigma]
         if self.backend == "exact":
             exact_names, hist_names = names, []
@@ -173,10 +177,16 @@ class WeightCoupler:
                     n_bins=self.n_bins,
                     compute_loss=compute_loss,
                     per_layer_loss=True,
+                    out=None if out is None else [out[n] for n in hist_names],
                 )
                 grads.update(zip(hist_names, hist_grads))
                 if compute_loss:
                     losses.update(zip(hist_names, loss_vec.unbind()))
+            if out is not None:
+                # Exact layers are added last: every layer was checked (finite weights)
+                # before anything is written, so a failure leaves ``out`` untouched.
+                for n in exact_names:
+                    grads[n] = out[n].add_(grads[n].to(out[n].dtype))
         except ValueError as err:
             bad = [n for n in names if not bool(torch.isfinite(params[n].detach()).all())]
             if bad:
@@ -212,8 +222,7 @@ class WeightCoupler:
         sharded = {n: p for n, p in params.items() if _is_dtensor(p)}
         losses: dict[str, Tensor] = {}
         if dense:
-            dense_losses, grads = self.gradients(dict(dense), compute_loss=compute_loss)
-            torch._foreach_add_([p.grad for p in dense.values()], [grads[n].to(p.grad.dtype) for n, p in dense.items()])
+            dense_losses, _ = self.gradients(dict(dense), compute_loss=compute_loss, out={n: p.grad for n, p in dense.items()})
             losses.update(dense_losses or {})
         if sharded:
             losses.update(self._add_sharded(sharded, compute_loss))
