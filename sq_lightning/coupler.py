@@ -81,6 +81,12 @@ class WeightCoupler:
             ``"exact"`` (sort-based, exact counts), or ``"auto"`` (exact for layers
             under ``AUTO_EXACT_BELOW`` weights, histogram for the rest).
         selector: which parameters are coupled (default: Conv/Linear weights).
+        target_step: if set, ``h`` and ``alpha`` are replaced by per-layer strengths
+            calibrated once (:meth:`calibrate`) so that the coupling alone moves a
+            typical weight of every layer by the same fraction of its well per step:
+            ``S_l = lr_eff · RMS(∂L_C/∂θ_l) / w_l = target_step`` with ``lr_eff =
+            lr / (1 - momentum)`` of SGD. ``S_l`` near 0.3-0.5 in the largest layer
+            marks the onset of chaotic training (DESIGN.md section 8).
 
     Example::
 
@@ -100,12 +106,23 @@ class WeightCoupler:
         n_bins: int = DEFAULT_N_BINS,
         backend: BackendName = "auto",
         selector: Optional[LayerSelector] = None,
+        target_step: Optional[float] = None,
     ) -> None:
         check_coupling_args(h, w, alpha, n_bins, backend)
+        if target_step is not None and (
+            isinstance(target_step, bool) or not isinstance(target_step, (int, float))
+            or not math.isfinite(target_step) or target_step <= 0
+        ):
+            raise ValueError(
+                f"`target_step` must be a finite number > 0 or None, got {target_step!r}. "
+                "It is the coupling step per optimizer step in units of w_l; try 0.02-0.2."
+            )
         self.h, self.w, self.alpha, self.n_bins, self.backend = float(h), float(w), float(alpha), n_bins, backend
+        self.target_step = None if target_step is None else float(target_step)
         self.selector = selector or LayerSelector()
         self.sigma: dict[str, float] = {}
         self.numel: dict[str, int] = {}
+        self.h_calibrated: dict[str, float] = {}
 
     # -- set-up ------------------------------------------------------------------
     @property
@@ -135,7 +152,54 @@ class WeightCoupler:
         return self.w * self.sigma[name]
 
     def h_l(self, name: str) -> float:
+        if name in self.h_calibrated:
+            return self.h_calibrated[name]
         return layer_strength(self.h, self.numel[name], self.alpha)
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.h_calibrated)
+
+    @torch.no_grad()
+    def calibrate(self, model: nn.Module, lr_eff: float) -> dict[str, float]:
+        """Sets every ``h_l`` from ``target_step`` on the current weights (once).
+
+        ``h_l = target_step · w_l / (lr_eff · RMS(g_l))`` with ``g_l`` the coupling
+        gradient of layer ``l`` at unit strength, so that ``lr_eff · RMS(h_l g_l) / w_l
+        = target_step``. A layer with no pair of weights within ``w_l`` (``g_l = 0``)
+        keeps ``h · N_l^(-alpha)``.
+
+        Args:
+            model: the model (its selected layers are prepared first if needed).
+            lr_eff: the optimizer's effective step size, ``lr / (1 - momentum)`` for SGD.
+        """
+        if self.target_step is None:
+            raise ValueError("`calibrate` needs `target_step`: construct the coupler with target_step=...")
+        if not (isinstance(lr_eff, (int, float)) and math.isfinite(lr_eff) and lr_eff > 0):
+            raise ValueError(f"`lr_eff` must be a finite number > 0, got {lr_eff!r}.")
+        if self.calibrated:
+            return self.h_calibrated
+        self.prepare(model)
+        params = {}
+        for name, p in model.named_parameters():
+            if name in self.sigma:
+                params[name] = p.full_tensor() if _is_dtensor(p) else p
+        unit = {n: 1.0 for n in params}
+        self.h_calibrated = unit  # h_l = 1 while measuring
+        try:
+            _, grads = self.gradients(params)
+        finally:
+            self.h_calibrated = {}
+        result = {}
+        for name, g in grads.items():
+            rms = float(g.double().pow(2).mean().sqrt())
+            if rms > 0 and math.isfinite(rms):
+                result[name] = self.target_step * self.w_l(name) / (lr_eff * rms)
+            else:
+                log.warning("target_step: %s has no pair of weights within w_l; it keeps h·N_l^-alpha.", name)
+                result[name] = layer_strength(self.h, self.numel[name], self.alpha)
+        self.h_calibrated = result
+        return result
 
     def layer_table(self) -> list[dict[str, float]]:
         """One row per coupled layer: name, N_l, σ_l, w_l, h_l."""
@@ -250,8 +314,9 @@ class WeightCoupler:
 
     # -- persistence --------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"sigma": dict(self.sigma), "numel": dict(self.numel)}
+        return {"sigma": dict(self.sigma), "numel": dict(self.numel), "h_calibrated": dict(self.h_calibrated)}
 
     def load_state_dict(self, state: dict) -> None:
         self.sigma = {k: float(v) for k, v in state.get("sigma", {}).items()}
         self.numel = {k: int(v) for k, v in state.get("numel", {}).items()}
+        self.h_calibrated = {k: float(v) for k, v in state.get("h_calibrated", {}).items()}

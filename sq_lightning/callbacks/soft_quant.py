@@ -34,6 +34,22 @@ def _check_window(start_epoch, stop_epoch, start_step, stop_step) -> None:
         raise ValueError(f"`stop_step` ({stop_step}) must be > `start_step` ({start_step}): the window would be empty.")
 
 
+def _effective_lr(optimizer) -> float:
+    """``lr / (1 - momentum)`` of an SGD optimizer (first parameter group)."""
+    opt = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+    if not isinstance(opt, torch.optim.SGD):
+        raise ValueError(
+            f"`target_step` calibrates h from the SGD step lr/(1-momentum), but the optimizer is "
+            f"{type(opt).__name__}, which adapts its step per weight. Set `h` (and `alpha`) instead of "
+            "`target_step` with this optimizer."
+        )
+    group = opt.param_groups[0]
+    momentum = float(group.get("momentum", 0.0) or 0.0)
+    dampening = float(group.get("dampening", 0.0) or 0.0)
+    # Steady-state step of heavy-ball momentum: lr (1 - dampening) / (1 - momentum).
+    return float(group["lr"]) * (1.0 - dampening if momentum else 1.0) / (1.0 - momentum)
+
+
 class SoftQuantCallback(Callback):
     r"""Makes the weights of each selected layer cluster during training.
 
@@ -82,6 +98,12 @@ class SoftQuantCallback(Callback):
         histogram_every_n_epochs: TensorBoard weight histograms ``sq/weights/<layer>``
             every this many epochs while coupling (0 disables), to watch the
             distributions collapse into spikes.
+        target_step: instead of ``h`` and ``alpha``, calibrate each ``h_l`` at the first
+            coupled step so that ``S_l = lr/(1-momentum) · RMS(coupling grad_l) / w_l``
+            equals this value in every layer (SGD only; the calibrated ``h_l`` are logged,
+            saved and restored). ``S_l`` is how far, in units of ``w_l``, the coupling
+            alone moves a typical weight per step: it carries over across learning rates
+            and layer sizes where a raw ``h`` does not (DESIGN.md section 8).
 
     Raises:
         ValueError: a bad argument (in ``__init__``) or a selection that matches no
@@ -111,6 +133,7 @@ class SoftQuantCallback(Callback):
         log_every_n_steps: int = 50,
         log_per_layer: bool = False,
         histogram_every_n_epochs: int = 1,
+        target_step: Optional[float] = None,
     ) -> None:
         super().__init__()
         check_coupling_args(h, w, alpha, n_bins, backend)
@@ -118,7 +141,9 @@ class SoftQuantCallback(Callback):
         if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
             raise ValueError(f"`log_every_n_steps` must be an int >= 1, got {log_every_n_steps!r}.")
         self.selector = LayerSelector(module_types, include, exclude, min_size)
-        self.coupler = WeightCoupler(h=h, w=w, alpha=alpha, n_bins=n_bins, backend=backend, selector=self.selector)
+        self.coupler = WeightCoupler(
+            h=h, w=w, alpha=alpha, n_bins=n_bins, backend=backend, selector=self.selector, target_step=target_step
+        )
         self.start_epoch, self.stop_epoch = start_epoch, stop_epoch
         self.start_step, self.stop_step = start_step, stop_step
         self.log_every_n_steps = log_every_n_steps
@@ -159,8 +184,10 @@ class SoftQuantCallback(Callback):
         return self.stop_step is None or step < self.stop_step
 
     def _run_coupling(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        if not self.coupler.prepared:
+        if not self.coupler.prepared or (self.coupler.target_step is not None and not self.coupler.calibrated):
             self.coupler.prepare(pl_module)
+            if self.coupler.target_step is not None:
+                self.coupler.calibrate(pl_module, _effective_lr(optimizer))
             rank_zero_info(self._describe())
         want_loss = trainer.global_step % self.log_every_n_steps == 0
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -181,7 +208,12 @@ class SoftQuantCallback(Callback):
 
     def _describe(self) -> str:
         rows = self.coupler.layer_table()
-        lines = [f"SoftQuantCallback: coupling {len(rows)} layers (h={self.coupler.h:g}, w={self.coupler.w:g}, alpha={self.coupler.alpha:g})"]
+        how = (
+            f"h_l calibrated for target_step={self.coupler.target_step:g}"
+            if self.coupler.calibrated
+            else f"h={self.coupler.h:g}, alpha={self.coupler.alpha:g}"
+        )
+        lines = [f"SoftQuantCallback: coupling {len(rows)} layers ({how}, w={self.coupler.w:g})"]
         lines += [f"  {r['name']:<40} N={r['numel']:>8}  sigma={r['sigma']:.4g}  w_l={r['w_l']:.4g}  h_l={r['h_l']:.4g}" for r in rows]
         return "\n".join(lines)
 
