@@ -131,7 +131,7 @@ def _row(args, method: str, module, dm, ks: dict, timer: StepTimer, t0: float, *
         "method": method, **extra,
         "distinct_per_layer": distinct,
         "acc": acc, "baselines": rows, "couple_epochs": args.couple_epochs, "refine_epochs": args.refine_epochs,
-        "lr": args.lr, "limit_train_batches": args.limit, "seconds": time.time() - t0,
+        "lr": args.lr, "schedule": args.schedule, "limit_train_batches": args.limit, "seconds": time.time() - t0,
         "step_ms_median": timer.median_ms(), "threads": torch.get_num_threads(),
         "date": str(datetime.date.today()), "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
         "torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -143,7 +143,7 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule) -> dict:
     """Stages 2 and 3 in one fit (epoch windows), then the baselines at the same K_l."""
     t0 = time.time()
     pl.seed_everything(0)
-    module = ImageClassifier(arch="resnet20", lr=args.lr, schedule="constant", init_from=args.pretrained)
+    module = ImageClassifier(arch="resnet20", lr=args.lr, schedule=args.schedule, init_from=args.pretrained)
     e2 = args.couple_epochs
     soft = SoftQuantCallback(h=h, w=w, stop_epoch=e2)
     refine = ClusterRefine(snap_epoch=e2, w=w, recalibrate_bn_batches=100)
@@ -163,7 +163,7 @@ def run_codebook(args, bits: int, dm: CIFAR10DataModule) -> dict:
     """Method B for the coupling epochs, then snap to its representatives and refine."""
     t0 = time.time()
     pl.seed_everything(0)
-    module = ImageClassifier(arch="resnet20", lr=args.lr, schedule="constant", init_from=args.pretrained)
+    module = ImageClassifier(arch="resnet20", lr=args.lr, schedule=args.schedule, init_from=args.pretrained)
     e2 = args.couple_epochs
     cb = LearnedCodebook(lam=args.codebook_lam, bits=bits, init="kmeans", stop_epoch=e2)
     refine = ClusterRefine(
@@ -180,7 +180,7 @@ def run_dkm(args, bits: int, dm: CIFAR10DataModule) -> dict:
     """coremltools DKM palettization for all the epochs, then finalize."""
     t0 = time.time()
     pl.seed_everything(0)
-    module = ImageClassifier(arch="resnet20", lr=args.lr, schedule="constant", init_from=args.pretrained)
+    module = ImageClassifier(arch="resnet20", lr=args.lr, schedule=args.schedule, init_from=args.pretrained)
     dkm = DKMPalettize(bits)
     timer = StepTimer()
     _trainer(args.couple_epochs + args.refine_epochs, [dkm, timer], args.limit).fit(module, datamodule=dm)
@@ -199,6 +199,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
     fp = next(r["acc"] for r in lines[0]["baselines"] if r["method"] == "full precision")
     cell = lambda b, m, key: f"{b[m][key]:.4f}" if b.get(m) and b[m].get(key) is not None else "-"  # noqa: E731
     step = lambda r: f"{r['step_ms_median']:.0f}" if r.get("step_ms_median") else "-"  # noqa: E731
+    sched = lambda r: ", cosine lr" if r.get("schedule") == "cosine" else ""  # noqa: E731
     out = [
         "# ResNet-20 / CIFAR-10: soft quantization vs post-training baselines at the same K_l",
         "",
@@ -222,7 +223,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
             f"{r['acc']:.4f} | {fp - r['acc']:+.4f} | {cell(b, 'heq', 'acc')} | {cell(b, 'heq', 'acc_bn')} | "
             f"{cell(b, 'kmeans', 'acc')} | {cell(b, 'kmeans', 'acc_bn')} | {cell(b, 'uniform', 'acc')} | "
             f"{cell(b, 'uniform', 'acc_bn')} | {step(r)} | "
-            f"{r['couple_epochs']}/{r['refine_epochs']} | {r['date']}, {r['device']} |"
+            f"{r['couple_epochs']}/{r['refine_epochs']}{sched(r)} | {r['date']}, {r['device']} |"
         )
     others = sorted((r for r in lines if _method(r) != "softquant"), key=lambda r: (_method(r), r["n_bits"]))
     if others:
@@ -243,7 +244,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
             out.append(
                 f"| {names.get(_method(r), _method(r))} | {r['n_bits']} | {r['bits_weighted']:.2f} | {r['acc']:.4f} | "
                 f"{fp - r['acc']:+.4f} | {cell(b, 'heq', 'acc_bn')} | {cell(b, 'kmeans', 'acc_bn')} | {step(r)} | "
-                f"{r['couple_epochs']}/{r['refine_epochs']} | {r['date']}, {r['device']} |"
+                f"{r['couple_epochs']}/{r['refine_epochs']}{sched(r)} | {r['date']}, {r['device']} |"
             )
     cmds = sorted({r.get("command", LEGACY_COMMAND) for r in lines})
     out += ["", "## Commands", "", *[f"- `{c}`" for c in cmds]]
@@ -291,7 +292,9 @@ def main() -> None:
     ap.add_argument("--dkm-bits", type=int, nargs="*", default=[], help="coremltools DKM runs at these bits")
     ap.add_argument("--couple-epochs", type=int, default=1)
     ap.add_argument("--refine-epochs", type=int, default=1)
-    ap.add_argument("--lr", type=float, default=0.01, help="SGD lr, constant over coupling and refinement")
+    ap.add_argument("--lr", type=float, default=0.01, help="SGD lr over coupling and refinement")
+    ap.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                    help="lr schedule over all the epochs of a run (cosine: decays to 0 at the end)")
     ap.add_argument("--limit", type=float, default=1.0, help="limit_train_batches (for a smoke run)")
     ap.add_argument("--archive", default=None)
     ap.add_argument("--download", action="store_true")
@@ -315,7 +318,8 @@ def main() -> None:
         done = read()  # re-read: another process may share the results file
 
         def same(r: dict) -> bool:
-            if _method(r) != method or r["couple_epochs"] != args.couple_epochs or r["refine_epochs"] != args.refine_epochs:
+            if (_method(r) != method or r["couple_epochs"] != args.couple_epochs
+                    or r["refine_epochs"] != args.refine_epochs or r.get("schedule", "constant") != args.schedule):
                 return False
             if method == "softquant":
                 return (r["h"], r["w"]) == tuple(float(v) for v in spec.split(":"))
