@@ -128,6 +128,80 @@ def plain_loop(args) -> tuple[list[str], dict]:
     return rows, summary
 
 
+def peer_loop(args) -> list[str]:
+    """Step time of each training-time method on its own copy of ResNet-20, alternately.
+
+    Arms: plain SGD step; the same + soft quantization (``WeightCoupler``, auto);
+    the same + method B (``LearnedCodebook``, 2 bits); coremltools' DKM palettization
+    (``DKMPalettizer`` prepared model + ``palettizer.step()``) at each ``--dkm-bits``.
+    """
+    from coremltools.optimize.torch.palettization import DKMPalettizer, DKMPalettizerConfig
+
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    base = resnet20()
+    x = torch.randn(args.batch, 3, 32, 32)
+    y = torch.randint(0, 10, (args.batch,))
+    arms: dict[str, dict] = {}
+
+    def add(name: str, model, extra=None, after=None) -> None:
+        arms[name] = {"model": model, "opt": torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
+                      "extra": extra, "after": after}
+
+    import copy
+
+    add("plain SGD step", copy.deepcopy(base))
+    m = copy.deepcopy(base)
+    cpl = WeightCoupler(h=H, w=W)
+    cpl.prepare(m)
+    add("+ soft quantization (auto)", m, extra=lambda mm: cpl.add_gradients(mm))
+    m = copy.deepcopy(base)
+    cb = _CodebookArm(m)
+    cb.prepare(m)
+    add("+ method B (2 bits)", m, extra=lambda mm: cb.add_gradients(mm))
+    for bits in args.dkm_bits:
+        cfg = DKMPalettizerConfig.from_dict({"global_config": {"n_bits": bits, "weight_threshold": 0, "milestone": 0}})
+        pal = DKMPalettizer(copy.deepcopy(base), cfg)
+        add(f"coremltools DKM ({bits} bits)", pal.prepare(), after=pal.step)
+
+    def step(name: str) -> float:
+        a = arms[name]
+        start = time.perf_counter()
+        a["opt"].zero_grad(set_to_none=True)
+        F.cross_entropy(a["model"](x), y).backward()
+        if a["extra"] is not None:
+            a["extra"](a["model"])
+        a["opt"].step()
+        if a["after"] is not None:
+            a["after"]()
+        return time.perf_counter() - start
+
+    names = list(arms)
+    for _ in range(args.warmup):
+        for n in names:
+            step(n)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.peer_rounds):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            times[n].append(step(n))
+        print(f"\rpeer round {r + 1}/{args.peer_rounds}", end="", flush=True)
+    print()
+    base_t = times[names[0]]
+    rows = [
+        f"Training-time methods side by side: ResNet-20, batch {args.batch}, each arm on its own copy of the model "
+        f"with its own SGD (lr 0.01, momentum 0.9), {args.peer_rounds} rounds in rotated order after "
+        f"{args.warmup} warm-up round(s). DKM: every conv/linear weight, clustering from the first step.",
+        "",
+        "| arm | step (ms) [p25, p75] | / plain step, per round [p25, p75] |",
+        "| --- | ---: | ---: |",
+    ]
+    for n in names:
+        rr = C.ratios(times[n], base_t)
+        rows.append(f"| {n} | {1e3 * C.median(times[n]):.1f} {C.spread([1e3 * t for t in times[n]], '{:.1f}')} | "
+                    f"{C.median(rr):.3f} {C.spread(rr, '{:.3f}')} |")
+    return rows
+
+
 def trainer_variant(args) -> list[str]:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback
@@ -208,13 +282,23 @@ def main() -> None:
     parser.add_argument("--trainer-steps", type=int, default=10, help="batches per Trainer fit")
     parser.add_argument("--trainer-skip", type=int, default=2, help="batches dropped at the start of each fit")
     parser.add_argument("--trainer-backend", default="auto", choices=["auto", "histogram", "exact"])
+    parser.add_argument("--peer-rounds", type=int, default=0,
+                        help="rounds of the side-by-side with method B and coremltools DKM (0: skip; needs coremltools)")
+    parser.add_argument("--dkm-bits", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--skip-plain", action="store_true", help="skip the plain-loop backend comparison")
     parser.add_argument("--no-save", action="store_true", help=f"print only, do not append to {RESULTS.name}")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_start = C.uptime()
 
-    rows, summary = plain_loop(args)
-    print("\n".join(rows))
+    rows: list[str] = []
+    if not args.skip_plain:
+        rows, summary = plain_loop(args)
+        print("\n".join(rows))
+    if args.peer_rounds > 0:
+        peer = peer_loop(args)
+        print("\n".join(peer))
+        rows += ["", *peer]
     if args.trainer_fits > 0:
         rows += ["", *trainer_variant(args)]
         print("\n".join(rows[-8:]))
