@@ -49,29 +49,29 @@ MIN_CHUNK = 1 << 18
 
 if numba is not None:
 
+    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=True, inline="always")
+    def _position(x, lo, inv, top):  # pragma: no cover - compiled
+        """Lower grid point (clamped to [0, top]) and the fraction above it, float32."""
+        t = (np.float32(x) - lo) * inv
+        j = np.int64(t)
+        if j > top:
+            j = top
+        if j < 0:
+            j = 0
+        return j, t - np.float32(j)
+
     @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=True)
     def _deposit_kernel(theta, lo, inv, top, hist):  # pragma: no cover - compiled
         for i in range(theta.size):
-            t = (np.float32(theta[i]) - lo) * inv
-            j = np.int64(t)
-            if j > top:
-                j = top
-            if j < 0:
-                j = 0
-            f = np.float64(t - np.float32(j))
-            hist[j] += 1.0 - f
-            hist[j + 1] += f
+            j, f = _position(theta[i], lo, inv, top)
+            f64 = np.float64(f)
+            hist[j] += 1.0 - f64
+            hist[j + 1] += f64
 
     @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=True)
     def _gather_kernel(theta, lo, inv, top, table, out):  # pragma: no cover - compiled
         for i in range(theta.size):
-            t = (np.float32(theta[i]) - lo) * inv
-            j = np.int64(t)
-            if j > top:
-                j = top
-            if j < 0:
-                j = 0
-            f = t - np.float32(j)
+            j, f = _position(theta[i], lo, inv, top)
             a = table[j]
             out[i] += a + f * (table[j + 1] - a)
 

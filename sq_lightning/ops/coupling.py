@@ -275,6 +275,33 @@ def _layer_bounds(flat: Tensor, sizes: tuple[int, ...], n_bins: int) -> tuple[Te
     return mins, maxs
 
 
+def _added_into(out: Optional[list[Tensor]], grads: list[Tensor]) -> list[Tensor]:
+    """``grads`` added into ``out`` in place (returns ``out``), or ``grads`` when there is no ``out``."""
+    if out is None:
+        return grads
+    for o, g in zip(out, grads):
+        o.add_(g)
+    return out
+
+
+def _check_bounds(mins: Tensor, maxs: Tensor) -> None:
+    """Non-finite per-layer extremes mean NaN or inf weights: a clear error naming the layers."""
+    if not bool(torch.isfinite(mins).all() and torch.isfinite(maxs).all()):
+        bad = [i for i in range(mins.numel()) if not (math.isfinite(mins[i].item()) and math.isfinite(maxs[i].item()))]
+        raise ValueError(
+            f"layer(s) {bad} hold non-finite weights (NaN or inf): the coupling force is undefined. "
+            "Fix the divergence first (lower the learning rate or `h`)."
+        )
+
+
+def _force(hist: Tensor, r: Tensor, conv: Conv) -> Tensor:
+    """Force field of every histogram row at unit strength (prefix sums or FFT)."""
+    if conv == "prefix":
+        return _force_prefix(hist, r)
+    half = int(torch.ceil(r.max()).item()) + 1
+    return _conv_fft(hist, _grid_kernel(r, half, well=False))
+
+
 def _deposit(
     flat: Tensor, sizes: tuple[int, ...], w: Tensor, n_bins: int, bounds: Optional[tuple[Tensor, Tensor]] = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -291,12 +318,7 @@ def _deposit(
     mins, maxs = bounds if bounds is not None else _layer_bounds(flat, sizes, n_bins)
     if n_layers > 1:
         lid, offset = _layout(sizes, n_bins, flat.device)
-    if not bool(torch.isfinite(mins).all() and torch.isfinite(maxs).all()):
-        bad = [i for i in range(n_layers) if not (math.isfinite(mins[i].item()) and math.isfinite(maxs[i].item()))]
-        raise ValueError(
-            f"layer(s) {bad} hold non-finite weights (NaN or inf): the coupling force is undefined. "
-            "Fix the divergence first (lower the learning rate or `h`)."
-        )
+    _check_bounds(mins, maxs)
     lo = mins - w
     inv = (n_bins - 1) / (maxs + w - lo)
     # Few large temporaries on purpose: a fresh N-sized tensor costs page faults about
@@ -422,18 +444,9 @@ def coupling_grad_batched(
         torch.distributed.all_reduce(hist, group=group)
     else:
         hist, idx, frac, r, delta = _deposit(flat, sizes, w_t, n_bins)
-    if conv == "prefix":
-        force = _force_prefix(hist, r)
-    else:
-        half = int(torch.ceil(r.max()).item()) + 1
-        force = _conv_fft(hist, _grid_kernel(r, half, well=False))
-    force = force * (2.0 * h_t)[:, None]
+    force = _force(hist, r, conv) * (2.0 * h_t)[:, None]
     grad_flat = _interpolate(force.reshape(-1), idx, frac)
-    grads = [g.view(p.shape) for g, p in zip(torch.split(grad_flat, sizes), params)]
-    if out is not None:
-        for o, g in zip(out, grads):
-            o.add_(g)
-        grads = out
+    grads = _added_into(out, [g.view(p.shape) for g, p in zip(torch.split(grad_flat, sizes), params)])
     if not compute_loss:
         return None, grads
     # Potential V = H ⊛ U in bin units, times Δ for weight units; self pairs add N w.
@@ -466,29 +479,17 @@ def _batched_cpu_kernels(
     mm = [torch.aminmax(torch.from_numpy(a)) for a in arrays]
     mins = torch.stack([m[0] for m in mm])
     maxs = torch.stack([m[1] for m in mm])
-    if not bool(torch.isfinite(mins).all() and torch.isfinite(maxs).all()):
-        bad = [i for i in range(len(sizes)) if not (math.isfinite(mins[i].item()) and math.isfinite(maxs[i].item()))]
-        raise ValueError(
-            f"layer(s) {bad} hold non-finite weights (NaN or inf): the coupling force is undefined. "
-            "Fix the divergence first (lower the learning rate or `h`)."
-        )
+    _check_bounds(mins, maxs)
     lo = mins - w_t
     inv = (n_bins - 1) / (maxs + w_t - lo)
     hist = _cpu_kernels.deposit(arrays, lo, inv, n_bins).float()
     r = w_t * inv
-    if conv == "prefix":
-        force = _force_prefix(hist, r)
-    else:
-        half = int(torch.ceil(r.max()).item()) + 1
-        force = _conv_fft(hist, _grid_kernel(r, half, well=False))
-    force = force * (2.0 * h_t)[:, None]
+    force = _force(hist, r, conv) * (2.0 * h_t)[:, None]
     direct = out is not None and all(o.dtype == torch.float32 and o.is_contiguous() for o in out)
     grads = out if direct else [torch.zeros(p.shape, dtype=torch.float32) for p in params]
     _cpu_kernels.gather(arrays, lo, inv, force, grads)
-    if out is not None and not direct:
-        for o, g in zip(out, grads):
-            o.add_(g)
-        grads = out
+    if not direct:
+        grads = _added_into(out, grads)
     if not compute_loss:
         return None, grads
     half = int(torch.ceil(r.max()).item()) + 1
