@@ -46,10 +46,13 @@ if _MODE == "numba" and numba is None:
 
 # Below this many weights per chunk, a second thread costs more than it saves.
 MIN_CHUNK = 1 << 18
+# Compiled code is cached next to this file (or in NUMBA_CACHE_DIR); where neither is
+# writable (a read-only install) the kernels are compiled once per process instead.
+_CACHE = bool(os.environ.get("NUMBA_CACHE_DIR")) or os.access(os.path.dirname(os.path.abspath(__file__)), os.W_OK)
 
 if numba is not None:
 
-    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=True, inline="always")
+    @numba.njit(nogil=True, cache=_CACHE, boundscheck=False, fastmath=True, inline="always")
     def _position(x, lo, inv, top):  # pragma: no cover - compiled
         """Lower grid point (clamped to [0, top]) and the fraction above it, float32."""
         t = (np.float32(x) - lo) * inv
@@ -60,7 +63,7 @@ if numba is not None:
             j = 0
         return j, t - np.float32(j)
 
-    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=True)
+    @numba.njit(nogil=True, cache=_CACHE, boundscheck=False, fastmath=True)
     def _deposit_kernel(theta, lo, inv, top, hist):  # pragma: no cover - compiled
         for i in range(theta.size):
             j, f = _position(theta[i], lo, inv, top)
@@ -68,7 +71,7 @@ if numba is not None:
             hist[j] += 1.0 - f64
             hist[j + 1] += f64
 
-    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=True)
+    @numba.njit(nogil=True, cache=_CACHE, boundscheck=False, fastmath=True)
     def _gather_kernel(theta, lo, inv, top, table, out):  # pragma: no cover - compiled
         for i in range(theta.size):
             j, f = _position(theta[i], lo, inv, top)
