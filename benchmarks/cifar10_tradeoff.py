@@ -145,14 +145,14 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule) -> dict:
     pl.seed_everything(0)
     module = ImageClassifier(arch="resnet20", lr=args.lr, schedule=args.schedule, init_from=args.pretrained)
     e2 = args.couple_epochs
-    soft = SoftQuantCallback(h=h, w=w, stop_epoch=e2)
+    soft = SoftQuantCallback(h=h, w=w, stop_epoch=e2, target_step=args.target_step)
     refine = ClusterRefine(snap_epoch=e2, w=w, recalibrate_bn_batches=100)
     timer = StepTimer()
     _trainer(e2 + args.refine_epochs, [soft, refine, timer], args.limit).fit(module, datamodule=dm)
     ks = {n.removeprefix("model."): r.k for n, r in refine.snapper.reports.items() if r.snapped}
     summary = refine.snapper.summary()
     return _row(
-        args, "softquant", module, dm, ks, timer, t0, h=h, w=w,
+        args, "softquant", module, dm, ks, timer, t0, h=h, w=w, target_step=args.target_step,
         bits_weighted=summary["bits_weighted"], bits_mean=summary["bits_mean"],
         k_per_layer={n: r.k for n, r in refine.snapper.reports.items()},
         kept_fp32=[n for n, r in refine.snapper.reports.items() if not r.snapped],
@@ -212,14 +212,15 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         "",
         "## Soft quantization + refinement (SoftQuantCallback, ClusterRefine)",
         "",
-        "| h | w | bits (weighted) | bits (mean) | layers kept fp32 | soft quant + refine | degradation | HEQ | HEQ+BN | k-means | k-means+BN | uniform | uniform+BN | step ms | epochs (couple/refine) | date, device |",
+        "| h (or target_step S) | w | bits (weighted) | bits (mean) | layers kept fp32 | soft quant + refine | degradation | HEQ | HEQ+BN | k-means | k-means+BN | uniform | uniform+BN | step ms | epochs (couple/refine) | date, device |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     soft = sorted((r for r in lines if _method(r) == "softquant"), key=lambda r: (r["w"], r["h"], r["couple_epochs"]))
     for r in soft:
         b = {x["method"].split(" ")[0]: x for x in r["baselines"]}
+        hcell = f"S={r['target_step']:g}" if r.get("target_step") else f"{r['h']:g}"
         out.append(
-            f"| {r['h']:g} | {r['w']:g} | {r['bits_weighted']:.2f} | {r['bits_mean']:.2f} | {len(r['kept_fp32'])} | "
+            f"| {hcell} | {r['w']:g} | {r['bits_weighted']:.2f} | {r['bits_mean']:.2f} | {len(r['kept_fp32'])} | "
             f"{r['acc']:.4f} | {fp - r['acc']:+.4f} | {cell(b, 'heq', 'acc')} | {cell(b, 'heq', 'acc_bn')} | "
             f"{cell(b, 'kmeans', 'acc')} | {cell(b, 'kmeans', 'acc_bn')} | {cell(b, 'uniform', 'acc')} | "
             f"{cell(b, 'uniform', 'acc_bn')} | {step(r)} | "
@@ -246,7 +247,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
                 f"{fp - r['acc']:+.4f} | {cell(b, 'heq', 'acc_bn')} | {cell(b, 'kmeans', 'acc_bn')} | {step(r)} | "
                 f"{r['couple_epochs']}/{r['refine_epochs']}{sched(r)} | {r['date']}, {r['device']} |"
             )
-    out += _relation(soft)
+    out += _relation([r for r in soft if not r.get("target_step")])
     cmds = sorted({r.get("command", LEGACY_COMMAND) for r in lines})
     out += ["", "## Commands", "", *[f"- `{c}`" for c in cmds]]
     (directory / "cifar10_tradeoff.md").write_text("\n".join(out) + "\n")
@@ -332,6 +333,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pretrained", required=True, help="full-precision ImageClassifier checkpoint")
     ap.add_argument("--points", nargs="*", default=[], help="soft quantization h:w pairs")
+    ap.add_argument("--target-step", type=float, default=None,
+                    help="soft quantization: set each h_l from this dimensionless step (h of --points is then unused)")
     ap.add_argument("--codebook-bits", type=int, nargs="*", default=[], help="method B runs at these bits")
     ap.add_argument("--codebook-lam", type=float, default=30.0, help="method B strength")
     ap.add_argument("--dkm-bits", type=int, nargs="*", default=[], help="coremltools DKM runs at these bits")
@@ -367,7 +370,7 @@ def main() -> None:
                     or r["refine_epochs"] != args.refine_epochs or r.get("schedule", "constant") != args.schedule):
                 return False
             if method == "softquant":
-                return (r["h"], r["w"]) == tuple(float(v) for v in spec.split(":"))
+                return (r["h"], r["w"]) == tuple(float(v) for v in spec.split(":")) and r.get("target_step") == args.target_step
             return r["n_bits"] == spec
 
         if any(same(r) for r in done):
