@@ -108,6 +108,8 @@ class SoftQuantCallback(Callback):
             started clustering at ``S_l ≈ 0.003`` over 184 steps (``S_l · steps ≈ 0.5``:
             the weights travel about half a well); the small classifier layer was thrown
             apart above ``S_l ≈ 0.01``. Start near ``1 / (number of coupling steps)``.
+            The learning rate read is the one of the first coupled step: start coupling
+            after a warm-up, not during it.
 
     Raises:
         ValueError: a bad argument (in ``__init__``) or a selection that matches no
