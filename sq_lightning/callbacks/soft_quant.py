@@ -108,7 +108,7 @@ class SoftQuantCallback(Callback):
             started clustering at ``S_l ≈ 0.003`` over 184 steps (``S_l · steps ≈ 0.5``:
             the weights travel about half a well); the small classifier layer was thrown
             apart above ``S_l ≈ 0.01``. Start at 1-4 / (number of coupling steps); on
-            ResNet-20 / CIFAR-10, 1 / steps left most layers just short of clustering.
+            ResNet-20 / CIFAR-10 the larger layers needed more than 2.3 / steps.
             The learning rate read is the one of the first coupled step: start coupling
             after a warm-up, not during it.
 
