@@ -113,6 +113,14 @@ def _chunks(arrays: list[np.ndarray], n_threads: int) -> list[list[tuple[int, in
     return [p for p in plans if p]
 
 
+def _run_plans(run, n: int) -> None:
+    """``run(k)`` for every plan ``k``: inline for one, on the thread pool for several."""
+    if n == 1:
+        run(0)
+    else:
+        list(_pool().map(run, range(n)))
+
+
 def as_arrays(params: list[Tensor]) -> list[np.ndarray]:
     """Flat float32 views of the layers (a copy only for other dtypes or strides)."""
     return [t.detach().reshape(-1).float().contiguous().numpy() for t in params]
@@ -130,11 +138,8 @@ def deposit(arrays: list[np.ndarray], lo: Tensor, inv: Tensor, n_bins: int) -> T
         for layer, a, b in plans[k]:
             _deposit_kernel(arrays[layer][a:b], lo_np[layer], inv_np[layer], top, hists[k, layer])
 
-    if len(plans) == 1:
-        run(0)
-        return torch.from_numpy(hists[0])
-    list(_pool().map(run, range(len(plans))))
-    return torch.from_numpy(hists.sum(0))
+    _run_plans(run, len(plans))
+    return torch.from_numpy(hists[0] if len(plans) == 1 else hists.sum(0))
 
 
 def gather(arrays: list[np.ndarray], lo: Tensor, inv: Tensor, table: Tensor, out: list[Tensor]) -> None:
@@ -153,7 +158,4 @@ def gather(arrays: list[np.ndarray], lo: Tensor, inv: Tensor, table: Tensor, out
         for layer, a, b in plans[k]:
             _gather_kernel(arrays[layer][a:b], lo_np[layer], inv_np[layer], top, tab[layer], outs[layer][a:b])
 
-    if len(plans) == 1:
-        run(0)
-    else:
-        list(_pool().map(run, range(len(plans))))
+    _run_plans(run, len(plans))
