@@ -113,6 +113,28 @@ class DKMPalettize(Callback):
         pl_module.model = self.palettizer.finalize(inplace=False)
 
 
+class PhaseAccuracy(Callback):
+    """Test accuracy at the start of epoch ``epoch``, stored in ``self.acc``.
+
+    Placed before ``ClusterRefine`` in the callback list it measures the coupled model
+    (before the snap); placed after it, the snapped and BatchNorm-recalibrated model
+    before any refinement step.
+    """
+
+    def __init__(self, epoch: int, loader) -> None:
+        self.epoch, self.loader, self.acc = epoch, loader, None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch and self.acc is None:
+            self.acc = accuracy(pl_module.model, self.loader)
+
+
+def _phases(dm, epoch: int, refine: Callback) -> tuple[list[Callback], PhaseAccuracy, PhaseAccuracy]:
+    """``[before, refine, after]``: accuracy of the coupled model and of the snapped one."""
+    before, after = PhaseAccuracy(epoch, dm.val_dataloader()), PhaseAccuracy(epoch, dm.val_dataloader())
+    return [before, refine, after], before, after
+
+
 def _row(args, method: str, module, dm, ks: dict, timer: StepTimer, t0: float, **extra) -> dict:
     """Accuracy, bits, the post-training baselines at the same K_l and the run's facts."""
     val = dm.val_dataloader()
@@ -131,7 +153,7 @@ def _row(args, method: str, module, dm, ks: dict, timer: StepTimer, t0: float, *
         "method": method, **extra,
         "distinct_per_layer": distinct,
         "acc": acc, "baselines": rows, "couple_epochs": args.couple_epochs, "refine_epochs": args.refine_epochs,
-        "lr": args.lr, "schedule": args.schedule, "limit_train_batches": args.limit, "seconds": time.time() - t0,
+        "lr": args.lr, "schedule": args.schedule, "seed": args.seed, "limit_train_batches": args.limit, "seconds": time.time() - t0,
         "step_ms_median": timer.median_ms(), "threads": torch.get_num_threads(),
         "date": str(datetime.date.today()), "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
         "torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -142,13 +164,14 @@ def _row(args, method: str, module, dm, ks: dict, timer: StepTimer, t0: float, *
 def run_point(args, h: float, w: float, dm: CIFAR10DataModule) -> dict:
     """Stages 2 and 3 in one fit (epoch windows), then the baselines at the same K_l."""
     t0 = time.time()
-    pl.seed_everything(0)
+    pl.seed_everything(args.seed)
     module = ImageClassifier(arch="resnet20", lr=args.lr, schedule=args.schedule, init_from=args.pretrained)
     e2 = args.couple_epochs
     soft = SoftQuantCallback(h=h, w=w, stop_epoch=e2, target_step=args.target_step)
     refine = ClusterRefine(snap_epoch=e2, w=w, recalibrate_bn_batches=100)
     timer = StepTimer()
-    _trainer(e2 + args.refine_epochs, [soft, refine, timer], args.limit).fit(module, datamodule=dm)
+    phases, before, after = _phases(dm, e2, refine)
+    _trainer(e2 + args.refine_epochs, [soft, *phases, timer], args.limit).fit(module, datamodule=dm)
     ks = {n.removeprefix("model."): r.k for n, r in refine.snapper.reports.items() if r.snapped}
     summary = refine.snapper.summary()
     return _row(
@@ -156,13 +179,14 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule) -> dict:
         bits_weighted=summary["bits_weighted"], bits_mean=summary["bits_mean"],
         k_per_layer={n: r.k for n, r in refine.snapper.reports.items()},
         kept_fp32=[n for n, r in refine.snapper.reports.items() if not r.snapped],
+        acc_coupled=before.acc, acc_snapped=after.acc,
     )
 
 
 def run_codebook(args, bits: int, dm: CIFAR10DataModule) -> dict:
     """Method B for the coupling epochs, then snap to its representatives and refine."""
     t0 = time.time()
-    pl.seed_everything(0)
+    pl.seed_everything(args.seed)
     module = ImageClassifier(arch="resnet20", lr=args.lr, schedule=args.schedule, init_from=args.pretrained)
     e2 = args.couple_epochs
     cb = LearnedCodebook(lam=args.codebook_lam, bits=bits, init="kmeans", stop_epoch=e2)
@@ -170,16 +194,55 @@ def run_codebook(args, bits: int, dm: CIFAR10DataModule) -> dict:
         snap_epoch=e2, clusters_from="codebook", recalibrate_bn_batches=100, on_unclustered="snap"
     )  # method B ends by snapping to its representatives, whatever the error
     timer = StepTimer()
-    _trainer(e2 + args.refine_epochs, [cb, refine, timer], args.limit).fit(module, datamodule=dm)
+    phases, before, after = _phases(dm, e2, refine)
+    _trainer(e2 + args.refine_epochs, [cb, *phases, timer], args.limit).fit(module, datamodule=dm)
     ks = {n.removeprefix("model."): r.k for n, r in refine.snapper.reports.items() if r.snapped}
     return _row(args, "codebook", module, dm, ks, timer, t0, n_bits=bits, lam=args.codebook_lam,
-                kept_fp32=[n for n, r in refine.snapper.reports.items() if not r.snapped])
+                kept_fp32=[n for n, r in refine.snapper.reports.items() if not r.snapped],
+                acc_coupled=before.acc, acc_snapped=after.acc)
+
+
+def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFAR10DataModule) -> dict:
+    """A post-training quantizer given the same tied refinement and the same budget.
+
+    The full-precision model is quantized by ``quantizer`` (HEQ or optimal k-means) at
+    the per-layer ``K_l`` of the soft quantization row ``source`` (its fp32 layers stay
+    fp32), BatchNorm is re-estimated, and the model is refined with its weights tied
+    (``ClusterRefine``) for all ``couple + refine`` epochs of that row.
+    """
+    from sq_lightning.models.batchnorm import recalibrate_batchnorm
+    from sq_lightning.ops.baselines import quantize
+    from sq_lightning.ops.clustering import Clusters
+
+    t0 = time.time()
+    pl.seed_everything(args.seed)
+    module = ImageClassifier(arch="resnet20", lr=args.lr, schedule=args.schedule, init_from=args.pretrained)
+    params = dict(module.named_parameters())
+    clusters = {}
+    for name, k in source["k_per_layer"].items():
+        if name in source["kept_fp32"]:
+            continue
+        q = quantize(params[name].detach(), k, quantizer)
+        counts = torch.bincount(q.assignments.flatten(), minlength=q.centroids.numel())
+        clusters[name] = Clusters(q.centroids.float(), q.assignments, counts)
+    refine = ClusterRefine(snap_epoch=None, recalibrate_bn_batches=100)
+    refine.snapper.snap(module, clusters=clusters)  # ClusterRefine then ties from the first step
+    dm.setup("fit")
+    recalibrate_batchnorm(module, dm.train_dataloader(), 100)
+    acc_snapped = accuracy(module.model, dm.val_dataloader())
+    timer = StepTimer()
+    _trainer(args.couple_epochs + args.refine_epochs, [refine, timer], args.limit).fit(module, datamodule=dm)
+    ks = {n.removeprefix("model."): r.k for n, r in refine.snapper.reports.items()}
+    summary = refine.snapper.summary()
+    return _row(args, f"refined-{quantizer}", module, dm, ks, timer, t0, h=h, w=w,
+                bits_weighted=summary["bits_weighted"], bits_mean=summary["bits_mean"],
+                kept_fp32=list(source["kept_fp32"]), acc_snapped=acc_snapped, source_acc=source["acc"])
 
 
 def run_dkm(args, bits: int, dm: CIFAR10DataModule) -> dict:
     """coremltools DKM palettization for all the epochs, then finalize."""
     t0 = time.time()
-    pl.seed_everything(0)
+    pl.seed_everything(args.seed)
     module = ImageClassifier(arch="resnet20", lr=args.lr, schedule=args.schedule, init_from=args.pretrained)
     dkm = DKMPalettize(bits)
     timer = StepTimer()
@@ -199,7 +262,9 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
     fp = next(r["acc"] for r in lines[0]["baselines"] if r["method"] == "full precision")
     cell = lambda b, m, key: f"{b[m][key]:.4f}" if b.get(m) and b[m].get(key) is not None else "-"  # noqa: E731
     step = lambda r: f"{r['step_ms_median']:.0f}" if r.get("step_ms_median") else "-"  # noqa: E731
-    sched = lambda r: ", cosine lr" if r.get("schedule") == "cosine" else ""  # noqa: E731
+    sched = lambda r: (", cosine lr" if r.get("schedule") == "cosine" else "") + (  # noqa: E731
+        f", seed {r['seed']}" if r.get("seed") else "")
+    phase = lambda r, key: f"{r[key]:.4f}" if r.get(key) is not None else "-"  # noqa: E731
     out = [
         "# ResNet-20 / CIFAR-10: soft quantization vs post-training baselines at the same K_l",
         "",
@@ -212,8 +277,11 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         "",
         "## Soft quantization + refinement (SoftQuantCallback, ClusterRefine)",
         "",
-        "| h (or target_step S) | w | bits (weighted) | bits (mean) | layers kept fp32 | soft quant + refine | degradation | HEQ | HEQ+BN | k-means | k-means+BN | uniform | uniform+BN | step ms | epochs (couple/refine) | date, device |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "'coupled' is the accuracy at the end of coupling (before the snap), 'snapped' right after the snap and the",
+        "BatchNorm re-estimation (before refinement); '-' where a row predates these measurements.",
+        "",
+        "| h (or target_step S) | w | bits (weighted) | bits (mean) | layers kept fp32 | coupled | snapped | soft quant + refine | degradation | HEQ | HEQ+BN | k-means | k-means+BN | uniform | uniform+BN | step ms | epochs (couple/refine) | date, device |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     soft = sorted((r for r in lines if _method(r) == "softquant"), key=lambda r: (r["w"], r["h"], r["couple_epochs"]))
     for r in soft:
@@ -221,12 +289,31 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         hcell = f"S={r['target_step']:g}" if r.get("target_step") else f"{r['h']:g}"
         out.append(
             f"| {hcell} | {r['w']:g} | {r['bits_weighted']:.2f} | {r['bits_mean']:.2f} | {len(r['kept_fp32'])} | "
-            f"{r['acc']:.4f} | {fp - r['acc']:+.4f} | {cell(b, 'heq', 'acc')} | {cell(b, 'heq', 'acc_bn')} | "
+            f"{phase(r, 'acc_coupled')} | {phase(r, 'acc_snapped')} | {r['acc']:.4f} | {fp - r['acc']:+.4f} | {cell(b, 'heq', 'acc')} | {cell(b, 'heq', 'acc_bn')} | "
             f"{cell(b, 'kmeans', 'acc')} | {cell(b, 'kmeans', 'acc_bn')} | {cell(b, 'uniform', 'acc')} | "
             f"{cell(b, 'uniform', 'acc_bn')} | {step(r)} | "
             f"{r['couple_epochs']}/{r['refine_epochs']}{sched(r)} | {r['date']}, {r['device']} |"
         )
-    others = sorted((r for r in lines if _method(r) != "softquant"), key=lambda r: (_method(r), r["n_bits"]))
+    others = sorted((r for r in lines if _method(r) in ("codebook", "dkm")), key=lambda r: (_method(r), r["n_bits"]))
+    controls = sorted((r for r in lines if _method(r).startswith("refined-")), key=lambda r: (r["w"], r["h"], _method(r)))
+    if controls:
+        out += [
+            "",
+            "## Control: post-training quantizers given the same tied refinement and budget",
+            "",
+            "The full-precision model quantized by HEQ or optimal k-means at the K_l of a soft quantization row (its fp32 "
+            "layers kept fp32), BatchNorm re-estimated, then refined with tied weights (ClusterRefine) for all the "
+            "epochs that row trained (couple + refine), same lr and schedule.",
+            "",
+            "| quantizer | K_l of soft quant h, w | bits (weighted) | snapped (+BN) | after refinement | soft quant + refine (same K_l) | step ms | epochs | date, device |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in controls:
+            out.append(
+                f"| {_method(r).removeprefix('refined-')} | {r['h']:g}, {r['w']:g} | {r['bits_weighted']:.2f} | "
+                f"{phase(r, 'acc_snapped')} | {r['acc']:.4f} | {r['source_acc']:.4f} | {step(r)} | "
+                f"{r['couple_epochs'] + r['refine_epochs']} tied{sched(r)} | {r['date']}, {r['device']} |"
+            )
     if others:
         names = {"codebook": "method B (LearnedCodebook) + refine", "dkm": "coremltools DKM palettization"}
         out += [
@@ -237,13 +324,14 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
             "DKM: palettized for all the epochs (couple + refine), then finalized. Bits are counted from the distinct "
             "values of the trained model.",
             "",
-            "| method | n_bits | bits (weighted) | accuracy | degradation | HEQ+BN | k-means+BN | step ms | epochs | date, device |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| method | n_bits | bits (weighted) | before snap | snapped | accuracy | degradation | HEQ+BN | k-means+BN | step ms | epochs | date, device |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in others:
             b = {x["method"].split(" ")[0]: x for x in r["baselines"]}
             out.append(
-                f"| {names.get(_method(r), _method(r))} | {r['n_bits']} | {r['bits_weighted']:.2f} | {r['acc']:.4f} | "
+                f"| {names.get(_method(r), _method(r))} | {r['n_bits']} | {r['bits_weighted']:.2f} | "
+                f"{phase(r, 'acc_coupled')} | {phase(r, 'acc_snapped')} | {r['acc']:.4f} | "
                 f"{fp - r['acc']:+.4f} | {cell(b, 'heq', 'acc_bn')} | {cell(b, 'kmeans', 'acc_bn')} | {step(r)} | "
                 f"{r['couple_epochs']}/{r['refine_epochs']}{sched(r)} | {r['date']}, {r['device']} |"
             )
@@ -267,6 +355,11 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         ax.plot(x, ys, marker, color=f"C{i + 1}", mfc="none", label=f"{method} post-training (+BN recal.) at the same K_l")
     for method, marker, color, label in (("codebook", "D", "C4", "method B + refine"), ("dkm", "P", "C5", "coremltools DKM")):
         rs = sorted((r for r in others if _method(r) == method), key=lambda r: r["bits_weighted"])
+        if rs:
+            ax.plot([r["bits_weighted"] for r in rs], [r["acc"] for r in rs], marker, color=color, ms=8, label=label)
+    for method, marker, color, label in (("refined-heq", "x", "C2", "HEQ + same tied refinement"),
+                                         ("refined-kmeans", "x", "C3", "k-means + same tied refinement")):
+        rs = [r for r in controls if _method(r) == method]
         if rs:
             ax.plot([r["bits_weighted"] for r in rs], [r["acc"] for r in rs], marker, color=color, ms=8, label=label)
     ax.axhline(fp, color="gray", lw=0.8, label="full precision")
@@ -338,6 +431,10 @@ def main() -> None:
     ap.add_argument("--codebook-bits", type=int, nargs="*", default=[], help="method B runs at these bits")
     ap.add_argument("--codebook-lam", type=float, default=30.0, help="method B strength")
     ap.add_argument("--dkm-bits", type=int, nargs="*", default=[], help="coremltools DKM runs at these bits")
+    ap.add_argument("--controls", nargs="*", default=[], metavar="Q:H:W",
+                    help="HEQ or k-means ('heq:1e-3:0.9', 'kmeans:...') at the K_l of the soft quantization row h:w "
+                         "(same epochs and schedule), then tied refinement for all its couple + refine epochs")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the run and of the data order/augmentation")
     ap.add_argument("--couple-epochs", type=int, default=1)
     ap.add_argument("--refine-epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=0.01, help="SGD lr over coupling and refinement")
@@ -359,18 +456,34 @@ def main() -> None:
     if args.report_only:
         write_reports(read(), out.parent)
         return
-    dm = CIFAR10DataModule(archive=args.archive, download=args.download, batch_size=128)
+    dm = CIFAR10DataModule(archive=args.archive, download=args.download, batch_size=128, seed=args.seed)
     jobs = [("softquant", p) for p in args.points] + [("codebook", b) for b in args.codebook_bits]
-    jobs += [("dkm", b) for b in args.dkm_bits]
+    jobs += [("dkm", b) for b in args.dkm_bits] + [("control", c) for c in args.controls]
     for method, spec in jobs:
         done = read()  # re-read: another process may share the results file
 
+        def schedule(r: dict, seed: int = args.seed) -> bool:
+            return (r["couple_epochs"] == args.couple_epochs and r["refine_epochs"] == args.refine_epochs
+                    and r.get("schedule", "constant") == args.schedule and r.get("seed", 0) == seed)
+
+        if method == "control":
+            quantizer, h, w = spec.split(":")
+            if quantizer not in ("heq", "kmeans"):
+                raise SystemExit(f"--controls: quantizer must be 'heq' or 'kmeans', got {quantizer!r} in {spec!r}")
+            method, h, w = f"refined-{quantizer}", float(h), float(w)
+            source = [r for r in done if _method(r) == "softquant" and schedule(r, 0) and (r["h"], r["w"]) == (h, w)
+                      and not r.get("target_step")]
+            if not source:
+                raise SystemExit(f"--controls {spec}: no soft quantization row h={h:g} w={w:g} (seed 0) with these "
+                                 f"epochs and schedule in {out}; run --points {h:g}:{w:g} first")
+
         def same(r: dict) -> bool:
-            if (_method(r) != method or r["couple_epochs"] != args.couple_epochs
-                    or r["refine_epochs"] != args.refine_epochs or r.get("schedule", "constant") != args.schedule):
+            if _method(r) != method or not schedule(r):
                 return False
             if method == "softquant":
                 return (r["h"], r["w"]) == tuple(float(v) for v in spec.split(":")) and r.get("target_step") == args.target_step
+            if method.startswith("refined-"):
+                return (r["h"], r["w"]) == (h, w)
             return r["n_bits"] == spec
 
         if any(same(r) for r in done):
@@ -381,6 +494,8 @@ def main() -> None:
             row = run_point(args, h, w, dm)
         elif method == "codebook":
             row = run_codebook(args, spec, dm)
+        elif method.startswith("refined-"):
+            row = run_control(args, method.removeprefix("refined-"), h, w, source[0], dm)
         else:
             row = run_dkm(args, spec, dm)
         with out.open("a") as f:
