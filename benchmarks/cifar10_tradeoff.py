@@ -225,7 +225,8 @@ def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFA
         q = quantize(params[name].detach(), k, quantizer)
         counts = torch.bincount(q.assignments.flatten(), minlength=q.centroids.numel())
         clusters[name] = Clusters(q.centroids.float(), q.assignments, counts)
-    refine = ClusterRefine(snap_epoch=None, recalibrate_bn_batches=100)
+    # Every layer the soft quantization row snapped is snapped here, whatever its error.
+    refine = ClusterRefine(snap_epoch=None, recalibrate_bn_batches=100, on_unclustered="snap")
     refine.snapper.snap(module, clusters=clusters)  # ClusterRefine then ties from the first step
     dm.setup("fit")
     recalibrate_batchnorm(module, dm.train_dataloader(), 100)
