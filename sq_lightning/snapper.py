@@ -19,11 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from sq_lightning.layers import LayerSelector
+from sq_lightning.ops.baselines import kmeans_quantize
 from sq_lightning.ops.clustering import Clusters, MergePolicy, assign_to_centroids, bits_summary, find_clusters, tie_to_clusters
 
 log = logging.getLogger(__name__)
 
 OnUnclustered = Literal["keep", "snap", "raise"]
+Placement = Literal["mean", "kmeans"]
 
 
 @dataclass
@@ -36,7 +38,10 @@ class LayerReport:
     snapped: bool
 
 
-def check_snap_args(w: float, gap: float, min_cluster_frac: float, merge: str, max_snap_error: float, on_unclustered: str) -> None:
+def check_snap_args(
+    w: float, gap: float, min_cluster_frac: float, merge: str, max_snap_error: float, on_unclustered: str,
+    placement: str = "mean",
+) -> None:
     for name, value in (("w", w), ("gap", gap), ("min_cluster_frac", min_cluster_frac), ("max_snap_error", max_snap_error)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
@@ -52,6 +57,9 @@ def check_snap_args(w: float, gap: float, min_cluster_frac: float, merge: str, m
         raise ValueError(f"`max_snap_error` must be > 0, got {max_snap_error}.")
     if on_unclustered not in ("keep", "snap", "raise"):
         raise ValueError(f"`on_unclustered` must be 'keep', 'snap' or 'raise', got {on_unclustered!r}.")
+    if placement not in ("mean", "kmeans"):
+        raise ValueError(f"`placement` must be 'mean' (cluster means) or 'kmeans' (optimal 1-D k-means at the "
+                         f"discovered K), got {placement!r}.")
 
 
 class UnclusteredLayerError(RuntimeError):
@@ -75,6 +83,15 @@ class ClusterSnapper:
             32 bits), ``"snap"`` snaps it anyway, ``"raise"`` stops with an error.
             Every case is logged as a warning with the layer's name and error.
         selector: which parameters are snapped.
+        placement: where the ``K_l`` values of a discovered layer go. ``"mean"``: each
+            gap-separated cluster snaps to its mean (the paper's snap). ``"kmeans"``:
+            the number of clusters ``K_l`` is kept and the values and assignments are
+            the optimal 1-D k-means of the layer at that ``K_l``
+            (:func:`sq_lightning.ops.baselines.kmeans_quantize`), which never has a larger
+            snap error than the means of the gap partition (that partition is one
+            candidate of the k-means problem) and is the same where the clusters are
+            well separated. Costs an O(K_l N_l log N_l) dynamic program per layer, once.
+            Layers with given representatives (a codebook) are not affected.
     """
 
     def __init__(
@@ -86,8 +103,10 @@ class ClusterSnapper:
         max_snap_error: float = 0.3,
         on_unclustered: OnUnclustered = "keep",
         selector: Optional[LayerSelector] = None,
+        placement: Placement = "mean",
     ) -> None:
-        check_snap_args(w, gap, min_cluster_frac, merge, max_snap_error, on_unclustered)
+        check_snap_args(w, gap, min_cluster_frac, merge, max_snap_error, on_unclustered, placement)
+        self.placement = placement
         self.w, self.gap, self.min_cluster_frac, self.merge = w, gap, min_cluster_frac, merge
         self.max_snap_error, self.on_unclustered = max_snap_error, on_unclustered
         self.selector = selector or LayerSelector()
@@ -126,7 +145,10 @@ class ClusterSnapper:
             if not math.isfinite(wl) or wl <= 0:
                 wl = 1.0  # a constant layer: one cluster whatever the threshold
             min_size = max(1, int(self.min_cluster_frac * theta.numel()))
-            found[name] = find_clusters(theta, self.gap * wl, min_size=min_size, merge=self.merge)
+            cl = find_clusters(theta, self.gap * wl, min_size=min_size, merge=self.merge)
+            if self.placement == "kmeans" and cl.k > 1:
+                cl = _kmeans_clusters(theta, cl.k)
+            found[name] = cl
         return found
 
     @torch.no_grad()
@@ -234,6 +256,14 @@ class ClusterSnapper:
             n: Clusters(d["centroids"].float(), d["assignments"].long(), d["counts"].long()) for n, d in state.get("clusters", {}).items()
         }
         self.reports = {n: LayerReport(**r) for n, r in state.get("reports", {}).items()}
+
+
+def _kmeans_clusters(theta: Tensor, k: int) -> Clusters:
+    """Optimal 1-D k-means of ``theta`` at ``k`` levels, as :class:`Clusters` on ``theta``'s device."""
+    q = kmeans_quantize(theta.float(), k)
+    assignments = q.assignments.to(theta.device)
+    counts = torch.bincount(assignments.reshape(-1), minlength=q.centroids.numel())
+    return Clusters(q.centroids.to(device=theta.device, dtype=torch.float32), assignments, counts)
 
 
 def _compact(a: Tensor, k: int) -> Tensor:

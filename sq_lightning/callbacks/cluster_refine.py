@@ -21,7 +21,7 @@ from typing_extensions import override
 from sq_lightning.callbacks._logging import log_histograms, log_scalars
 from sq_lightning.layers import LayerSelector
 from sq_lightning.ops.clustering import MergePolicy
-from sq_lightning.snapper import ClusterSnapper, OnUnclustered
+from sq_lightning.snapper import ClusterSnapper, OnUnclustered, Placement
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,9 @@ class ClusterRefine(Callback):
             (snap anyway) or ``"raise"``; always reported as a warning.
         clusters_from: ``"gaps"`` (discover clusters) or ``"codebook"`` (the learned
             representatives of a :class:`LearnedCodebook` callback in the same ``Trainer``).
+        placement: ``"mean"`` (each discovered cluster snaps to its mean) or ``"kmeans"``
+            (keep the discovered ``K_l``, place the values by optimal 1-D k-means: never a
+            larger snap error); see :class:`~sq_lightning.snapper.ClusterSnapper`.
         refine: keep the weights tied after the snap (``False``: snap only).
         recalibrate_bn_batches: training batches used to re-estimate BatchNorm
             statistics after the snap (0 disables).
@@ -94,6 +97,7 @@ class ClusterRefine(Callback):
         max_snap_error: float = 0.3,
         on_unclustered: OnUnclustered = "keep",
         clusters_from: Literal["gaps", "codebook"] = "gaps",
+        placement: Placement = "mean",
         refine: bool = True,
         recalibrate_bn_batches: int = 100,
         histogram_every_n_epochs: int = 1,
@@ -111,7 +115,9 @@ class ClusterRefine(Callback):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"`{name}` must be an int >= 0, got {value!r}.")
         self.selector = LayerSelector(module_types, include, exclude, min_size)
-        self.snapper = ClusterSnapper(w, gap, min_cluster_frac, merge, max_snap_error, on_unclustered, self.selector)
+        self.snapper = ClusterSnapper(
+            w, gap, min_cluster_frac, merge, max_snap_error, on_unclustered, self.selector, placement=placement
+        )
         self.snap_epoch = snap_epoch
         self.clusters_from = clusters_from
         self.refine = refine
