@@ -168,7 +168,7 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule) -> dict:
     module = ImageClassifier(arch="resnet20", lr=args.lr, schedule=args.schedule, init_from=args.pretrained)
     e2 = args.couple_epochs
     soft = SoftQuantCallback(h=h, w=w, stop_epoch=e2, target_step=args.target_step)
-    refine = ClusterRefine(snap_epoch=e2, w=w, recalibrate_bn_batches=100)
+    refine = ClusterRefine(snap_epoch=e2, w=w, recalibrate_bn_batches=100, placement=args.placement)
     timer = StepTimer()
     phases, before, after = _phases(dm, e2, refine)
     _trainer(e2 + args.refine_epochs, [soft, *phases, timer], args.limit).fit(module, datamodule=dm)
@@ -179,7 +179,7 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule) -> dict:
         bits_weighted=summary["bits_weighted"], bits_mean=summary["bits_mean"],
         k_per_layer={n: r.k for n, r in refine.snapper.reports.items()},
         kept_fp32=[n for n, r in refine.snapper.reports.items() if not r.snapped],
-        acc_coupled=before.acc, acc_snapped=after.acc,
+        acc_coupled=before.acc, acc_snapped=after.acc, placement=args.placement,
     )
 
 
@@ -264,7 +264,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
     cell = lambda b, m, key: f"{b[m][key]:.4f}" if b.get(m) and b[m].get(key) is not None else "-"  # noqa: E731
     step = lambda r: f"{r['step_ms_median']:.0f}" if r.get("step_ms_median") else "-"  # noqa: E731
     sched = lambda r: (", cosine lr" if r.get("schedule") == "cosine" else "") + (  # noqa: E731
-        f", seed {r['seed']}" if r.get("seed") else "")
+        f", seed {r['seed']}" if r.get("seed") else "") + (", k-means snap" if r.get("placement") == "kmeans" else "")
     phase = lambda r, key: f"{r[key]:.4f}" if r.get(key) is not None else "-"  # noqa: E731
     out = [
         "# ResNet-20 / CIFAR-10: soft quantization vs post-training baselines at the same K_l",
@@ -336,7 +336,8 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
                 f"{fp - r['acc']:+.4f} | {cell(b, 'heq', 'acc_bn')} | {cell(b, 'kmeans', 'acc_bn')} | {step(r)} | "
                 f"{r['couple_epochs']}/{r['refine_epochs']}{sched(r)} | {r['date']}, {r['device']} |"
             )
-    out += _relation([r for r in soft if not r.get("target_step")])
+    out += _relation([r for r in soft if not r.get("target_step") and not r.get("seed")
+                      and r.get("placement", "mean") == "mean"])
     cmds = sorted({r.get("command", LEGACY_COMMAND) for r in lines})
     out += ["", "## Commands", "", *[f"- `{c}`" for c in cmds]]
     (directory / "cifar10_tradeoff.md").write_text("\n".join(out) + "\n")
@@ -435,6 +436,8 @@ def main() -> None:
     ap.add_argument("--controls", nargs="*", default=[], metavar="Q:H:W",
                     help="HEQ or k-means ('heq:1e-3:0.9', 'kmeans:...') at the K_l of the soft quantization row h:w "
                          "(same epochs and schedule), then tied refinement for all its couple + refine epochs")
+    ap.add_argument("--placement", choices=["mean", "kmeans"], default="mean",
+                    help="soft quantization snap: cluster means, or optimal k-means values at the discovered K_l")
     ap.add_argument("--seed", type=int, default=0, help="seed of the run and of the data order/augmentation")
     ap.add_argument("--couple-epochs", type=int, default=1)
     ap.add_argument("--refine-epochs", type=int, default=1)
@@ -473,7 +476,7 @@ def main() -> None:
                 raise SystemExit(f"--controls: quantizer must be 'heq' or 'kmeans', got {quantizer!r} in {spec!r}")
             method, h, w = f"refined-{quantizer}", float(h), float(w)
             source = [r for r in done if _method(r) == "softquant" and schedule(r, 0) and (r["h"], r["w"]) == (h, w)
-                      and not r.get("target_step")]
+                      and not r.get("target_step") and r.get("placement", "mean") == "mean"]
             if not source:
                 raise SystemExit(f"--controls {spec}: no soft quantization row h={h:g} w={w:g} (seed 0) with these "
                                  f"epochs and schedule in {out}; run --points {h:g}:{w:g} first")
@@ -482,7 +485,8 @@ def main() -> None:
             if _method(r) != method or not schedule(r):
                 return False
             if method == "softquant":
-                return (r["h"], r["w"]) == tuple(float(v) for v in spec.split(":")) and r.get("target_step") == args.target_step
+                return ((r["h"], r["w"]) == tuple(float(v) for v in spec.split(":")) and r.get("target_step") == args.target_step
+                        and r.get("placement", "mean") == args.placement)
             if method.startswith("refined-"):
                 return (r["h"], r["w"]) == (h, w)
             return r["n_bits"] == spec
