@@ -167,7 +167,7 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule) -> dict:
     pl.seed_everything(args.seed)
     module = ImageClassifier(arch="resnet20", lr=args.lr, schedule=args.schedule, init_from=args.pretrained)
     e2 = args.couple_epochs
-    soft = SoftQuantCallback(h=h, w=w, stop_epoch=e2, target_step=args.target_step)
+    soft = SoftQuantCallback(h=h, w=w, alpha=args.alpha, stop_epoch=e2, target_step=args.target_step)
     refine = ClusterRefine(snap_epoch=e2, w=w, recalibrate_bn_batches=100, placement=args.placement)
     timer = StepTimer()
     phases, before, after = _phases(dm, e2, refine)
@@ -179,7 +179,7 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule) -> dict:
         bits_weighted=summary["bits_weighted"], bits_mean=summary["bits_mean"],
         k_per_layer={n: r.k for n, r in refine.snapper.reports.items()},
         kept_fp32=[n for n, r in refine.snapper.reports.items() if not r.snapped],
-        acc_coupled=before.acc, acc_snapped=after.acc, placement=args.placement,
+        acc_coupled=before.acc, acc_snapped=after.acc, placement=args.placement, alpha=args.alpha,
     )
 
 
@@ -264,7 +264,8 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
     cell = lambda b, m, key: f"{b[m][key]:.4f}" if b.get(m) and b[m].get(key) is not None else "-"  # noqa: E731
     step = lambda r: f"{r['step_ms_median']:.0f}" if r.get("step_ms_median") else "-"  # noqa: E731
     sched = lambda r: (", cosine lr" if r.get("schedule") == "cosine" else "") + (  # noqa: E731
-        f", seed {r['seed']}" if r.get("seed") else "") + (", k-means snap" if r.get("placement") == "kmeans" else "")
+        f", seed {r['seed']}" if r.get("seed") else "") + (", k-means snap" if r.get("placement") == "kmeans" else "") + (
+        f", alpha {r['alpha']:g}" if r.get("alpha", 0.66) != 0.66 else "")
     phase = lambda r, key: f"{r[key]:.4f}" if r.get(key) is not None else "-"  # noqa: E731
     out = [
         "# ResNet-20 / CIFAR-10: soft quantization vs post-training baselines at the same K_l",
@@ -337,7 +338,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
                 f"{r['couple_epochs']}/{r['refine_epochs']}{sched(r)} | {r['date']}, {r['device']} |"
             )
     out += _relation([r for r in soft if not r.get("target_step") and not r.get("seed")
-                      and r.get("placement", "mean") == "mean"])
+                      and r.get("placement", "mean") == "mean" and r.get("alpha", 0.66) == 0.66])
     cmds = sorted({r.get("command", LEGACY_COMMAND) for r in lines})
     out += ["", "## Commands", "", *[f"- `{c}`" for c in cmds]]
     (directory / "cifar10_tradeoff.md").write_text("\n".join(out) + "\n")
@@ -436,6 +437,7 @@ def main() -> None:
     ap.add_argument("--controls", nargs="*", default=[], metavar="Q:H:W",
                     help="HEQ or k-means ('heq:1e-3:0.9', 'kmeans:...') at the K_l of the soft quantization row h:w "
                          "(same epochs and schedule), then tied refinement for all its couple + refine epochs")
+    ap.add_argument("--alpha", type=float, default=0.66, help="soft quantization: h_l = h · N_l^-alpha")
     ap.add_argument("--placement", choices=["mean", "kmeans"], default="mean",
                     help="soft quantization snap: cluster means, or optimal k-means values at the discovered K_l")
     ap.add_argument("--seed", type=int, default=0, help="seed of the run and of the data order/augmentation")
@@ -476,7 +478,7 @@ def main() -> None:
                 raise SystemExit(f"--controls: quantizer must be 'heq' or 'kmeans', got {quantizer!r} in {spec!r}")
             method, h, w = f"refined-{quantizer}", float(h), float(w)
             source = [r for r in done if _method(r) == "softquant" and schedule(r, 0) and (r["h"], r["w"]) == (h, w)
-                      and not r.get("target_step") and r.get("placement", "mean") == "mean"]
+                      and not r.get("target_step") and r.get("placement", "mean") == "mean" and r.get("alpha", 0.66) == 0.66]
             if not source:
                 raise SystemExit(f"--controls {spec}: no soft quantization row h={h:g} w={w:g} (seed 0) with these "
                                  f"epochs and schedule in {out}; run --points {h:g}:{w:g} first")
@@ -486,7 +488,7 @@ def main() -> None:
                 return False
             if method == "softquant":
                 return ((r["h"], r["w"]) == tuple(float(v) for v in spec.split(":")) and r.get("target_step") == args.target_step
-                        and r.get("placement", "mean") == args.placement)
+                        and r.get("placement", "mean") == args.placement and r.get("alpha", 0.66) == args.alpha)
             if method.startswith("refined-"):
                 return (r["h"], r["w"]) == (h, w)
             return r["n_bits"] == spec
