@@ -27,7 +27,11 @@ are medians over rounds with the 25-75 % spread. Results are printed and appende
 Usage::
 
     python benchmarks/bench_coupling_scaling.py [--threads 1] [--sizes 1e3 ... 1e8]
-        [--skip-batched] [--skip-crossover] [--skip-profile]
+        [--skip-batched] [--skip-crossover] [--skip-profile] [--device cuda]
+
+``--device cuda`` runs the scaling table (section 1) on the GPU, every call followed
+by ``torch.cuda.synchronize()`` so that a sample times the finished work; the other
+sections measure CPU-only code paths and are skipped there.
 """
 
 from __future__ import annotations
@@ -69,6 +73,14 @@ def _fmt_ms(seconds: list[float]) -> str:
     return f"{C.median(ms):.4g} {C.spread(ms, '{:.4g}')}"
 
 
+def _synced(fn):
+    def call():
+        fn()
+        torch.cuda.synchronize()
+
+    return call
+
+
 def scaling(args) -> tuple[list[str], dict]:
     rows = [
         f"### 1. One layer of N ~ N(0, 1) weights, w = {W}, {DEFAULT_N_BINS} bins, gradient only",
@@ -90,10 +102,13 @@ def scaling(args) -> tuple[list[str], dict]:
     summary = {}
     exact_prev: tuple[int, float] | None = None
     gen = torch.Generator().manual_seed(0)
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        rows[-4] = f"Device: {torch.cuda.get_device_name(dev)}; every call synchronized. " + rows[-4]
     for n in args.sizes:
-        x = torch.randn(n, generator=gen)
-        g = torch.zeros(n)
-        g2 = torch.zeros(n)
+        x = torch.randn(n, generator=gen).to(dev)
+        g = torch.zeros(n, device=dev)
+        g2 = torch.zeros(n, device=dev)
 
         def torch_path():
             mode, K._MODE = K._MODE, "torch"
@@ -116,6 +131,8 @@ def scaling(args) -> tuple[list[str], dict]:
             fns["exact"] = lambda: coupling_exact(x, W, H, compute_loss=False)
         if n <= 10**4:
             fns["pairwise"] = lambda: coupling_pairwise(x, W, H, compute_loss=False)
+        if dev.type == "cuda":
+            fns = {k: _synced(f) for k, f in fns.items()}
         # Slow candidates get fewer rounds (at most ~--cell-budget seconds each).
         inner = {k: C.calibrate(f) for k, f in fns.items()}
         first = {k: C.sample(f, inner[k]) for k, f in fns.items()}
@@ -359,7 +376,13 @@ def main() -> None:
     parser.add_argument("--skip-crossover", action="store_true")
     parser.add_argument("--skip-batched", action="store_true")
     parser.add_argument("--no-save", action="store_true", help=f"print only, do not append to {RESULTS.name}")
+    parser.add_argument("--device", default="cpu",
+                        help="device of the scaling table (cuda: the other sections are skipped)")
     args = parser.parse_args()
+    if torch.device(args.device).type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
+        args.skip_profile = args.skip_crossover = args.skip_batched = True
     args.sizes = [int(s) for s in args.sizes]
     torch.set_num_threads(args.threads)
     load_start = C.uptime()
