@@ -292,6 +292,34 @@ class WeightCoupler:
             losses.update(self._add_sharded(sharded, compute_loss))
         return losses if compute_loss else None
 
+    def grad_ratios(self, model: nn.Module, only: Optional[Iterable[Tensor]] = None) -> dict[str, float]:
+        """Per layer ``‖∂L_C/∂θ_l‖ / ‖θ_l.grad‖``: how the coupling gradient compares
+        with the gradient already in ``.grad`` (the task's, when called before
+        :meth:`add_gradients`).
+
+        Far above 1, the coupling rather than the task moves that layer's weights
+        (benchmarks/results/coupling_vs_task.md). Costs one extra coupling gradient.
+        Layers without a ``.grad``, with an all-zero one, or sharded as DTensors
+        (FSDP2) are left out.
+        """
+        if not self.prepared:
+            self.prepare(model)
+        allowed = None if only is None else {id(p) for p in only}
+        params = {
+            n: p
+            for n, p in model.named_parameters()
+            if n in self.sigma and p.grad is not None and not _is_dtensor(p) and (allowed is None or id(p) in allowed)
+        }
+        if not params:
+            return {}
+        _, grads = self.gradients({n: p.detach() for n, p in params.items()})
+        ratios = {}
+        for n, g in grads.items():
+            task = float(params[n].grad.detach().float().norm())
+            if task > 0.0 and math.isfinite(task):
+                ratios[n] = float(g.norm()) / task
+        return ratios
+
     def _add_sharded(self, params: dict[str, nn.Parameter], compute_loss: bool) -> dict[str, Tensor]:
         """DTensor (FSDP2) layers: each rank bins its shard, one all-reduce of the counts."""
         names = list(params)

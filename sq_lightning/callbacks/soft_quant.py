@@ -95,6 +95,14 @@ class SoftQuantCallback(Callback):
         log_every_n_steps: how often ``sq/coupling_loss`` is computed and logged
             (computing the loss value costs one extra convolution).
         log_per_layer: also log ``sq/coupling_loss/<layer>``.
+        log_grad_ratio: also log, on the same steps, ``sq/grad_ratio/<layer>`` =
+            ``‖coupling gradient‖ / ‖gradient in .grad‖`` (the task's, one batch, before
+            clipping) and their maximum ``sq/grad_ratio_max``; costs one extra
+            coupling gradient on those steps. Well above 1 in a layer, the coupling
+            drives that layer and accuracy drops during coupling: on ResNet-20 this
+            happens in the large layers at ``alpha=0.66`` with ``w >= 0.6``, and
+            ``alpha ≈ 1.1`` evens the layers out
+            (benchmarks/results/coupling_vs_task.md).
         histogram_every_n_epochs: TensorBoard weight histograms ``sq/weights/<layer>``
             every this many epochs while coupling (0 disables), to watch the
             distributions collapse into spikes.
@@ -139,6 +147,7 @@ class SoftQuantCallback(Callback):
         stop_step: Optional[int] = None,
         log_every_n_steps: int = 50,
         log_per_layer: bool = False,
+        log_grad_ratio: bool = False,
         histogram_every_n_epochs: int = 1,
         target_step: Optional[float] = None,
     ) -> None:
@@ -155,6 +164,7 @@ class SoftQuantCallback(Callback):
         self.start_step, self.stop_step = start_step, stop_step
         self.log_every_n_steps = log_every_n_steps
         self.log_per_layer = log_per_layer
+        self.log_grad_ratio = bool(log_grad_ratio)
         if isinstance(histogram_every_n_epochs, bool) or not isinstance(histogram_every_n_epochs, int) or histogram_every_n_epochs < 0:
             raise ValueError(f"`histogram_every_n_epochs` must be an int >= 0, got {histogram_every_n_epochs!r}.")
         self.histogram_every_n_epochs = histogram_every_n_epochs
@@ -198,14 +208,20 @@ class SoftQuantCallback(Callback):
             rank_zero_info(self._describe())
         want_loss = trainer.global_step % self.log_every_n_steps == 0
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        ratios = self.coupler.grad_ratios(pl_module, only=params) if want_loss and self.log_grad_ratio else {}
         losses = self.coupler.add_gradients(pl_module, compute_loss=want_loss, only=params)
         self.steps_applied += 1
-        if want_loss and losses:
+        if want_loss and (losses or ratios):
             # Straight to the loggers: `self.log` from this hook is only flushed on the
             # trainer's own logging steps, which need not match ours.
-            metrics = {"sq/coupling_loss": float(sum(float(v) for v in losses.values()))}
+            metrics = {}
+            if losses:
+                metrics["sq/coupling_loss"] = float(sum(float(v) for v in losses.values()))
             if self.log_per_layer:
-                metrics.update({f"sq/coupling_loss/{n}": float(v) for n, v in losses.items()})
+                metrics.update({f"sq/coupling_loss/{n}": float(v) for n, v in (losses or {}).items()})
+            if ratios:
+                metrics.update({f"sq/grad_ratio/{n}": v for n, v in ratios.items()})
+                metrics["sq/grad_ratio_max"] = max(ratios.values())
             log_scalars(trainer, metrics)
 
     @staticmethod

@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from sq_lightning.callbacks import SoftQuantCallback
 from sq_lightning.coupler import WeightCoupler
 from sq_lightning.ops.clustering import find_clusters
-from sq_lightning.ops.coupling import coupling_exact, layer_strength
+from sq_lightning.ops.coupling import coupling_exact, coupling_pairwise, layer_strength
 from tests.helpers import TinyNet, accuracy, digits_loaders, trainer
 
 
@@ -60,6 +60,67 @@ def test_injected_gradient_is_the_exact_coupling_gradient():
             h_l = layer_strength(1e-2, theta.numel(), 0.66)
             expected = coupling_exact(theta, w_l, h_l).grad
             torch.testing.assert_close(added, expected, rtol=1e-5, atol=1e-6)
+
+
+class MetricSink(pl.loggers.Logger):
+    """Keeps every logged scalar, by step."""
+
+    def __init__(self):
+        super().__init__()
+        self.metrics = []
+
+    name, version = "sink", 0
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((step, dict(metrics)))
+
+    def log_hyperparams(self, *args, **kwargs):
+        pass
+
+    @property
+    def experiment(self):
+        return None
+
+
+def test_grad_ratio_is_coupling_norm_over_task_norm():
+    pl.seed_everything(0)
+    train, _ = digits_loaders()
+    probe, sink = GradProbe(), MetricSink()
+    cb = SoftQuantCallback(h=1e-2, w=0.3, backend="exact", log_every_n_steps=2, log_grad_ratio=True)
+    model = TinyNet()
+    sigma0 = {n: float(p.detach().std()) for n, p in model.named_parameters() if n.endswith("weight")}
+    trainer(max_steps=5, callbacks=[probe, cb], logger=sink).fit(model, train)
+    logged = [m for _, m in sink.metrics if "sq/grad_ratio_max" in m]
+    assert len(logged) == 3  # steps 0, 2, 4
+    for rec, metrics in zip(probe.records[::2], logged):
+        ratios = []
+        for name, (theta, task) in rec.items():
+            if not name.endswith("weight"):
+                assert f"sq/grad_ratio/{name}" not in metrics
+                continue
+            # Independent reference: the O(N^2) pairwise gradient.
+            ref = coupling_pairwise(theta, 0.3 * sigma0[name], layer_strength(1e-2, theta.numel(), 0.66)).grad
+            expected = float(ref.norm() / task.norm())
+            assert metrics[f"sq/grad_ratio/{name}"] == pytest.approx(expected, rel=1e-4), name
+            ratios.append(expected)
+        assert metrics["sq/grad_ratio_max"] == pytest.approx(max(ratios), rel=1e-4)
+    assert all(not any(k.startswith("sq/grad_ratio") for k in m) for _, m in sink.metrics if "sq/grad_ratio_max" not in m)
+
+
+def test_grad_ratio_on_a_plain_module_skips_layers_without_grad():
+    torch.manual_seed(0)
+    net = TinyNet().net
+    coupler = WeightCoupler(h=1e-2, w=0.3, backend="exact")
+    net[0].weight.requires_grad_(False)
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    ratios = coupler.grad_ratios(net)
+    assert set(ratios) == {"2.weight", "4.weight"}
+    grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    coupler.add_gradients(net)
+    for n, r in ratios.items():
+        added = dict(net.named_parameters())[n].grad - grads[n]
+        assert r == pytest.approx(float(added.norm() / grads[n].norm()), rel=1e-4)
 
 
 def test_coupling_clusters_the_weights_far_more_than_plain_training():
