@@ -167,7 +167,8 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule) -> dict:
     pl.seed_everything(args.seed)
     module = ImageClassifier(arch="resnet20", lr=args.lr, schedule=args.schedule, init_from=args.pretrained)
     e2 = args.couple_epochs
-    soft = SoftQuantCallback(h=h, w=w, alpha=args.alpha, stop_epoch=e2, target_step=args.target_step)
+    soft = SoftQuantCallback(h=h, w=w, alpha=args.alpha, stop_epoch=e2, target_step=args.target_step,
+                             ramp_steps=args.ramp_steps, ramp_from=args.ramp_from)
     refine = ClusterRefine(snap_epoch=e2, w=w, recalibrate_bn_batches=100, placement=args.placement)
     timer = StepTimer()
     phases, before, after = _phases(dm, e2, refine)
@@ -180,7 +181,18 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule) -> dict:
         k_per_layer={n: r.k for n, r in refine.snapper.reports.items()},
         kept_fp32=[n for n, r in refine.snapper.reports.items() if not r.snapped],
         acc_coupled=before.acc, acc_snapped=after.acc, placement=args.placement, alpha=args.alpha,
+        **_ramp(args),
     )
+
+
+def _ramp(args) -> dict:
+    return {"ramp_steps": args.ramp_steps, "ramp_from": args.ramp_from} if args.ramp_steps else {}
+
+
+def _soft_key(r: dict) -> tuple:
+    """What, besides h, w and the schedule, tells soft quantization rows apart."""
+    return (r.get("target_step"), r.get("placement", "mean"), r.get("alpha", 0.66), r.get("ramp_steps", 0),
+            r.get("ramp_from") if r.get("ramp_steps") else None)
 
 
 def run_codebook(args, bits: int, dm: CIFAR10DataModule) -> dict:
@@ -225,6 +237,8 @@ def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFA
         q = quantize(params[name].detach(), k, quantizer)
         counts = torch.bincount(q.assignments.flatten(), minlength=q.centroids.numel())
         clusters[name] = Clusters(q.centroids.float(), q.assignments, counts)
+    if not clusters:
+        raise SystemExit(f"--controls: the soft quantization row h={h:g} w={w:g} kept every layer fp32; nothing to quantize")
     # Every layer the soft quantization row snapped is snapped here, whatever its error.
     refine = ClusterRefine(snap_epoch=None, recalibrate_bn_batches=100, on_unclustered="snap")
     refine.snapper.snap(module, clusters=clusters)  # ClusterRefine then ties from the first step
@@ -234,10 +248,14 @@ def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFA
     timer = StepTimer()
     _trainer(args.couple_epochs + args.refine_epochs, [refine, timer], args.limit).fit(module, datamodule=dm)
     ks = {n.removeprefix("model."): r.k for n, r in refine.snapper.reports.items()}
-    summary = refine.snapper.summary()
+    # The same accounting as the soft quantization row: its fp32 layers count as 32 bits.
+    sizes = {n: params[n].numel() for n in source["k_per_layer"]}
+    bits = {n: 32.0 if n in source["kept_fp32"] else refine.snapper.reports[n].bits for n in sizes}
     return _row(args, f"refined-{quantizer}", module, dm, ks, timer, t0, h=h, w=w,
-                bits_weighted=summary["bits_weighted"], bits_mean=summary["bits_mean"],
-                kept_fp32=list(source["kept_fp32"]), acc_snapped=acc_snapped, source_acc=source["acc"])
+                bits_weighted=sum(bits[n] * sizes[n] for n in sizes) / sum(sizes.values()),
+                bits_mean=sum(bits.values()) / len(bits),
+                kept_fp32=list(source["kept_fp32"]), acc_snapped=acc_snapped, source_acc=source["acc"],
+                source_alpha=source.get("alpha", 0.66), **{f"source_{k}": v for k, v in _ramp(args).items()})
 
 
 def run_dkm(args, bits: int, dm: CIFAR10DataModule) -> dict:
@@ -265,7 +283,9 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
     step = lambda r: f"{r['step_ms_median']:.0f}" if r.get("step_ms_median") else "-"  # noqa: E731
     sched = lambda r: (", cosine lr" if r.get("schedule") == "cosine" else "") + (  # noqa: E731
         f", seed {r['seed']}" if r.get("seed") else "") + (", k-means snap" if r.get("placement") == "kmeans" else "") + (
-        f", alpha {r['alpha']:g}" if r.get("alpha", 0.66) != 0.66 else "")
+        f", alpha {r['alpha']:g}" if r.get("alpha", r.get("source_alpha", 0.66)) != 0.66 else "") + (
+        f", h ramp x{r['ramp_from']:g} over {r['ramp_steps']} steps" if r.get("ramp_steps") else "") + (
+        f", source h ramp x{r['source_ramp_from']:g} over {r['source_ramp_steps']} steps" if r.get("source_ramp_steps") else "")
     phase = lambda r, key: f"{r[key]:.4f}" if r.get(key) is not None else "-"  # noqa: E731
     out = [
         "# ResNet-20 / CIFAR-10: soft quantization vs post-training baselines at the same K_l",
@@ -338,7 +358,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
                 f"{r['couple_epochs']}/{r['refine_epochs']}{sched(r)} | {r['date']}, {r['device']} |"
             )
     out += _relation([r for r in soft if not r.get("target_step") and not r.get("seed")
-                      and r.get("placement", "mean") == "mean" and r.get("alpha", 0.66) == 0.66])
+                      and r.get("placement", "mean") == "mean" and r.get("alpha", 0.66) == 0.66 and not r.get("ramp_steps")])
     cmds = sorted({r.get("command", LEGACY_COMMAND) for r in lines})
     out += ["", "## Commands", "", *[f"- `{c}`" for c in cmds]]
     (directory / "cifar10_tradeoff.md").write_text("\n".join(out) + "\n")
@@ -438,6 +458,10 @@ def main() -> None:
                     help="HEQ or k-means ('heq:1e-3:0.9', 'kmeans:...') at the K_l of the soft quantization row h:w "
                          "(same epochs and schedule), then tied refinement for all its couple + refine epochs")
     ap.add_argument("--alpha", type=float, default=0.66, help="soft quantization: h_l = h · N_l^-alpha")
+    ap.add_argument("--ramp-steps", type=int, default=0,
+                    help="soft quantization: h_l grows geometrically from --ramp-from x to full over this many "
+                         "coupled steps (391 per epoch at batch 128); --controls then take their K_l from such a row")
+    ap.add_argument("--ramp-from", type=float, default=0.01, help="soft quantization: start of the h ramp")
     ap.add_argument("--placement", choices=["mean", "kmeans"], default="mean",
                     help="soft quantization snap: cluster means, or optimal k-means values at the discovered K_l")
     ap.add_argument("--seed", type=int, default=0, help="seed of the run and of the data order/augmentation")
@@ -458,6 +482,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     args.command = "python " + " ".join(sys.argv)
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     read = lambda: [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []  # noqa: E731
     if args.report_only:
         write_reports(read(), out.parent)
@@ -477,8 +502,9 @@ def main() -> None:
             if quantizer not in ("heq", "kmeans"):
                 raise SystemExit(f"--controls: quantizer must be 'heq' or 'kmeans', got {quantizer!r} in {spec!r}")
             method, h, w = f"refined-{quantizer}", float(h), float(w)
+            key = (None, "mean", args.alpha, args.ramp_steps, args.ramp_from if args.ramp_steps else None)
             source = [r for r in done if _method(r) == "softquant" and schedule(r, 0) and (r["h"], r["w"]) == (h, w)
-                      and not r.get("target_step") and r.get("placement", "mean") == "mean" and r.get("alpha", 0.66) == 0.66]
+                      and _soft_key(r) == key]
             if not source:
                 raise SystemExit(f"--controls {spec}: no soft quantization row h={h:g} w={w:g} (seed 0) with these "
                                  f"epochs and schedule in {out}; run --points {h:g}:{w:g} first")
@@ -487,10 +513,11 @@ def main() -> None:
             if _method(r) != method or not schedule(r):
                 return False
             if method == "softquant":
-                return ((r["h"], r["w"]) == tuple(float(v) for v in spec.split(":")) and r.get("target_step") == args.target_step
-                        and r.get("placement", "mean") == args.placement and r.get("alpha", 0.66) == args.alpha)
+                return ((r["h"], r["w"]) == tuple(float(v) for v in spec.split(":")) and _soft_key(r) == (
+                    args.target_step, args.placement, args.alpha, args.ramp_steps, args.ramp_from if args.ramp_steps else None))
             if method.startswith("refined-"):
-                return (r["h"], r["w"]) == (h, w)
+                return (r["h"], r["w"]) == (h, w) and (r.get("source_alpha", 0.66), r.get("source_ramp_steps", 0)) == (
+                    args.alpha, args.ramp_steps)
             return r["n_bits"] == spec
 
         if any(same(r) for r in done):

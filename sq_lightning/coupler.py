@@ -123,6 +123,9 @@ class WeightCoupler:
         self.sigma: dict[str, float] = {}
         self.numel: dict[str, int] = {}
         self.h_calibrated: dict[str, float] = {}
+        # Multiplies every h_l (SoftQuantCallback's strength ramp); not saved: the
+        # callback recomputes it from its step counter.
+        self.scale = 1.0
 
     # -- set-up ------------------------------------------------------------------
     @property
@@ -153,8 +156,8 @@ class WeightCoupler:
 
     def h_l(self, name: str) -> float:
         if name in self.h_calibrated:
-            return self.h_calibrated[name]
-        return layer_strength(self.h, self.numel[name], self.alpha)
+            return self.scale * self.h_calibrated[name]
+        return self.scale * layer_strength(self.h, self.numel[name], self.alpha)
 
     @property
     def calibrated(self) -> bool:
@@ -185,11 +188,11 @@ class WeightCoupler:
             if name in self.sigma:
                 params[name] = p.full_tensor() if _is_dtensor(p) else p
         unit = {n: 1.0 for n in params}
-        self.h_calibrated = unit  # h_l = 1 while measuring
+        self.h_calibrated, scale, self.scale = unit, self.scale, 1.0  # h_l = 1 while measuring
         try:
             _, grads = self.gradients(params)
         finally:
-            self.h_calibrated = {}
+            self.h_calibrated, self.scale = {}, scale
         result = {}
         for name, g in grads.items():
             rms = float(g.double().pow(2).mean().sqrt())

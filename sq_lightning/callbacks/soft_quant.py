@@ -8,6 +8,7 @@ and :class:`sq_lightning.coupler.WeightCoupler`; this module only connects it to
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
@@ -119,6 +120,15 @@ class SoftQuantCallback(Callback):
             ResNet-20 / CIFAR-10 the larger layers needed more than 2.3 / steps.
             The learning rate read is the one of the first coupled step: start coupling
             after a warm-up, not during it.
+        ramp_steps: if > 0, every ``h_l`` grows geometrically over the first
+            ``ramp_steps`` coupled optimizer steps, from ``ramp_from · h_l`` to ``h_l``:
+            at the k-th coupled step (k = 0, 1, ...) it is multiplied by
+            ``ramp_from ** (1 - min(k / ramp_steps, 1))``. A weak start lets the task
+            keep the weights where it needs them while clusters nucleate; the full
+            strength at the end tightens them before the snap. The factor is logged
+            as ``sq/h_scale`` and follows the saved step counter on resume.
+        ramp_from: strength at the first coupled step as a fraction of the full one,
+            in (0, 1].
 
     Raises:
         ValueError: a bad argument (in ``__init__``) or a selection that matches no
@@ -150,6 +160,8 @@ class SoftQuantCallback(Callback):
         log_grad_ratio: bool = False,
         histogram_every_n_epochs: int = 1,
         target_step: Optional[float] = None,
+        ramp_steps: int = 0,
+        ramp_from: float = 0.01,
     ) -> None:
         super().__init__()
         check_coupling_args(h, w, alpha, n_bins, backend)
@@ -168,6 +180,17 @@ class SoftQuantCallback(Callback):
         if isinstance(histogram_every_n_epochs, bool) or not isinstance(histogram_every_n_epochs, int) or histogram_every_n_epochs < 0:
             raise ValueError(f"`histogram_every_n_epochs` must be an int >= 0, got {histogram_every_n_epochs!r}.")
         self.histogram_every_n_epochs = histogram_every_n_epochs
+        if isinstance(ramp_steps, bool) or not isinstance(ramp_steps, int) or ramp_steps < 0:
+            raise ValueError(f"`ramp_steps` must be an int >= 0 (0: no ramp), got {ramp_steps!r}.")
+        if (
+            isinstance(ramp_from, bool) or not isinstance(ramp_from, (int, float))
+            or not math.isfinite(ramp_from) or not 0 < ramp_from <= 1
+        ):
+            raise ValueError(
+                f"`ramp_from` must be a number in (0, 1], got {ramp_from!r}: it is the fraction of the full "
+                "strength at the first coupled step, e.g. 0.01."
+            )
+        self.ramp_steps, self.ramp_from = ramp_steps, float(ramp_from)
         self.steps_applied = 0
 
     @property
@@ -206,6 +229,7 @@ class SoftQuantCallback(Callback):
             if self.coupler.target_step is not None:
                 self.coupler.calibrate(pl_module, _effective_lr(optimizer))
             rank_zero_info(self._describe())
+        self.coupler.scale = self.strength_scale()
         want_loss = trainer.global_step % self.log_every_n_steps == 0
         params = [p for group in optimizer.param_groups for p in group["params"]]
         ratios = self.coupler.grad_ratios(pl_module, only=params) if want_loss and self.log_grad_ratio else {}
@@ -222,7 +246,16 @@ class SoftQuantCallback(Callback):
             if ratios:
                 metrics.update({f"sq/grad_ratio/{n}": v for n, v in ratios.items()})
                 metrics["sq/grad_ratio_max"] = max(ratios.values())
+            if self.ramp_steps:
+                metrics["sq/h_scale"] = self.coupler.scale
             log_scalars(trainer, metrics)
+
+    def strength_scale(self, k: Optional[int] = None) -> float:
+        """Factor on every ``h_l`` at the k-th coupled step (default: the next one)."""
+        if not self.ramp_steps:
+            return 1.0
+        k = self.steps_applied if k is None else k
+        return self.ramp_from ** (1.0 - min(k / self.ramp_steps, 1.0))
 
     @staticmethod
     def _has_refine(trainer: pl.Trainer) -> bool:
@@ -236,6 +269,8 @@ class SoftQuantCallback(Callback):
             if self.coupler.calibrated
             else f"h={self.coupler.h:g}, alpha={self.coupler.alpha:g}"
         )
+        if self.ramp_steps:
+            how += f", ramped from {self.ramp_from:g}x over {self.ramp_steps} steps"
         lines = [f"SoftQuantCallback: coupling {len(rows)} layers ({how}, w={self.coupler.w:g})"]
         lines += [f"  {r['name']:<40} N={r['numel']:>8}  sigma={r['sigma']:.4g}  w_l={r['w_l']:.4g}  h_l={r['h_l']:.4g}" for r in rows]
         return "\n".join(lines)

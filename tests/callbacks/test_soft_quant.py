@@ -107,6 +107,34 @@ def test_grad_ratio_is_coupling_norm_over_task_norm():
     assert all(not any(k.startswith("sq/grad_ratio") for k in m) for _, m in sink.metrics if "sq/grad_ratio_max" not in m)
 
 
+def test_ramp_scales_the_injected_gradient_geometrically():
+    pl.seed_everything(0)
+    train, _ = digits_loaders()
+    before, after, sink = GradProbe(), GradProbe(), MetricSink()
+    cb = SoftQuantCallback(h=1e-2, w=0.3, backend="exact", ramp_steps=4, ramp_from=0.01, log_every_n_steps=1)
+    model = TinyNet()
+    sigma0 = {n: float(p.detach().std()) for n, p in model.named_parameters() if n.endswith("weight")}
+    trainer(max_steps=6, callbacks=[before, cb, after], logger=sink).fit(model, train)
+    # 0.01 -> 1 in four geometric steps, then the full strength.
+    factors = [0.01, 0.01**0.75, 0.1, 0.01**0.25, 1.0, 1.0]
+    assert [m["sq/h_scale"] for _, m in sink.metrics if "sq/h_scale" in m] == pytest.approx(factors)
+    for factor, rec_b, rec_a in zip(factors, before.records, after.records, strict=True):
+        for name, (theta, g0) in rec_b.items():
+            if name.endswith("weight"):
+                ref = coupling_pairwise(theta, 0.3 * sigma0[name], layer_strength(1e-2, theta.numel(), 0.66)).grad
+                torch.testing.assert_close(rec_a[name][1] - g0, factor * ref, rtol=1e-4, atol=1e-7)
+
+
+def test_target_step_calibration_ignores_the_ramp():
+    torch.manual_seed(0)
+    net = TinyNet().net
+    plain, ramped = WeightCoupler(w=0.3, target_step=0.05), WeightCoupler(w=0.3, target_step=0.05)
+    ramped.scale = 0.01
+    assert ramped.calibrate(net, 0.1) == pytest.approx(plain.calibrate(net, 0.1))
+    name = next(iter(plain.sigma))
+    assert ramped.h_l(name) == pytest.approx(0.01 * plain.h_l(name)) and ramped.scale == 0.01
+
+
 def test_grad_ratio_on_a_plain_module_skips_layers_without_grad():
     torch.manual_seed(0)
     net = TinyNet().net
@@ -158,14 +186,16 @@ def test_sigma_captured_at_start_and_frozen():
             assert cb.coupler.sigma[name] == pytest.approx(float(theta.std()), rel=1e-6)
 
 
-def test_resume_from_mid_run_checkpoint_is_exact(tmp_path):
+@pytest.mark.parametrize("ramp_epochs", [0, 3])
+def test_resume_from_mid_run_checkpoint_is_exact(tmp_path, ramp_epochs):
     # No shuffling: a plain DataLoader's shuffle generator is not part of a checkpoint.
     train, _ = digits_loaders(shuffle=False)
 
     def run(max_epochs, ckpt_path=None, ckpt_cb=None):
         pl.seed_everything(0)
         model = TinyNet()
-        cbs = [SoftQuantCallback(h=2e-3, w=0.3)] + ([ckpt_cb] if ckpt_cb else [])
+        # With a ramp the checkpoint (end of epoch 2) falls inside it.
+        cbs = [SoftQuantCallback(h=2e-3, w=0.3, ramp_steps=ramp_epochs * len(train))] + ([ckpt_cb] if ckpt_cb else [])
         t = trainer(max_epochs=max_epochs, callbacks=cbs, enable_checkpointing=ckpt_cb is not None)
         t.fit(model, train, ckpt_path=ckpt_path)
         return model, cbs[0]
@@ -245,6 +275,9 @@ def test_non_finite_weights_fail_loudly_without_touching_grads():
         ({"include": ["("]}, "`include` pattern '\\(' is not a valid regex"),
         ({"module_types": "Linear"}, "`module_types` must be a list"),
         ({"min_size": -3}, "`min_size` must be an int >= 0"),
+        ({"ramp_steps": -1}, "`ramp_steps` must be an int >= 0"),
+        ({"ramp_steps": 10, "ramp_from": 0.0}, "`ramp_from` must be a number in \\(0, 1\\]"),
+        ({"ramp_steps": 10, "ramp_from": 2.0}, "`ramp_from` must be a number in \\(0, 1\\]"),
     ],
 )
 def test_bad_arguments(kwargs, match):
