@@ -195,6 +195,11 @@ def _soft_key(r: dict) -> tuple:
             r.get("ramp_from") if r.get("ramp_steps") else None)
 
 
+def _args_key(args, target_step=None, placement="mean") -> tuple:
+    """``_soft_key`` of the row these arguments would write (or, for a control, read)."""
+    return (target_step, placement, args.alpha, args.ramp_steps, args.ramp_from if args.ramp_steps else None)
+
+
 def run_codebook(args, bits: int, dm: CIFAR10DataModule) -> dict:
     """Method B for the coupling epochs, then snap to its representatives and refine."""
     t0 = time.time()
@@ -502,9 +507,8 @@ def main() -> None:
             if quantizer not in ("heq", "kmeans"):
                 raise SystemExit(f"--controls: quantizer must be 'heq' or 'kmeans', got {quantizer!r} in {spec!r}")
             method, h, w = f"refined-{quantizer}", float(h), float(w)
-            key = (None, "mean", args.alpha, args.ramp_steps, args.ramp_from if args.ramp_steps else None)
             source = [r for r in done if _method(r) == "softquant" and schedule(r, 0) and (r["h"], r["w"]) == (h, w)
-                      and _soft_key(r) == key]
+                      and _soft_key(r) == _args_key(args)]
             if not source:
                 raise SystemExit(f"--controls {spec}: no soft quantization row h={h:g} w={w:g} (seed 0) with these "
                                  f"epochs and schedule in {out}; run --points {h:g}:{w:g} first")
@@ -513,11 +517,11 @@ def main() -> None:
             if _method(r) != method or not schedule(r):
                 return False
             if method == "softquant":
-                return ((r["h"], r["w"]) == tuple(float(v) for v in spec.split(":")) and _soft_key(r) == (
-                    args.target_step, args.placement, args.alpha, args.ramp_steps, args.ramp_from if args.ramp_steps else None))
+                return ((r["h"], r["w"]) == tuple(float(v) for v in spec.split(":"))
+                        and _soft_key(r) == _args_key(args, args.target_step, args.placement))
             if method.startswith("refined-"):
-                return (r["h"], r["w"]) == (h, w) and (r.get("source_alpha", 0.66), r.get("source_ramp_steps", 0)) == (
-                    args.alpha, args.ramp_steps)
+                source_key = _soft_key({k.removeprefix("source_"): v for k, v in r.items() if k.startswith("source_")})
+                return (r["h"], r["w"]) == (h, w) and source_key == _args_key(args)
             return r["n_bits"] == spec
 
         if any(same(r) for r in done):
