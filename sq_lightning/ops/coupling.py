@@ -37,11 +37,12 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple, Optional
 
+import numpy as np
 import torch
 import torch.distributed
 from torch import Tensor
 
-from sq_lightning.ops import _cpu_kernels
+from sq_lightning.ops import _cpu_kernels, _triton_kernels
 
 Backend = Literal["histogram", "exact", "pairwise"]
 Conv = Literal["prefix", "fft"]
@@ -287,11 +288,14 @@ def _added_into(out: Optional[list[Tensor]], grads: list[Tensor]) -> list[Tensor
 def _check_bounds(mins: Tensor, maxs: Tensor) -> None:
     """Non-finite per-layer extremes mean NaN or inf weights: a clear error naming the layers."""
     if not bool(torch.isfinite(mins).all() and torch.isfinite(maxs).all()):
-        bad = [i for i in range(mins.numel()) if not (math.isfinite(mins[i].item()) and math.isfinite(maxs[i].item()))]
-        raise ValueError(
-            f"layer(s) {bad} hold non-finite weights (NaN or inf): the coupling force is undefined. "
-            "Fix the divergence first (lower the learning rate or `h`)."
-        )
+        _raise_non_finite([i for i in range(mins.numel()) if not (math.isfinite(mins[i].item()) and math.isfinite(maxs[i].item()))])
+
+
+def _raise_non_finite(bad: list[int]) -> None:
+    raise ValueError(
+        f"layer(s) {bad} hold non-finite weights (NaN or inf): the coupling force is undefined. "
+        "Fix the divergence first (lower the learning rate or `h`)."
+    )
 
 
 def _force(hist: Tensor, r: Tensor, conv: Conv) -> Tensor:
@@ -404,7 +408,9 @@ def coupling_grad_batched(
 
     On the CPU with numba installed (extra ``fast``), the deposit and the gather run
     as fused kernels (:mod:`sq_lightning.ops._cpu_kernels`), same arithmetic, one
-    read of the weights each; elsewhere as torch operations.
+    read of the weights each; on CUDA with Triton, the deposit, the field and the
+    gather run as Triton kernels (:mod:`sq_lightning.ops._triton_kernels`); elsewhere
+    (and for ``sharded``) as torch operations.
 
     Returns:
         ``(loss or None, [grad per layer, float32 (or out's), each param's shape])``.
@@ -437,6 +443,8 @@ def coupling_grad_batched(
             raise ValueError("`out` needs one tensor per layer with the layer's shape and device.")
     if not sharded and _cpu_kernels.enabled(params):
         return _batched_cpu_kernels(params, sizes, w_t, h_t, n_bins, compute_loss, conv, per_layer_loss, out)
+    if not sharded and _triton_kernels.enabled(params):
+        return _batched_triton(params, sizes, w, h, n_bins, compute_loss, conv, per_layer_loss, out)
     flat = torch.cat([p.detach().reshape(-1) for p in params]).float() if len(params) > 1 else params[0].detach().reshape(-1).float()
     if sharded:
         bounds = _global_bounds(flat, sizes, n_bins, group)
@@ -499,6 +507,58 @@ def _batched_cpu_kernels(
     per_layer = torch.stack([x.double().sum() for x in v])
     n = torch.tensor(sizes, dtype=torch.float64)
     loss = (h_t.double() * (per_layer + n * w_t.double())).float()
+    return (loss if per_layer_loss else loss.sum()), grads
+
+
+def _batched_triton(
+    params: Sequence[Tensor],
+    sizes: tuple[int, ...],
+    w: Sequence[float] | Tensor,
+    h: Sequence[float] | Tensor,
+    n_bins: int,
+    compute_loss: bool,
+    conv: Conv,
+    per_layer_loss: bool,
+    out: Optional[list[Tensor]],
+) -> tuple[Optional[Tensor], list[Tensor]]:
+    """:func:`coupling_grad_batched` with the fused Triton deposit, field and gather (GPU).
+
+    One host synchronization per call (the layers' extremes, needed on the host to
+    check them and to place the grids); everything else is queued on the device.
+    """
+    K = _triton_kernels
+    device = params[0].device
+    w_np = (w.detach().cpu().numpy() if isinstance(w, Tensor) else np.asarray(w)).astype(np.float32).reshape(-1)
+    h_np = (h.detach().cpu().numpy() if isinstance(h, Tensor) else np.asarray(h)).astype(np.float64).reshape(-1)
+    flats = K.flat_weights(params)
+    mins, maxs = K.bounds(flats)
+    bad = K.non_finite(mins, maxs)
+    if bad:
+        _raise_non_finite(bad)
+    lo, inv, r = K.grid_parameters(mins, maxs, w_np, n_bins)
+    hist = K.deposit(flats, lo, inv, n_bins)
+    if conv == "prefix":
+        q, phi = K.edge_split(r)
+        force = K.field(hist, q, phi, 2.0 * h_np)
+    else:
+        r_t = torch.from_numpy(r).to(device)
+        force = _force(hist.float(), r_t, conv) * torch.from_numpy(2.0 * h_np).float().to(device)[:, None]
+    direct = out is not None and all(o.dtype == torch.float32 and o.is_contiguous() for o in out)
+    grads = out if direct else [torch.empty(p.shape, dtype=torch.float32, device=device) for p in params]
+    K.gather(flats, lo, inv, force, [g.view(-1) for g in grads], add=direct)
+    if out is not None and not direct:
+        grads = _added_into(out, grads)
+    if not compute_loss:
+        return None, grads
+    r_t = torch.from_numpy(r).to(device)
+    half = int(math.ceil(float(r.max()))) + 1
+    pot = _conv_fft(hist.float(), _grid_kernel(r_t, half, well=True)) * torch.from_numpy(1.0 / inv).to(device)[:, None]
+    v = [torch.empty(n, dtype=torch.float32, device=device) for n in sizes]
+    K.gather(flats, lo, inv, pot, v, add=False)
+    per_layer = torch.stack([x.double().sum() for x in v])
+    n = torch.tensor(sizes, dtype=torch.float64, device=device)
+    h_d = torch.from_numpy(h_np).to(device)
+    loss = (h_d * (per_layer + n * torch.from_numpy(w_np.astype(np.float64)).to(device))).float()
     return (loss if per_layer_loss else loss.sum()), grads
 
 

@@ -305,3 +305,26 @@ def test_fit_twice_on_the_same_trainer_and_module():
     assert cb.coupler.sigma == sigma  # frozen at the first coupled step
     assert cb.steps_applied == steps + 2 * len(train)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_injected_gradient_on_cuda_matches_the_exact_gradient():
+    # hidden=4096: layers of 262,144 and 131,072 weights take the histogram backend
+    # (the Triton kernels where Triton is installed), the last one (320) the exact one.
+    pl.seed_everything(0)
+    train, _ = digits_loaders()
+    before, after = GradProbe(), GradProbe()
+    cb = SoftQuantCallback(h=1e-2, w=0.3, backend="auto")
+    model = TinyNet(hidden=4096)
+    sigma0 = {n: float(p.detach().std()) for n, p in model.named_parameters() if n.endswith("weight")}
+    trainer(accelerator="cuda", deterministic=False, max_steps=3, callbacks=[before, cb, after]).fit(model, train)
+    assert cb.steps_applied == 3
+    for rec_b, rec_a in zip(before.records, after.records):
+        for name, (theta, g0) in rec_b.items():
+            if not name.endswith("weight"):
+                continue
+            added = (rec_a[name][1] - g0).cpu()
+            assert rec_a[name][1].is_cuda
+            expected = coupling_exact(theta.cpu(), 0.3 * sigma0[name], layer_strength(1e-2, theta.numel(), 0.66)).grad
+            err = float((added - expected).norm() / expected.norm())
+            assert err < (1e-5 if theta.numel() < 4096 else 0.02), (name, err)
