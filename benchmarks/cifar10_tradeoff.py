@@ -169,7 +169,9 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule) -> dict:
     e2 = args.couple_epochs
     soft = SoftQuantCallback(h=h, w=w, alpha=args.alpha, stop_epoch=e2, target_step=args.target_step,
                              ramp_steps=args.ramp_steps, ramp_from=args.ramp_from)
-    refine = ClusterRefine(snap_epoch=e2, w=w, recalibrate_bn_batches=100, placement=args.placement)
+    # With a bit budget every layer is snapped to it (as the controls are), whatever its snap error.
+    refine = ClusterRefine(snap_epoch=e2, w=w, recalibrate_bn_batches=100, placement=args.placement,
+                           max_bits=args.max_bits, on_unclustered="snap" if args.max_bits else "keep")
     timer = StepTimer()
     phases, before, after = _phases(dm, e2, refine)
     _trainer(e2 + args.refine_epochs, [soft, *phases, timer], args.limit).fit(module, datamodule=dm)
@@ -186,18 +188,21 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule) -> dict:
 
 
 def _ramp(args) -> dict:
-    return {"ramp_steps": args.ramp_steps, "ramp_from": args.ramp_from} if args.ramp_steps else {}
+    """The row fields of the options that only some runs use (the h ramp, a bit budget)."""
+    out = {"ramp_steps": args.ramp_steps, "ramp_from": args.ramp_from} if args.ramp_steps else {}
+    return {**out, "max_bits": args.max_bits} if args.max_bits else out
 
 
 def _soft_key(r: dict) -> tuple:
     """What, besides h, w and the schedule, tells soft quantization rows apart."""
     return (r.get("target_step"), r.get("placement", "mean"), r.get("alpha", 0.66), r.get("ramp_steps", 0),
-            r.get("ramp_from") if r.get("ramp_steps") else None)
+            r.get("ramp_from") if r.get("ramp_steps") else None, r.get("max_bits"))
 
 
 def _args_key(args, target_step=None, placement="mean") -> tuple:
     """``_soft_key`` of the row these arguments would write (or, for a control, read)."""
-    return (target_step, placement, args.alpha, args.ramp_steps, args.ramp_from if args.ramp_steps else None)
+    return (target_step, placement, args.alpha, args.ramp_steps, args.ramp_from if args.ramp_steps else None,
+            args.max_bits)
 
 
 def run_codebook(args, bits: int, dm: CIFAR10DataModule) -> dict:
@@ -290,7 +295,9 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         f", seed {r['seed']}" if r.get("seed") else "") + (", k-means snap" if r.get("placement") == "kmeans" else "") + (
         f", alpha {r['alpha']:g}" if r.get("alpha", r.get("source_alpha", 0.66)) != 0.66 else "") + (
         f", h ramp x{r['ramp_from']:g} over {r['ramp_steps']} steps" if r.get("ramp_steps") else "") + (
-        f", source h ramp x{r['source_ramp_from']:g} over {r['source_ramp_steps']} steps" if r.get("source_ramp_steps") else "")
+        f", source h ramp x{r['source_ramp_from']:g} over {r['source_ramp_steps']} steps" if r.get("source_ramp_steps") else "") + (
+        f", at most {r['max_bits']} bit(s) a layer" if r.get("max_bits") else "") + (
+        f", source at most {r['source_max_bits']} bit(s) a layer" if r.get("source_max_bits") else "")
     phase = lambda r, key: f"{r[key]:.4f}" if r.get(key) is not None else "-"  # noqa: E731
     out = [
         "# ResNet-20 / CIFAR-10: soft quantization vs post-training baselines at the same K_l",
@@ -363,7 +370,8 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
                 f"{r['couple_epochs']}/{r['refine_epochs']}{sched(r)} | {r['date']}, {r['device']} |"
             )
     out += _relation([r for r in soft if not r.get("target_step") and not r.get("seed")
-                      and r.get("placement", "mean") == "mean" and r.get("alpha", 0.66) == 0.66 and not r.get("ramp_steps")])
+                      and r.get("placement", "mean") == "mean" and r.get("alpha", 0.66) == 0.66 and not r.get("ramp_steps")
+                      and not r.get("max_bits")])
     cmds = sorted({r.get("command", LEGACY_COMMAND) for r in lines})
     out += ["", "## Commands", "", *[f"- `{c}`" for c in cmds]]
     (directory / "cifar10_tradeoff.md").write_text("\n".join(out) + "\n")
@@ -469,6 +477,10 @@ def main() -> None:
     ap.add_argument("--ramp-from", type=float, default=0.01, help="soft quantization: start of the h ramp")
     ap.add_argument("--placement", choices=["mean", "kmeans"], default="mean",
                     help="soft quantization snap: cluster means, or optimal k-means values at the discovered K_l")
+    ap.add_argument("--max-bits", type=int, default=None,
+                    help="soft quantization snap: at most 2^max_bits values a layer (optimal k-means of the coupled "
+                         "weights where more clusters were found; every layer snapped); --controls then take their "
+                         "K_l from such a row")
     ap.add_argument("--seed", type=int, default=0, help="seed of the run and of the data order/augmentation")
     ap.add_argument("--couple-epochs", type=int, default=1)
     ap.add_argument("--refine-epochs", type=int, default=1)

@@ -40,7 +40,7 @@ class LayerReport:
 
 def check_snap_args(
     w: float, gap: float, min_cluster_frac: float, merge: str, max_snap_error: float, on_unclustered: str,
-    placement: str = "mean",
+    placement: str = "mean", max_bits: Optional[int] = None,
 ) -> None:
     for name, value in (("w", w), ("gap", gap), ("min_cluster_frac", min_cluster_frac), ("max_snap_error", max_snap_error)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -60,6 +60,9 @@ def check_snap_args(
     if placement not in ("mean", "kmeans"):
         raise ValueError(f"`placement` must be 'mean' (cluster means) or 'kmeans' (optimal 1-D k-means at the "
                          f"discovered K), got {placement!r}.")
+    if max_bits is not None and (isinstance(max_bits, bool) or not isinstance(max_bits, int) or not 1 <= max_bits <= 16):
+        raise ValueError(f"`max_bits` must be None (no cap) or an int in [1, 16] (at most 2^max_bits values per "
+                         f"layer), got {max_bits!r}.")
 
 
 class UnclusteredLayerError(RuntimeError):
@@ -92,6 +95,15 @@ class ClusterSnapper:
             candidate of the k-means problem) and is the same where the clusters are
             well separated. Costs an O(K_l N_l log N_l) dynamic program per layer, once.
             Layers with given representatives (a codebook) are not affected.
+        max_bits: a bit budget per layer: a layer that discovered more than
+            ``2^max_bits`` clusters, or fewer but too loose ones (snap error above
+            ``max_snap_error``: it did not cluster), is re-partitioned into exactly
+            ``2^max_bits`` values by optimal 1-D k-means of its (coupled) weights, the
+            least squared error of any ``2^max_bits``-level snap; a layer whose clusters
+            fit the budget keeps them. ``None``: no cap (the bits are what the coupling
+            produced). The snap error is then checked against ``max_snap_error`` as
+            usual (a tight budget may need ``on_unclustered="snap"``). Layers with given
+            representatives are not affected.
     """
 
     def __init__(
@@ -104,9 +116,10 @@ class ClusterSnapper:
         on_unclustered: OnUnclustered = "keep",
         selector: Optional[LayerSelector] = None,
         placement: Placement = "mean",
+        max_bits: Optional[int] = None,
     ) -> None:
-        check_snap_args(w, gap, min_cluster_frac, merge, max_snap_error, on_unclustered, placement)
-        self.placement = placement
+        check_snap_args(w, gap, min_cluster_frac, merge, max_snap_error, on_unclustered, placement, max_bits)
+        self.placement, self.max_bits = placement, max_bits
         self.w, self.gap, self.min_cluster_frac, self.merge = w, gap, min_cluster_frac, merge
         self.max_snap_error, self.on_unclustered = max_snap_error, on_unclustered
         self.selector = selector or LayerSelector()
@@ -146,7 +159,10 @@ class ClusterSnapper:
                 wl = 1.0  # a constant layer: one cluster whatever the threshold
             min_size = max(1, int(self.min_cluster_frac * theta.numel()))
             cl = find_clusters(theta, self.gap * wl, min_size=min_size, merge=self.merge)
-            if self.placement == "kmeans" and cl.k > 1:
+            cap = None if self.max_bits is None else 1 << self.max_bits
+            if cap is not None and (cl.k > cap or (cl.k < cap and cl.snap_error(theta) > self.max_snap_error)):
+                cl = _kmeans_clusters(theta, cap)
+            elif self.placement == "kmeans" and cl.k > 1:
                 cl = _kmeans_clusters(theta, cl.k)
             found[name] = cl
         return found

@@ -73,6 +73,10 @@ class ClusterRefine(Callback):
         include: regexes on full parameter names to snap whatever their module.
         exclude: regexes on full parameter names never to snap.
         min_size: layers with fewer weights are not snapped.
+        max_bits: bit budget per layer: a layer with more than ``2^max_bits``
+            discovered clusters (or one that did not cluster) is snapped to exactly
+            ``2^max_bits`` values placed by optimal 1-D k-means of its coupled weights
+            (``None``: no cap); see :class:`~sq_lightning.snapper.ClusterSnapper`.
 
     Raises:
         ValueError: a bad argument, a selection that matches no layer, or
@@ -105,6 +109,7 @@ class ClusterRefine(Callback):
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         min_size: int = 0,
+        max_bits: Optional[int] = None,
     ) -> None:
         super().__init__()
         if snap_epoch is not None and (isinstance(snap_epoch, bool) or not isinstance(snap_epoch, int) or snap_epoch < 0):
@@ -116,7 +121,8 @@ class ClusterRefine(Callback):
                 raise ValueError(f"`{name}` must be an int >= 0, got {value!r}.")
         self.selector = LayerSelector(module_types, include, exclude, min_size)
         self.snapper = ClusterSnapper(
-            w, gap, min_cluster_frac, merge, max_snap_error, on_unclustered, self.selector, placement=placement
+            w, gap, min_cluster_frac, merge, max_snap_error, on_unclustered, self.selector, placement=placement,
+            max_bits=max_bits,
         )
         self.snap_epoch = snap_epoch
         self.clusters_from = clusters_from

@@ -198,6 +198,46 @@ def test_kmeans_placement_changes_nothing_on_separated_clusters():
     torch.testing.assert_close(out[0], out[1])
 
 
+def test_max_bits_caps_k_with_the_least_error_partition():
+    torch.manual_seed(1)
+    centers = torch.tensor([-0.4, -0.2, 0.0, 0.15, 0.35])
+    weights = centers[torch.arange(24) % 5].reshape(4, 6) + 1e-3 * torch.randn(4, 6)
+    found = {}
+    for max_bits in (None, 1, 2, 3):
+        net = torch.nn.Sequential(torch.nn.Linear(6, 4, bias=False))
+        with torch.no_grad():
+            net[0].weight.copy_(weights)
+        rep = ClusterSnapper(w=0.3, on_unclustered="snap", merge="none", max_bits=max_bits).snap(net)["0.weight"]
+        found[max_bits] = (rep, net[0].weight.detach().clone())
+    assert found[None][0].k == 5 and found[3][0].k == 5  # under the cap: the discovered clusters stay
+    torch.testing.assert_close(found[3][1], found[None][1])
+    for max_bits, k in ((1, 2), (2, 4)):
+        rep, snapped = found[max_bits]
+        assert rep.k == k == torch.unique(snapped).numel() and rep.bits == max_bits
+        sse = float(((snapped - weights) ** 2).sum())
+        assert sse == pytest.approx(_best_partition_sse(weights.flatten().tolist(), k), rel=1e-5)
+    # A layer that did not cluster (one gap-free Gaussian blob: K = 1, snap error ~1)
+    # gets the whole budget instead of a single value.
+    blob = torch.randn(4, 6)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 4, bias=False))
+    with torch.no_grad():
+        net[0].weight.copy_(blob)
+    assert ClusterSnapper(w=3.0, merge="none").find(net)["0.weight"].k < 4
+    rep = ClusterSnapper(w=3.0, merge="none", on_unclustered="snap", max_bits=2).snap(net)["0.weight"]
+    assert rep.k == 4
+    sse = float(((net[0].weight.detach() - blob) ** 2).sum())
+    assert sse == pytest.approx(_best_partition_sse(blob.flatten().tolist(), 4), rel=1e-5)
+
+
+def test_max_bits_through_the_refine_callback(tmp_path):
+    model, refine, _, _ = _pipeline(tmp_path, logger=False, max_bits=1, on_unclustered="snap")
+    params = dict(model.named_parameters())
+    for name in WEIGHTS:
+        rep = refine.snapper.reports[name]
+        assert rep.snapped and rep.k <= 2 and rep.bits <= 1
+        assert torch.unique(params[name].detach()).numel() == rep.k
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -210,6 +250,8 @@ def test_kmeans_placement_changes_nothing_on_separated_clusters():
         ({"on_unclustered": "ignore"}, "`on_unclustered` must be"),
         ({"clusters_from": "kmeans"}, "`clusters_from` must be"),
         ({"placement": "median"}, "`placement` must be 'mean'"),
+        ({"max_bits": 0}, "`max_bits` must be None"),
+        ({"max_bits": 2.0}, "`max_bits` must be None"),
         ({"recalibrate_bn_batches": -1}, "`recalibrate_bn_batches` must be an int >= 0"),
     ],
 )
