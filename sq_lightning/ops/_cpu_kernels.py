@@ -15,9 +15,10 @@ same arithmetic in one read of the weights each:
 Both are plain loops compiled by numba (``nogil``), so a layer can be split into
 chunks run on Python threads, one private histogram row per thread (summed after),
 up to ``torch.get_num_threads()`` threads. numba is optional (the ``fast`` extra);
-without it, or for non-CPU tensors, :mod:`sq_lightning.ops.coupling` uses its torch
-path. ``SQ_LIGHTNING_KERNELS=torch`` forces the torch path, ``=numba`` makes a
-missing numba an error instead of a silent fallback.
+without it, :mod:`sq_lightning.ops.coupling` uses its torch path (CUDA tensors take
+the Triton kernels of :mod:`sq_lightning.ops._triton_kernels`).
+``SQ_LIGHTNING_KERNELS=torch`` forces the torch path on every device, ``=numba``
+makes a missing numba an error instead of a silent fallback.
 
 Arithmetic matches the torch path: positions in float32 (``t = (θ - lo)·inv``,
 lower grid point clamped to ``[0, M - 2]``), histogram sums in float64.
