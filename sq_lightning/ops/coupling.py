@@ -422,6 +422,9 @@ def coupling_grad_batched(
     if conv not in ("prefix", "fft"):
         raise ValueError(f"`conv` must be 'prefix' or 'fft', got {conv!r}.")
     device = params[0].device
+    # The Triton path reads w and h on the host: no device tensors for it (every step).
+    triton_path = not sharded and _triton_kernels.enabled(params)
+    w_t = h_t = None
     if not isinstance(w, Tensor) and not isinstance(h, Tensor):
         # Checked on the Python floats: no tensor op (nor device sync) per training step.
         if len(w) != len(params) or len(h) != len(params):
@@ -430,8 +433,9 @@ def coupling_grad_batched(
             raise ValueError(f"`w` must be finite and > 0 for every layer, got {list(w)}.")
         if not all(x >= 0 for x in h):
             raise ValueError(f"`h` must be >= 0 for every layer, got {list(h)}.")
-        w_t = torch.tensor(w, dtype=torch.float32, device=device)
-        h_t = torch.tensor(h, dtype=torch.float32, device=device)
+        if not triton_path:
+            w_t = torch.tensor(w, dtype=torch.float32, device=device)
+            h_t = torch.tensor(h, dtype=torch.float32, device=device)
     else:
         w_t, h_t = _checked_layer_values(w, h, len(params), device)
     sizes = tuple(p.numel() for p in params)
@@ -443,7 +447,7 @@ def coupling_grad_batched(
             raise ValueError("`out` needs one tensor per layer with the layer's shape and device.")
     if not sharded and _cpu_kernels.enabled(params):
         return _batched_cpu_kernels(params, sizes, w_t, h_t, n_bins, compute_loss, conv, per_layer_loss, out)
-    if not sharded and _triton_kernels.enabled(params):
+    if triton_path:
         return _batched_triton(params, sizes, w, h, n_bins, compute_loss, conv, per_layer_loss, out)
     flat = torch.cat([p.detach().reshape(-1) for p in params]).float() if len(params) > 1 else params[0].detach().reshape(-1).float()
     if sharded:

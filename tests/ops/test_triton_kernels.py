@@ -109,6 +109,11 @@ def test_kernels_under_interpreter_match_torch_path_and_exact():
             assert float((p - f).norm() / p.norm()) < 1e-4
             assert torch.equal(i, p + b)
             assert ib.dtype == torch.bfloat16 and torch.allclose(ib.float(), p + b, rtol=1e-2, atol=1e-2)
+        # The public entry point dispatches to these kernels where they are enabled
+        # (CUDA tensors; forced here), with w and h given as plain floats.
+        CP._triton_kernels.enabled = lambda tensors: True
+        _, public = CP.coupling_grad_batched(params, ws, hs)
+        assert all(torch.equal(a, b) for a, b in zip(public, plain))
         # Non-finite weights: the same error as the other paths, naming the layer.
         params[1][0, 0, 0, 0] = float("nan")
         try:
