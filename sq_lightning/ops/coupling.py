@@ -445,10 +445,10 @@ def coupling_grad_batched(
         out = list(out)
         if len(out) != len(params) or any(o.shape != p.shape or o.device != p.device for o, p in zip(out, params)):
             raise ValueError("`out` needs one tensor per layer with the layer's shape and device.")
-    if not sharded and _cpu_kernels.enabled(params):
-        return _batched_cpu_kernels(params, sizes, w_t, h_t, n_bins, compute_loss, conv, per_layer_loss, out)
     if triton_path:
         return _batched_triton(params, sizes, w, h, n_bins, compute_loss, conv, per_layer_loss, out)
+    if not sharded and _cpu_kernels.enabled(params):
+        return _batched_cpu_kernels(params, sizes, w_t, h_t, n_bins, compute_loss, conv, per_layer_loss, out)
     flat = torch.cat([p.detach().reshape(-1) for p in params]).float() if len(params) > 1 else params[0].detach().reshape(-1).float()
     if sharded:
         bounds = _global_bounds(flat, sizes, n_bins, group)
