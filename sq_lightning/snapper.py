@@ -213,15 +213,19 @@ class ClusterSnapper:
         """Sets every snapped weight to the current mean of its cluster (assignments fixed).
 
         Called after each optimizer step during refinement, so a centroid moves by
-        the mean update of its members: weight sharing.
+        the mean update of its members: weight sharing. The clusters move to their
+        weights' device on the first call (after a resume they are loaded on the
+        CPU) and stay there, and the cluster sizes are not counted again: on a GPU
+        the tie is queued without a single host sync.
         """
         params = dict(model.named_parameters())
         for name, cl in self.clusters.items():
             p = params[name]
-            a = cl.assignments.to(p.device)
-            means = tie_to_clusters(p, a, cl.k)
-            cl.centroids = means.to(cl.centroids.device)
-            p.copy_(means[a].to(p.dtype).reshape(p.shape))
+            if cl.assignments.device != p.device or cl.counts.device != p.device:
+                cl.assignments, cl.counts = cl.assignments.to(p.device), cl.counts.to(p.device)
+            a = cl.assignments
+            cl.centroids = tie_to_clusters(p, a, cl.k, cl.counts)
+            p.copy_(cl.centroids[a].to(p.dtype).reshape(p.shape))
 
     def summary(self) -> dict[str, float]:
         """``bits_weighted``, ``bits_mean``, ``compression_ratio`` over the reported layers.

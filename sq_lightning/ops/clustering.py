@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor
@@ -188,10 +188,19 @@ def assign_to_centroids(theta: Tensor, centroids: Tensor) -> Clusters:
     return Clusters(means.float(), dense.reshape(theta.shape), counts)
 
 
-def tie_to_clusters(theta: Tensor, assignments: Tensor, k: int) -> Tensor:
-    """Means of the current members of each cluster (assignments fixed), float32 (k,)."""
-    means, _ = _segment_means(theta.detach().reshape(-1).float(), assignments.reshape(-1), k)
-    return means.float()
+def tie_to_clusters(theta: Tensor, assignments: Tensor, k: int, counts: Optional[Tensor] = None) -> Tensor:
+    """Means of the current members of each cluster (assignments fixed), float32 (k,).
+
+    ``counts`` (members per cluster, on ``theta``'s device), when given, spares the
+    ``bincount``, which on CUDA waits for the device to size its output: with it the
+    whole call is queued without a host sync.
+    """
+    if counts is None:
+        means, _ = _segment_means(theta.detach().reshape(-1).float(), assignments.reshape(-1), k)
+        return means.float()
+    flat = theta.detach().reshape(-1).to(torch.float64)
+    sums = torch.zeros(k, dtype=torch.float64, device=flat.device).index_add_(0, assignments.reshape(-1), flat)
+    return (sums / counts.clamp_min(1)).float()
 
 
 def bits_summary(numels: list[int], ks: list[int]) -> dict[str, float]:

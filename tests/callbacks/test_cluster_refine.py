@@ -146,6 +146,66 @@ def test_snap_with_given_centroids():
         assert torch.unique(dict(net.named_parameters())[n].detach()).numel() <= 3
 
 
+def _tie_reference(before: dict, after: dict) -> dict:
+    """Independent of the snapper: each weight set to the float64 mean of its cluster's
+    members, clusters read from the snapped weights ``before`` (one value per cluster)."""
+    out = {}
+    for n, w0 in before.items():
+        labels = torch.unique(w0, return_inverse=True)[1].reshape(-1).tolist()
+        w1 = after[n].reshape(-1).double().tolist()
+        sums, counts = {}, {}
+        for lab, v in zip(labels, w1):
+            sums[lab] = sums.get(lab, 0.0) + v
+            counts[lab] = counts.get(lab, 0) + 1
+        out[n] = torch.tensor([sums[lab] / counts[lab] for lab in labels], dtype=torch.float64).reshape(w0.shape)
+    return out
+
+
+def test_tie_sets_each_weight_to_its_cluster_mean_also_after_a_resume():
+    torch.manual_seed(0)
+    net = TinyNet().net
+    snapper = ClusterSnapper(max_snap_error=10.0)
+    snapper.snap(net, centroids={n: torch.tensor([-0.2, -0.05, 0.05, 0.2]) for n in ("0.weight", "2.weight", "4.weight")})
+    params = dict(net.named_parameters())
+    snapped = {n: params[n].detach().clone() for n in snapper.clusters}
+    resumed = ClusterSnapper()
+    resumed.load_state_dict(snapper.state_dict())
+    with torch.no_grad():  # an optimizer step: every weight moves on its own
+        for n in snapped:
+            params[n].add_(0.01 * torch.randn_like(params[n]))
+    stepped = {n: params[n].detach().clone() for n in snapped}
+    expect = _tie_reference(snapped, stepped)
+    snapper.tie(net)
+    for n, cl in snapper.clusters.items():
+        torch.testing.assert_close(params[n].detach().double(), expect[n], rtol=0, atol=1e-7)
+        assert torch.unique(params[n].detach()).numel() == cl.k
+        torch.testing.assert_close(cl.values().double(), expect[n], rtol=0, atol=1e-7)  # centroids follow
+        assert cl.assignments.device == cl.counts.device == params[n].device
+    # The state saved before the step, loaded into a new snapper, ties the same way.
+    with torch.no_grad():
+        for n in stepped:
+            params[n].copy_(stepped[n])
+    resumed.tie(net)
+    for n in snapped:
+        torch.testing.assert_close(params[n].detach().double(), expect[n], rtol=0, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tie_makes_no_host_sync():
+    net = TinyNet().net.cuda()
+    snapper = ClusterSnapper(max_snap_error=10.0)
+    snapper.snap(net, centroids={n: torch.tensor([-0.1, 0.0, 0.1]) for n in ("0.weight", "2.weight", "4.weight")})
+    snapper.tie(net)  # the first call may move the clusters to the weights' device
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        snapper.tie(net)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for n, cl in snapper.clusters.items():
+        assert torch.unique(dict(net.named_parameters())[n].detach()).numel() <= cl.k
+
+
 def _best_partition_sse(values: list[float], k: int) -> float:
     """Brute force: the least squared error of any split of sorted ``values`` into ``k`` runs."""
     import itertools
