@@ -50,18 +50,34 @@ from lightning.pytorch import Callback
 
 from sq_lightning.callbacks import ClusterRefine, LearnedCodebook, SoftQuantCallback
 from sq_lightning.data import CIFAR10DataModule
-from sq_lightning.evaluate import accuracy, evaluate_baselines
+from sq_lightning.evaluate import METHODS, accuracy, evaluate_baselines
 from sq_lightning.models import ImageClassifier
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _device() -> torch.device:
+    """Where the evaluations run: the GPU when there is one (training goes there by itself)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _trainer(epochs: int, callbacks: list, limit: float | int) -> pl.Trainer:
     return pl.Trainer(
         max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-        enable_model_summary=False, enable_progress_bar=False, callbacks=callbacks,
+        enable_model_summary=False, enable_progress_bar=False, callbacks=[*callbacks, EpochClock()],
         limit_train_batches=limit, limit_val_batches=0, num_sanity_val_steps=0,
     )
+
+
+class EpochClock(Callback):
+    """Prints each epoch's wall time: the progress of a long run, read from its log."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {time.perf_counter() - self._t:.1f} s",
+              flush=True)
 
 
 class StepTimer(Callback):
@@ -138,10 +154,12 @@ def _phases(dm, epoch: int, refine: Callback) -> tuple[list[Callback], PhaseAccu
 def _row(args, method: str, module, dm, ks: dict, timer: StepTimer, t0: float, **extra) -> dict:
     """Accuracy, bits, the post-training baselines at the same K_l and the run's facts."""
     val = dm.val_dataloader()
-    acc = accuracy(module.model, val)
-    fp = ImageClassifier(arch="resnet20", init_from=args.pretrained).model
+    acc = accuracy(module.model.to(_device()), val)
+    fp = ImageClassifier(arch="resnet20", init_from=args.pretrained).model.to(_device())
     params = dict(fp.named_parameters())
-    rows = evaluate_baselines(fp, ks, val, dm.train_dataloader(), recalibrate_batches=100)
+    # The baselines quantize the layers in ks; a run that quantized nothing needs only the reference.
+    rows = evaluate_baselines(fp, ks, val, dm.train_dataloader(), methods=() if not ks else METHODS,
+                              recalibrate_batches=100)
     # Distinct values per quantized layer of the trained model, counted, not assumed.
     trained = dict(module.model.named_parameters())
     distinct = {n: int(trained[n].detach().unique().numel()) for n in ks}
@@ -253,6 +271,7 @@ def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFA
     refine = ClusterRefine(snap_epoch=None, recalibrate_bn_batches=100, on_unclustered="snap")
     refine.snapper.snap(module, clusters=clusters)  # ClusterRefine then ties from the first step
     dm.setup("fit")
+    module.to(_device())  # the fit moves it there anyway; the stored clusters follow the weights
     recalibrate_batchnorm(module, dm.train_dataloader(), 100)
     acc_snapped = accuracy(module.model, dm.val_dataloader())
     timer = StepTimer()
@@ -280,6 +299,17 @@ def run_dkm(args, bits: int, dm: CIFAR10DataModule) -> dict:
     return _row(args, "dkm", module, dm, ks, timer, t0, n_bits=bits, kept_fp32=[])
 
 
+def run_fp(args, dm: CIFAR10DataModule) -> dict:
+    """The full-precision model trained on for the same epochs, lr and schedule: how much of a
+    quantized run's accuracy the extra training alone would give."""
+    t0 = time.time()
+    pl.seed_everything(args.seed)
+    module = ImageClassifier(arch="resnet20", lr=args.lr, schedule=args.schedule, init_from=args.pretrained)
+    timer = StepTimer()
+    _trainer(args.couple_epochs + args.refine_epochs, [timer], args.limit).fit(module, datamodule=dm)
+    return _row(args, "fp-finetuned", module, dm, {}, timer, t0, bits_weighted=32.0, bits_mean=32.0, kept_fp32=[])
+
+
 def _method(r: dict) -> str:
     return r.get("method", "softquant")
 
@@ -293,7 +323,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
     step = lambda r: f"{r['step_ms_median']:.0f}" if r.get("step_ms_median") else "-"  # noqa: E731
     sched = lambda r: (", cosine lr" if r.get("schedule") == "cosine" else "") + (  # noqa: E731
         f", seed {r['seed']}" if r.get("seed") else "") + (", k-means snap" if r.get("placement") == "kmeans" else "") + (
-        f", alpha {r['alpha']:g}" if r.get("alpha", r.get("source_alpha", 0.66)) != 0.66 else "") + (
+        f", alpha {r.get('alpha', r.get('source_alpha')):g}" if r.get("alpha", r.get("source_alpha", 0.66)) != 0.66 else "") + (
         f", h ramp x{r['ramp_from']:g} over {r['ramp_steps']} steps" if r.get("ramp_steps") else "") + (
         f", source h ramp x{r['source_ramp_from']:g} over {r['source_ramp_steps']} steps" if r.get("source_ramp_steps") else "") + (
         f", at most {r['max_bits']} bit(s) a layer" if r.get("max_bits") else "") + (
@@ -348,6 +378,22 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
                 f"{phase(r, 'acc_snapped')} | {r['acc']:.4f} | {r['source_acc']:.4f} | {step(r)} | "
                 f"{r['couple_epochs'] + r['refine_epochs']} tied{sched(r)} | {r['date']}, {r['device']} |"
             )
+    fps = sorted((r for r in lines if _method(r) == "fp-finetuned"), key=lambda r: r["couple_epochs"] + r["refine_epochs"])
+    if fps:
+        out += [
+            "",
+            "## Reference: the full-precision model trained on for the same epochs",
+            "",
+            "No quantization, same start, lr, schedule and number of epochs (couple + refine) as the rows it is compared "
+            "with: the accuracy that the extra training alone gives. A quantized run's cost is its gap to this row "
+            "as much as to the starting checkpoint's.",
+            "",
+            "| epochs | accuracy | vs the starting checkpoint | step ms | date, device |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for r in fps:
+            out.append(f"| {r['couple_epochs'] + r['refine_epochs']}{sched(r)} | {r['acc']:.4f} | "
+                       f"{r['acc'] - fp:+.4f} | {step(r)} | {r['date']}, {r['device']} |")
     if others:
         names = {"codebook": "method B (LearnedCodebook) + refine", "dkm": "coremltools DKM palettization"}
         out += [
@@ -470,6 +516,8 @@ def main() -> None:
     ap.add_argument("--controls", nargs="*", default=[], metavar="Q:H:W",
                     help="HEQ or k-means ('heq:1e-3:0.9', 'kmeans:...') at the K_l of the soft quantization row h:w "
                          "(same epochs and schedule), then tied refinement for all its couple + refine epochs")
+    ap.add_argument("--fp-control", action="store_true",
+                    help="also train the full-precision model on for the same epochs (no quantization)")
     ap.add_argument("--alpha", type=float, default=0.66, help="soft quantization: h_l = h · N_l^-alpha")
     ap.add_argument("--ramp-steps", type=int, default=0,
                     help="soft quantization: h_l grows geometrically from --ramp-from x to full over this many "
@@ -507,6 +555,7 @@ def main() -> None:
     dm = CIFAR10DataModule(archive=args.archive, download=args.download, batch_size=128, seed=args.seed)
     jobs = [("softquant", p) for p in args.points] + [("codebook", b) for b in args.codebook_bits]
     jobs += [("dkm", b) for b in args.dkm_bits] + [("control", c) for c in args.controls]
+    jobs += [("fp-finetuned", None)] if args.fp_control else []
     for method, spec in jobs:
         done = read()  # re-read: another process may share the results file
 
@@ -534,6 +583,8 @@ def main() -> None:
             if method.startswith("refined-"):
                 source_key = _soft_key({k.removeprefix("source_"): v for k, v in r.items() if k.startswith("source_")})
                 return (r["h"], r["w"]) == (h, w) and source_key == _args_key(args)
+            if method == "fp-finetuned":
+                return True
             return r["n_bits"] == spec
 
         if any(same(r) for r in done):
@@ -544,6 +595,8 @@ def main() -> None:
             row = run_point(args, h, w, dm)
         elif method == "codebook":
             row = run_codebook(args, spec, dm)
+        elif method == "fp-finetuned":
+            row = run_fp(args, dm)
         elif method.startswith("refined-"):
             row = run_control(args, method.removeprefix("refined-"), h, w, source[0], dm)
         else:
