@@ -183,7 +183,8 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule) -> dict:
     """Stages 2 and 3 in one fit (epoch windows), then the baselines at the same K_l."""
     t0 = time.time()
     pl.seed_everything(args.seed)
-    module = ImageClassifier(arch="resnet20", lr=args.lr, schedule=args.schedule, init_from=args.pretrained)
+    module = ImageClassifier(arch="resnet20", lr=args.lr, schedule=args.schedule, init_from=args.pretrained,
+                             restarts=_restarts(args))
     e2 = args.couple_epochs
     soft = SoftQuantCallback(h=h, w=w, alpha=args.alpha, stop_epoch=e2, target_step=args.target_step,
                              ramp_steps=args.ramp_steps, ramp_from=args.ramp_from)
@@ -205,29 +206,40 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule) -> dict:
     )
 
 
+def _restarts(args) -> list[int]:
+    """``--restart-at-snap``: the cosine starts again at the snap, so refinement runs at a real lr."""
+    if not args.restart_at_snap:
+        return []
+    if args.schedule != "cosine" or not args.refine_epochs:
+        raise SystemExit("--restart-at-snap needs --schedule cosine and --refine-epochs >= 1")
+    return [args.couple_epochs]
+
+
 def _ramp(args) -> dict:
-    """The row fields of the options that only some runs use (the h ramp, a bit budget)."""
+    """The row fields of the options that only some runs use (the h ramp, a bit budget, the lr restart)."""
     out = {"ramp_steps": args.ramp_steps, "ramp_from": args.ramp_from} if args.ramp_steps else {}
-    return {**out, "max_bits": args.max_bits} if args.max_bits else out
+    out = {**out, "max_bits": args.max_bits} if args.max_bits else out
+    return {**out, "restart_at_snap": True} if args.restart_at_snap else out
 
 
 def _soft_key(r: dict) -> tuple:
     """What, besides h, w and the schedule, tells soft quantization rows apart."""
     return (r.get("target_step"), r.get("placement", "mean"), r.get("alpha", 0.66), r.get("ramp_steps", 0),
-            r.get("ramp_from") if r.get("ramp_steps") else None, r.get("max_bits"))
+            r.get("ramp_from") if r.get("ramp_steps") else None, r.get("max_bits"), r.get("restart_at_snap", False))
 
 
 def _args_key(args, target_step=None, placement="mean") -> tuple:
     """``_soft_key`` of the row these arguments would write (or, for a control, read)."""
     return (target_step, placement, args.alpha, args.ramp_steps, args.ramp_from if args.ramp_steps else None,
-            args.max_bits)
+            args.max_bits, args.restart_at_snap)
 
 
 def run_codebook(args, bits: int, dm: CIFAR10DataModule) -> dict:
     """Method B for the coupling epochs, then snap to its representatives and refine."""
     t0 = time.time()
     pl.seed_everything(args.seed)
-    module = ImageClassifier(arch="resnet20", lr=args.lr, schedule=args.schedule, init_from=args.pretrained)
+    module = ImageClassifier(arch="resnet20", lr=args.lr, schedule=args.schedule, init_from=args.pretrained,
+                             restarts=_restarts(args))
     e2 = args.couple_epochs
     cb = LearnedCodebook(lam=args.codebook_lam, bits=bits, init="kmeans", stop_epoch=e2)
     refine = ClusterRefine(
@@ -239,7 +251,8 @@ def run_codebook(args, bits: int, dm: CIFAR10DataModule) -> dict:
     ks = {n.removeprefix("model."): r.k for n, r in refine.snapper.reports.items() if r.snapped}
     return _row(args, "codebook", module, dm, ks, timer, t0, n_bits=bits, lam=args.codebook_lam,
                 kept_fp32=[n for n, r in refine.snapper.reports.items() if not r.snapped],
-                acc_coupled=before.acc, acc_snapped=after.acc)
+                acc_coupled=before.acc, acc_snapped=after.acc,
+                **({"restart_at_snap": True} if args.restart_at_snap else {}))
 
 
 def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFAR10DataModule) -> dict:
@@ -327,7 +340,9 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         f", h ramp x{r['ramp_from']:g} over {r['ramp_steps']} steps" if r.get("ramp_steps") else "") + (
         f", source h ramp x{r['source_ramp_from']:g} over {r['source_ramp_steps']} steps" if r.get("source_ramp_steps") else "") + (
         f", at most {r['max_bits']} bit(s) a layer" if r.get("max_bits") else "") + (
-        f", source at most {r['source_max_bits']} bit(s) a layer" if r.get("source_max_bits") else "")
+        f", source at most {r['source_max_bits']} bit(s) a layer" if r.get("source_max_bits") else "") + (
+        ", lr restarted at the snap" if r.get("restart_at_snap") else "") + (
+        ", source lr restarted at the snap" if r.get("source_restart_at_snap") else "")
     phase = lambda r, key: f"{r[key]:.4f}" if r.get(key) is not None else "-"  # noqa: E731
     out = [
         "# ResNet-20 / CIFAR-10: soft quantization vs post-training baselines at the same K_l",
@@ -417,7 +432,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
             )
     out += _relation([r for r in soft if not r.get("target_step") and not r.get("seed")
                       and r.get("placement", "mean") == "mean" and r.get("alpha", 0.66) == 0.66 and not r.get("ramp_steps")
-                      and not r.get("max_bits")])
+                      and not r.get("max_bits") and not r.get("restart_at_snap")])
     cmds = sorted({r.get("command", LEGACY_COMMAND) for r in lines})
     out += ["", "## Commands", "", *[f"- `{c}`" for c in cmds]]
     (directory / "cifar10_tradeoff.md").write_text("\n".join(out) + "\n")
@@ -529,6 +544,8 @@ def main() -> None:
                     help="soft quantization snap: at most 2^max_bits values a layer (optimal k-means of the coupled "
                          "weights where more clusters were found; every layer snapped); --controls then take their "
                          "K_l from such a row")
+    ap.add_argument("--restart-at-snap", action="store_true",
+                    help="cosine lr restarted at the snap (soft quantization, method B): refinement at a real lr")
     ap.add_argument("--seed", type=int, default=0, help="seed of the run and of the data order/augmentation")
     ap.add_argument("--couple-epochs", type=int, default=1)
     ap.add_argument("--refine-epochs", type=int, default=1)
@@ -585,7 +602,7 @@ def main() -> None:
                 return (r["h"], r["w"]) == (h, w) and source_key == _args_key(args)
             if method == "fp-finetuned":
                 return True
-            return r["n_bits"] == spec
+            return r["n_bits"] == spec and r.get("restart_at_snap", False) == (args.restart_at_snap and method == "codebook")
 
         if any(same(r) for r in done):
             print(f"skip {method} {spec}: already in {out}")

@@ -60,13 +60,16 @@ def lr_factor(
     warmup_epochs: int = 0,
     milestones: Sequence[float] = (0.5, 0.75),
     gamma: float = 0.1,
+    restarts: Sequence[int] = (),
 ) -> float:
     """Multiplier of the base learning rate during ``epoch`` (0-based).
 
     Warm-up: ``(epoch + 1) / warmup_epochs`` for the first ``warmup_epochs`` epochs.
     Then, with ``t = epoch - warmup_epochs`` and ``T = max_epochs - warmup_epochs``:
 
-    - ``cosine``: ``0.5 * (1 + cos(pi * t / T))``, from 1 down towards 0;
+    - ``cosine``: ``0.5 * (1 + cos(pi * t / T))``, from 1 down towards 0; with
+      ``restarts`` (increasing epochs) the cosine starts again from 1 at each of them,
+      ``t`` and ``T`` then measured within the cycle that holds ``epoch``;
     - ``step``: ``gamma ** k``, ``k`` the number of milestones ``m`` with
       ``epoch >= round(m * max_epochs)`` (milestones are fractions of the run);
     - ``constant``: 1.
@@ -78,8 +81,15 @@ def lr_factor(
     if schedule == "step":
         return gamma ** sum(epoch >= round(m * max_epochs) for m in milestones)
     if schedule == "cosine":
-        span = max(max_epochs - warmup_epochs, 1)
-        return 0.5 * (1.0 + math.cos(math.pi * min(epoch - warmup_epochs, span) / span))
+        start, end = warmup_epochs, max_epochs
+        for r in restarts:
+            if r <= epoch:
+                start = r
+            else:
+                end = r
+                break
+        span = max(end - start, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(epoch - start, span) / span))
     raise ValueError(f"`schedule` must be one of {list(_SCHEDULES)}, got {schedule!r}.")
 
 
@@ -116,6 +126,10 @@ class ImageClassifier(LightningModule):
             (0, 1) where the learning rate is multiplied by ``gamma``.
         gamma: step decay factor, in (0, 1].
         warmup_epochs: epochs of linear warm-up from ``lr / warmup_epochs`` to ``lr``.
+        restarts: for ``cosine``, epochs at which the cosine starts again from ``lr``
+            (warm restarts), each cycle annealed to 0 at the next one. With
+            ``ClusterRefine(snap_epoch=E)``, ``restarts=[E]`` refines at a full learning
+            rate instead of the tail of one long cosine.
         init_from: Lightning checkpoint (``.ckpt``) of a previous stage, or a plain
             ``state_dict`` file, whose weights are loaded when the module is built.
             The architecture must match exactly (strict loading). Optimizer and
@@ -148,11 +162,12 @@ class ImageClassifier(LightningModule):
         milestones: list[float] = [0.5, 0.75],  # noqa: B006 - never mutated
         gamma: float = 0.1,
         warmup_epochs: int = 0,
+        restarts: list[int] = [],  # noqa: B006 - never mutated
         init_from: Optional[str] = None,
     ) -> None:
         super().__init__()
         self._check_args(arch, num_classes, lr, momentum, weight_decay, nesterov, schedule, milestones, gamma,
-                         warmup_epochs)
+                         warmup_epochs, restarts)
         self.save_hyperparameters()
         self.model = build_model(arch, num_classes, in_channels, mlp_hidden, in_features, shortcut)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -165,7 +180,7 @@ class ImageClassifier(LightningModule):
 
     @staticmethod
     def _check_args(arch, num_classes, lr, momentum, weight_decay, nesterov, schedule, milestones, gamma,
-                    warmup_epochs) -> None:
+                    warmup_epochs, restarts=()) -> None:
         if arch not in ARCHS:
             raise ValueError(f"`arch` must be one of {list(ARCHS)}, got {arch!r}.")
         if num_classes < 2:
@@ -190,6 +205,13 @@ class ImageClassifier(LightningModule):
             raise ValueError(f"`gamma` must be in (0, 1], got {gamma}.")
         if warmup_epochs < 0:
             raise ValueError(f"`warmup_epochs` must be >= 0, got {warmup_epochs}.")
+        rs = list(restarts)
+        if rs and schedule != "cosine":
+            raise ValueError(f"`restarts` applies to `schedule='cosine'` only, got schedule={schedule!r} with restarts={rs}.")
+        if any(int(r) != r or r <= warmup_epochs for r in rs) or any(a >= b for a, b in zip(rs, rs[1:], strict=False)):
+            raise ValueError(
+                f"`restarts` must be increasing whole epochs after the warm-up (> warmup_epochs={warmup_epochs}), got {rs}."
+            )
 
     def load_init_weights(self, path: str) -> None:
         """Loads the network weights of checkpoint ``path`` into ``self.model``, strictly.
@@ -309,8 +331,14 @@ class ImageClassifier(LightningModule):
                 f"`warmup_epochs` ({hp.warmup_epochs}) must be < `trainer.max_epochs` ({max_epochs}) "
                 f"for `schedule={hp.schedule!r}`."
             )
+        if hp.get("restarts") and max(hp.restarts) >= max_epochs:
+            raise ValueError(
+                f"`restarts` must be < `trainer.max_epochs` ({max_epochs}), got {list(hp.restarts)}: "
+                "a restart at or after the last epoch never happens."
+            )
         factor = functools.partial(
             lr_factor,
+            restarts=tuple(hp.get("restarts") or ()),
             schedule=hp.schedule,
             max_epochs=max_epochs,
             warmup_epochs=hp.warmup_epochs,

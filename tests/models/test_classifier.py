@@ -54,6 +54,9 @@ def stage1_ckpt(tmp_path_factory):
         ({"milestones": [30]}, r"`milestones` must be increasing fractions"),
         ({"gamma": 0.0}, r"`gamma` must be in \(0, 1\], got 0.0\."),
         ({"warmup_epochs": -1}, r"`warmup_epochs` must be >= 0, got -1\."),
+        ({"schedule": "step", "restarts": [4]}, r"`restarts` applies to `schedule='cosine'` only"),
+        ({"restarts": [4, 4]}, r"`restarts` must be increasing whole epochs"),
+        ({"warmup_epochs": 2, "restarts": [2]}, r"`restarts` must be increasing whole epochs after the warm-up"),
     ],
 )
 def test_bad_args_raise(kwargs, match):
@@ -79,6 +82,35 @@ def test_lr_factor_warmup_then_cosine():
     assert f[:3] == pytest.approx([0.5, 1.0, 1.0])
     assert f[7] == pytest.approx(0.5)  # halfway through the 10 cosine epochs
     assert lr_factor(3, "constant", 10, warmup_epochs=4) == pytest.approx(1.0)
+
+
+def test_lr_factor_cosine_restarts():
+    # 10 epochs, restarts at 4 and 7: cycles of 4, 3 and 3 epochs, each from 1 towards 0.
+    f = [lr_factor(e, "cosine", 10, restarts=(4, 7)) for e in range(10)]
+    expect = [0.5 * (1 + math.cos(math.pi * t / n)) for n in (4, 3, 3) for t in range(n)]
+    assert f == pytest.approx(expect)
+    assert f[4] == f[7] == 1.0
+    # with a warm-up the first cycle starts after it
+    g = [lr_factor(e, "cosine", 8, warmup_epochs=2, restarts=(5,)) for e in range(8)]
+    assert g == pytest.approx([0.5, 1.0, *(0.5 * (1 + math.cos(math.pi * t / 3)) for t in range(3)),
+                               *(0.5 * (1 + math.cos(math.pi * t / 3)) for t in range(3))])
+
+
+def test_scheduler_restarts_at_the_given_epoch(tmp_path):
+    model = ImageClassifier(arch="mlp", lr=0.1, restarts=[3])
+    model.trainer = _trainer(tmp_path, max_epochs=5)
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(5):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.1, 0.075, 0.025, 0.1, 0.05])
+    late = ImageClassifier(arch="mlp", restarts=[5])
+    late.trainer = _trainer(tmp_path, max_epochs=5)
+    with pytest.raises(ValueError, match=r"`restarts` must be < `trainer.max_epochs` \(5\), got \[5\]"):
+        late.configure_optimizers()
 
 
 def test_scheduler_follows_trainer_max_epochs(tmp_path):
