@@ -64,8 +64,8 @@ class Clusters:
         return float((t - self.centroids.double()[self.assignments]).norm()) / norm if norm > 0 else 0.0
 
 
-def _segment_means(sorted_vals: Tensor, seg: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    counts = torch.bincount(seg, minlength=k)
+def _segment_means(sorted_vals: Tensor, seg: Tensor, k: int, counts: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    counts = torch.bincount(seg, minlength=k) if counts is None else counts
     sums = torch.zeros(k, dtype=torch.float64, device=sorted_vals.device).index_add_(0, seg, sorted_vals.double())
     return (sums / counts.clamp_min(1).double()), counts
 
@@ -195,12 +195,8 @@ def tie_to_clusters(theta: Tensor, assignments: Tensor, k: int, counts: Optional
     ``bincount``, which on CUDA waits for the device to size its output: with it the
     whole call is queued without a host sync.
     """
-    if counts is None:
-        means, _ = _segment_means(theta.detach().reshape(-1).float(), assignments.reshape(-1), k)
-        return means.float()
-    flat = theta.detach().reshape(-1).to(torch.float64)
-    sums = torch.zeros(k, dtype=torch.float64, device=flat.device).index_add_(0, assignments.reshape(-1), flat)
-    return (sums / counts.clamp_min(1)).float()
+    means, _ = _segment_means(theta.detach().reshape(-1).float(), assignments.reshape(-1), k, counts)
+    return means.float()
 
 
 def bits_summary(numels: list[int], ks: list[int]) -> dict[str, float]:
