@@ -183,8 +183,7 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule) -> dict:
     """Stages 2 and 3 in one fit (epoch windows), then the baselines at the same K_l."""
     t0 = time.time()
     pl.seed_everything(args.seed)
-    module = ImageClassifier(arch="resnet20", lr=args.lr, schedule=args.schedule, init_from=args.pretrained,
-                             restarts=_restarts(args))
+    module = _module(args, restart_at_snap=True)
     e2 = args.couple_epochs
     soft = SoftQuantCallback(h=h, w=w, alpha=args.alpha, stop_epoch=e2, target_step=args.target_step,
                              ramp_steps=args.ramp_steps, ramp_from=args.ramp_from)
@@ -206,13 +205,16 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule) -> dict:
     )
 
 
-def _restarts(args) -> list[int]:
-    """``--restart-at-snap``: the cosine starts again at the snap, so refinement runs at a real lr."""
-    if not args.restart_at_snap:
-        return []
-    if args.schedule != "cosine" or not args.refine_epochs:
-        raise SystemExit("--restart-at-snap needs --schedule cosine and --refine-epochs >= 1")
-    return [args.couple_epochs]
+def _module(args, restart_at_snap: bool = False) -> ImageClassifier:
+    """ResNet-20 from the full-precision checkpoint with the run's lr and schedule; for the runs
+    that snap after the coupling epochs, the cosine restarted at the snap with ``--restart-at-snap``."""
+    restarts = []
+    if restart_at_snap and args.restart_at_snap:
+        if args.schedule != "cosine" or not args.refine_epochs:
+            raise SystemExit("--restart-at-snap needs --schedule cosine and --refine-epochs >= 1")
+        restarts = [args.couple_epochs]
+    return ImageClassifier(arch="resnet20", lr=args.lr, schedule=args.schedule, init_from=args.pretrained,
+                           restarts=restarts)
 
 
 def _ramp(args) -> dict:
@@ -238,8 +240,7 @@ def run_codebook(args, bits: int, dm: CIFAR10DataModule) -> dict:
     """Method B for the coupling epochs, then snap to its representatives and refine."""
     t0 = time.time()
     pl.seed_everything(args.seed)
-    module = ImageClassifier(arch="resnet20", lr=args.lr, schedule=args.schedule, init_from=args.pretrained,
-                             restarts=_restarts(args))
+    module = _module(args, restart_at_snap=True)
     e2 = args.couple_epochs
     cb = LearnedCodebook(lam=args.codebook_lam, bits=bits, init="kmeans", stop_epoch=e2)
     refine = ClusterRefine(
@@ -269,7 +270,7 @@ def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFA
 
     t0 = time.time()
     pl.seed_everything(args.seed)
-    module = ImageClassifier(arch="resnet20", lr=args.lr, schedule=args.schedule, init_from=args.pretrained)
+    module = _module(args)
     params = dict(module.named_parameters())
     clusters = {}
     for name, k in source["k_per_layer"].items():
@@ -304,7 +305,7 @@ def run_dkm(args, bits: int, dm: CIFAR10DataModule) -> dict:
     """coremltools DKM palettization for all the epochs, then finalize."""
     t0 = time.time()
     pl.seed_everything(args.seed)
-    module = ImageClassifier(arch="resnet20", lr=args.lr, schedule=args.schedule, init_from=args.pretrained)
+    module = _module(args)
     dkm = DKMPalettize(bits)
     timer = StepTimer()
     _trainer(args.couple_epochs + args.refine_epochs, [dkm, timer], args.limit).fit(module, datamodule=dm)
@@ -317,7 +318,7 @@ def run_fp(args, dm: CIFAR10DataModule) -> dict:
     quantized run's accuracy the extra training alone would give."""
     t0 = time.time()
     pl.seed_everything(args.seed)
-    module = ImageClassifier(arch="resnet20", lr=args.lr, schedule=args.schedule, init_from=args.pretrained)
+    module = _module(args)
     timer = StepTimer()
     _trainer(args.couple_epochs + args.refine_epochs, [timer], args.limit).fit(module, datamodule=dm)
     return _row(args, "fp-finetuned", module, dm, {}, timer, t0, bits_weighted=32.0, bits_mean=32.0, kept_fp32=[])
@@ -602,7 +603,9 @@ def main() -> None:
                 return (r["h"], r["w"]) == (h, w) and source_key == _args_key(args)
             if method == "fp-finetuned":
                 return True
-            return r["n_bits"] == spec and r.get("restart_at_snap", False) == (args.restart_at_snap and method == "codebook")
+            if method == "codebook":
+                return r["n_bits"] == spec and r.get("restart_at_snap", False) == args.restart_at_snap
+            return r["n_bits"] == spec
 
         if any(same(r) for r in done):
             print(f"skip {method} {spec}: already in {out}")
