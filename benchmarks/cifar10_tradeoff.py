@@ -52,6 +52,7 @@ from sq_lightning.callbacks import ClusterRefine, LearnedCodebook, SoftQuantCall
 from sq_lightning.data import CIFAR10DataModule
 from sq_lightning.evaluate import METHODS, accuracy, evaluate_baselines
 from sq_lightning.models import ImageClassifier
+from sq_lightning.ops import entropy_bits
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -167,6 +168,9 @@ def _row(args, method: str, module, dm, ks: dict, timer: StepTimer, t0: float, *
         bits = {n: math.log2(k) if k > 1 else 0.0 for n, k in distinct.items()}
         extra["bits_weighted"] = sum(bits[n] * params[n].numel() for n in ks) / sum(params[n].numel() for n in ks)
         extra["bits_mean"] = sum(bits.values()) / len(bits)
+    if "entropy_weighted" not in extra and ks:  # Shannon entropy of each layer's value counts (entropy-coded bits)
+        ent = {n: entropy_bits(trained[n].detach().unique(return_counts=True)[1]) for n in ks}
+        extra["entropy_weighted"] = sum(ent[n] * params[n].numel() for n in ks) / sum(params[n].numel() for n in ks)
     return {
         "method": method, **extra,
         "distinct_per_layer": distinct,
@@ -197,7 +201,7 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule) -> dict:
     summary = refine.snapper.summary()
     return _row(
         args, "softquant", module, dm, ks, timer, t0, h=h, w=w, target_step=args.target_step,
-        bits_weighted=summary["bits_weighted"], bits_mean=summary["bits_mean"],
+        bits_weighted=summary["bits_weighted"], bits_mean=summary["bits_mean"], entropy_weighted=summary["entropy_weighted"],
         k_per_layer={n: r.k for n, r in refine.snapper.reports.items()},
         kept_fp32=[n for n, r in refine.snapper.reports.items() if not r.snapped],
         acc_coupled=before.acc, acc_snapped=after.acc, placement=args.placement, alpha=args.alpha,
@@ -294,8 +298,10 @@ def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFA
     # The same accounting as the soft quantization row: its fp32 layers count as 32 bits.
     sizes = {n: params[n].numel() for n in source["k_per_layer"]}
     bits = {n: 32.0 if n in source["kept_fp32"] else refine.snapper.reports[n].bits for n in sizes}
+    ent = {n: 32.0 if n in source["kept_fp32"] else refine.snapper.reports[n].entropy for n in sizes}
     return _row(args, f"refined-{quantizer}", module, dm, ks, timer, t0, h=h, w=w,
                 bits_weighted=sum(bits[n] * sizes[n] for n in sizes) / sum(sizes.values()),
+                entropy_weighted=sum(ent[n] * sizes[n] for n in sizes) / sum(sizes.values()),
                 bits_mean=sum(bits.values()) / len(bits),
                 kept_fp32=list(source["kept_fp32"]), acc_snapped=acc_snapped, source_acc=source["acc"],
                 source_alpha=source.get("alpha", 0.66), **{f"source_{k}": v for k, v in _ramp(args).items()})
@@ -345,6 +351,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         ", lr restarted at the snap" if r.get("restart_at_snap") else "") + (
         ", source lr restarted at the snap" if r.get("source_restart_at_snap") else "")
     phase = lambda r, key: f"{r[key]:.4f}" if r.get(key) is not None else "-"  # noqa: E731
+    ent = lambda r: f"{r['entropy_weighted']:.2f}" if r.get("entropy_weighted") is not None else "-"  # noqa: E731
     out = [
         "# ResNet-20 / CIFAR-10: soft quantization vs post-training baselines at the same K_l",
         "",
@@ -358,17 +365,19 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         "## Soft quantization + refinement (SoftQuantCallback, ClusterRefine)",
         "",
         "'coupled' is the accuracy at the end of coupling (before the snap), 'snapped' right after the snap and the",
-        "BatchNorm re-estimation (before refinement); '-' where a row predates these measurements.",
+        "BatchNorm re-estimation (before refinement); '-' where a row predates these measurements. 'entropy' is the",
+        "parameter-weighted Shannon entropy of each layer's cluster populations: the bits per weight an entropy coder",
+        "would need (at most the bits; fp32 layers count 32 in both).",
         "",
-        "| h (or target_step S) | w | bits (weighted) | bits (mean) | layers kept fp32 | coupled | snapped | soft quant + refine | degradation | HEQ | HEQ+BN | k-means | k-means+BN | uniform | uniform+BN | step ms | epochs (couple/refine) | date, device |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| h (or target_step S) | w | bits (weighted) | bits (mean) | entropy (weighted) | layers kept fp32 | coupled | snapped | soft quant + refine | degradation | HEQ | HEQ+BN | k-means | k-means+BN | uniform | uniform+BN | step ms | epochs (couple/refine) | date, device |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     soft = sorted((r for r in lines if _method(r) == "softquant"), key=lambda r: (r["w"], r["h"], r["couple_epochs"]))
     for r in soft:
         b = {x["method"].split(" ")[0]: x for x in r["baselines"]}
         hcell = f"S={r['target_step']:g}" if r.get("target_step") else f"{r['h']:g}"
         out.append(
-            f"| {hcell} | {r['w']:g} | {r['bits_weighted']:.2f} | {r['bits_mean']:.2f} | {len(r['kept_fp32'])} | "
+            f"| {hcell} | {r['w']:g} | {r['bits_weighted']:.2f} | {r['bits_mean']:.2f} | {ent(r)} | {len(r['kept_fp32'])} | "
             f"{phase(r, 'acc_coupled')} | {phase(r, 'acc_snapped')} | {r['acc']:.4f} | {fp - r['acc']:+.4f} | {cell(b, 'heq', 'acc')} | {cell(b, 'heq', 'acc_bn')} | "
             f"{cell(b, 'kmeans', 'acc')} | {cell(b, 'kmeans', 'acc_bn')} | {cell(b, 'uniform', 'acc')} | "
             f"{cell(b, 'uniform', 'acc_bn')} | {step(r)} | "
@@ -385,12 +394,12 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
             "layers kept fp32), BatchNorm re-estimated, then refined with tied weights (ClusterRefine) for all the "
             "epochs that row trained (couple + refine), same lr and schedule.",
             "",
-            "| quantizer | K_l of soft quant h, w | bits (weighted) | snapped (+BN) | after refinement | soft quant + refine (same K_l) | step ms | epochs | date, device |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| quantizer | K_l of soft quant h, w | bits (weighted) | entropy (weighted) | snapped (+BN) | after refinement | soft quant + refine (same K_l) | step ms | epochs | date, device |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in controls:
             out.append(
-                f"| {_method(r).removeprefix('refined-')} | {r['h']:g}, {r['w']:g} | {r['bits_weighted']:.2f} | "
+                f"| {_method(r).removeprefix('refined-')} | {r['h']:g}, {r['w']:g} | {r['bits_weighted']:.2f} | {ent(r)} | "
                 f"{phase(r, 'acc_snapped')} | {r['acc']:.4f} | {r['source_acc']:.4f} | {step(r)} | "
                 f"{r['couple_epochs'] + r['refine_epochs']} tied{sched(r)} | {r['date']}, {r['device']} |"
             )
@@ -420,13 +429,13 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
             "DKM: palettized for all the epochs (couple + refine), then finalized. Bits are counted from the distinct "
             "values of the trained model.",
             "",
-            "| method | n_bits | bits (weighted) | before snap | snapped | accuracy | degradation | HEQ+BN | k-means+BN | step ms | epochs | date, device |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| method | n_bits | bits (weighted) | entropy (weighted) | before snap | snapped | accuracy | degradation | HEQ+BN | k-means+BN | step ms | epochs | date, device |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in others:
             b = {x["method"].split(" ")[0]: x for x in r["baselines"]}
             out.append(
-                f"| {names.get(_method(r), _method(r))} | {r['n_bits']} | {r['bits_weighted']:.2f} | "
+                f"| {names.get(_method(r), _method(r))} | {r['n_bits']} | {r['bits_weighted']:.2f} | {ent(r)} | "
                 f"{phase(r, 'acc_coupled')} | {phase(r, 'acc_snapped')} | {r['acc']:.4f} | "
                 f"{fp - r['acc']:+.4f} | {cell(b, 'heq', 'acc_bn')} | {cell(b, 'kmeans', 'acc_bn')} | {step(r)} | "
                 f"{r['couple_epochs']}/{r['refine_epochs']}{sched(r)} | {r['date']}, {r['device']} |"

@@ -36,6 +36,9 @@ class LayerReport:
     bits: float
     snap_error: float
     snapped: bool
+    # Shannon entropy of the cluster populations (bits per weight an entropy coder
+    # needs); 32.0 for a layer kept in full precision, like ``bits``.
+    entropy: float = 32.0
 
 
 def check_snap_args(
@@ -200,7 +203,9 @@ class ClusterSnapper:
                 action = "it stays in full precision" if self.on_unclustered == "keep" else "snapping it anyway"
                 log.warning("%s (on_unclustered=%r: %s)", msg, self.on_unclustered, action)
             snapped = ok or self.on_unclustered == "snap"
-            reports[name] = LayerReport(name, theta.numel(), cl.k, cl.bits if snapped else 32.0, err, snapped)
+            reports[name] = LayerReport(
+                name, theta.numel(), cl.k, cl.bits if snapped else 32.0, err, snapped, cl.entropy if snapped else 32.0
+            )
             if snapped:
                 keep[name] = cl
         for name, cl in keep.items():
@@ -228,14 +233,17 @@ class ClusterSnapper:
             p.copy_(cl.centroids[a].to(p.dtype).reshape(p.shape))
 
     def summary(self) -> dict[str, float]:
-        """``bits_weighted``, ``bits_mean``, ``compression_ratio`` over the reported layers.
+        """``bits_weighted``, ``bits_mean``, ``compression_ratio``, ``entropy_weighted`` over the reported layers.
 
         Layers kept in full precision count as 32 bits and as uncompressed.
+        ``entropy_weighted`` is the parameter-weighted Shannon entropy of the cluster
+        populations: the bits per weight an entropy coder would need (<= ``bits_weighted``).
         """
         rows = list(self.reports.values())
         numels = [r.numel for r in rows]
         out = bits_summary(numels, [r.k for r in rows])
         total = sum(numels)
+        out["entropy_weighted"] = sum(r.numel * r.entropy for r in rows) / total if total else 0.0
         if any(not r.snapped for r in rows) and total:
             out["bits_weighted"] = sum(r.numel * r.bits for r in rows) / total
             out["bits_mean"] = sum(r.bits for r in rows) / len(rows)
@@ -247,13 +255,14 @@ class ClusterSnapper:
 
     def table(self) -> str:
         """Per-layer table (name, N_l, K_l, bits, snap error) and the averages."""
-        lines = [f"{'layer':<40} {'N_l':>9} {'K_l':>5} {'bits':>6} {'snap_err':>9}"]
+        lines = [f"{'layer':<40} {'N_l':>9} {'K_l':>5} {'bits':>6} {'entropy':>7} {'snap_err':>9}"]
         for r in self.reports.values():
             flag = "" if r.snapped else "  (kept fp32)"
-            lines.append(f"{r.name:<40} {r.numel:>9} {r.k:>5} {r.bits:>6.2f} {r.snap_error:>9.4f}{flag}")
+            lines.append(f"{r.name:<40} {r.numel:>9} {r.k:>5} {r.bits:>6.2f} {r.entropy:>7.2f} {r.snap_error:>9.4f}{flag}")
         s = self.summary()
         lines.append(
             f"bits_weighted={s['bits_weighted']:.3f}  bits_mean={s['bits_mean']:.3f}  compression_ratio={s['compression_ratio']:.2f}x"
+            f"  entropy_weighted={s['entropy_weighted']:.3f}"
         )
         return "\n".join(lines)
 
@@ -276,6 +285,9 @@ class ClusterSnapper:
             n: Clusters(d["centroids"].float(), d["assignments"].long(), d["counts"].long()) for n, d in state.get("clusters", {}).items()
         }
         self.reports = {n: LayerReport(**r) for n, r in state.get("reports", {}).items()}
+        for n, r in self.reports.items():
+            if r.snapped and "entropy" not in state["reports"][n] and n in self.clusters:
+                r.entropy = self.clusters[n].entropy  # a checkpoint written before the entropy was reported
 
 
 def _kmeans_clusters(theta: Tensor, k: int) -> Clusters:

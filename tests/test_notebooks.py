@@ -19,8 +19,8 @@ KERNEL = "sq-lightning-tests"
 EXPECTED = {
     "walkthrough.ipynb": {
         "stdout": [
-            r"model\.net\.1\.weight\s+8192\s+\d+\s+\d+\.\d\d\s+\d\.\d{4}",  # the bits table ...
-            r"bits_weighted=\d\.\d{3}\s+bits_mean=\d\.\d{3}\s+compression_ratio=\d+\.\d\dx",  # ... and its summary
+            r"model\.net\.1\.weight\s+8192\s+\d+\s+\d+\.\d\d\s+\d+\.\d\d\s+\d\.\d{4}",  # the bits table (bits, entropy, error) ...
+            r"bits_weighted=\d\.\d{3}\s+bits_mean=\d\.\d{3}\s+compression_ratio=\d+\.\d\dx\s+entropy_weighted=\d\.\d{3}",  # ... and its summary
             r"validation accuracy of the quantized model: 0\.9\d{3}",  # the quickstart reaches ~0.95
             r"after refinement: val acc 0\.9\d{3}; distinct values per layer",  # the Trainer-free loop
             r"ratio \d+\.\d\dx, \d\.\d\d bits per quantized weight",  # the ExportReport

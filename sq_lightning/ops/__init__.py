@@ -1,7 +1,7 @@
 """Pure-torch math of the package. Nothing here imports Lightning."""
 
 from sq_lightning.ops.baselines import Quantization, heq_quantize, kmeans_quantize, quantize, uniform_quantize
-from sq_lightning.ops.clustering import Clusters, assign_to_centroids, bits_summary, find_clusters
+from sq_lightning.ops.clustering import Clusters, assign_to_centroids, bits_summary, entropy_bits, find_clusters
 from sq_lightning.ops.codebook import CodebookResult, codebook_regularizer, init_centroids, nearest_centroid
 from sq_lightning.ops.coupling import (
     CouplingResult,
@@ -20,6 +20,7 @@ __all__ = [
     "Quantization",
     "assign_to_centroids",
     "bits_summary",
+    "entropy_bits",
     "codebook_regularizer",
     "coupling",
     "coupling_exact",

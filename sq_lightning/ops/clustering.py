@@ -8,7 +8,10 @@ nearest neighbour (the paper reassigns small clusters this way). Every weight is
 snapped to its group's mean.
 
 Bit-width of a layer with ``K`` clusters: ``b = log2 K`` (0 for one cluster); storing
-the indices takes ``ceil(log2 K)`` bits per weight.
+the indices takes ``ceil(log2 K)`` bits per weight. The Shannon entropy of the
+cluster populations, ``H = -Σ p_k log2 p_k`` with ``p_k = n_k / N``, is at most
+``log2 K`` and is what an entropy coder (Huffman, arithmetic coding) needs per index:
+clusters of very unequal size store in fewer bits than ``log2 K``.
 """
 
 from __future__ import annotations
@@ -47,6 +50,11 @@ class Clusters:
     def bits(self) -> float:
         """``log2 K`` (0 for a single cluster)."""
         return math.log2(self.k) if self.k > 1 else 0.0
+
+    @property
+    def entropy(self) -> float:
+        """Shannon entropy of the cluster populations, bits per weight (``<= log2 K``)."""
+        return entropy_bits(self.counts)
 
     @property
     def storage_bits(self) -> int:
@@ -197,6 +205,16 @@ def tie_to_clusters(theta: Tensor, assignments: Tensor, k: int, counts: Optional
     """
     means, _ = _segment_means(theta.detach().reshape(-1).float(), assignments.reshape(-1), k, counts)
     return means.float()
+
+
+def entropy_bits(counts: Tensor) -> float:
+    """``-Σ p log2 p`` of the populations ``counts`` (empty clusters ignored), in bits."""
+    c = counts.detach().double().cpu()
+    c = c[c > 0]
+    if c.numel() < 2:
+        return 0.0
+    p = c / c.sum()
+    return float(-(p * p.log2()).sum())
 
 
 def bits_summary(numels: list[int], ks: list[int]) -> dict[str, float]:

@@ -2,7 +2,9 @@ import copy
 import logging
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
+import scipy.stats
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -56,16 +58,45 @@ def test_metrics_and_histograms_reach_tensorboard(pipeline):
     acc.Reload()
     scalars, hists = set(acc.Tags()["scalars"]), set(acc.Tags()["histograms"])
     for name in WEIGHTS:
-        for metric in ("bits", "clusters", "snap_error"):
+        for metric in ("bits", "clusters", "snap_error", "entropy"):
             assert f"sq/{metric}/{name}" in scalars
         for prefix in ("sq/weights", "sq/weights_pre_snap", "sq/weights_snapped"):
             assert f"{prefix}/{name}" in hists
-    for tag in ("sq/bits_weighted", "sq/bits_mean", "sq/compression_ratio", "sq/coupling_loss"):
+    for tag in ("sq/bits_weighted", "sq/bits_mean", "sq/compression_ratio", "sq/coupling_loss", "sq/entropy_weighted"):
         assert tag in scalars
     bits = acc.Scalars("sq/bits_weighted")[-1].value
     assert bits == pytest.approx(refine.snapper.summary()["bits_weighted"], rel=1e-5)
+    entropy = acc.Scalars("sq/entropy_weighted")[-1].value
+    assert entropy == pytest.approx(refine.snapper.summary()["entropy_weighted"], rel=1e-5)
     k0 = acc.Scalars(f"sq/clusters/{WEIGHTS[0]}")[-1].value
     assert k0 == refine.snapper.reports[WEIGHTS[0]].k
+
+
+def test_entropy_is_that_of_the_refined_weights_value_counts(pipeline):
+    # Reference: scipy's entropy of how often each distinct value occurs in the refined
+    # layer (counted from the weights, not from the snapper's own cluster sizes).
+    _, model, refine, _, _ = pipeline
+    params = dict(model.named_parameters())
+    total = weighted = 0.0
+    for name, rep in refine.snapper.reports.items():
+        _, counts = np.unique(params[name].detach().numpy(), return_counts=True)
+        ref = scipy.stats.entropy(counts, base=2)
+        assert rep.entropy == pytest.approx(ref, rel=1e-9, abs=1e-12), name
+        assert rep.entropy <= rep.bits + 1e-9
+        total, weighted = total + counts.sum(), weighted + counts.sum() * ref
+    assert refine.snapper.summary()["entropy_weighted"] == pytest.approx(weighted / total, rel=1e-9)
+    assert "entropy_weighted=" in refine.snapper.table()
+
+
+def test_entropy_of_a_checkpoint_without_it_is_recomputed_from_the_stored_clusters(pipeline):
+    _, _, refine, _, _ = pipeline
+    state = copy.deepcopy(refine.snapper.state_dict())
+    for r in state["reports"].values():
+        del r["entropy"]  # as written before the entropy was reported
+    fresh = ClusterSnapper()
+    fresh.load_state_dict(state)
+    for name, rep in refine.snapper.reports.items():
+        assert fresh.reports[name].entropy == pytest.approx(rep.entropy, rel=1e-12)
 
 
 def test_beats_heq_of_the_full_precision_model_at_the_same_k(pipeline):

@@ -1,0 +1,36 @@
+import math
+
+import pytest
+import scipy.stats
+import torch
+
+from sq_lightning.ops.clustering import entropy_bits, find_clusters
+
+
+@pytest.mark.parametrize(
+    "counts, expected",
+    [
+        ([5], 0.0),
+        ([3, 3], 1.0),
+        ([1, 1, 2], 1.5),
+        ([4, 0, 4], 1.0),  # an empty cluster carries no information
+        ([1, 1, 1, 1, 1, 1, 1, 1], 3.0),
+    ],
+)
+def test_entropy_bits_closed_forms(counts, expected):
+    assert entropy_bits(torch.tensor(counts)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_entropy_of_discovered_clusters_matches_scipy_and_is_at_most_log2_k():
+    g = torch.Generator().manual_seed(0)
+    # Three tight groups of very different sizes: far fewer bits than log2 3 with an entropy coder.
+    theta = torch.cat([
+        torch.randn(9000, generator=g) * 1e-3,
+        1.0 + torch.randn(800, generator=g) * 1e-3,
+        -1.0 + torch.randn(200, generator=g) * 1e-3,
+    ])
+    cl = find_clusters(theta, 0.3, merge="none")
+    assert cl.k == 3
+    ref = scipy.stats.entropy([9000, 800, 200], base=2)
+    assert cl.entropy == pytest.approx(ref, rel=1e-12)
+    assert cl.entropy < 0.6 * math.log2(3)
