@@ -342,7 +342,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
     cell = lambda b, m, key: f"{b[m][key]:.4f}" if b.get(m) and b[m].get(key) is not None else "-"  # noqa: E731
     step = lambda r: f"{r['step_ms_median']:.0f}" if r.get("step_ms_median") else "-"  # noqa: E731
     sched = lambda r: (", cosine lr" if r.get("schedule") == "cosine" else "") + (  # noqa: E731
-        f", seed {r['seed']}" if r.get("seed") else "") + (", k-means snap" if r.get("placement") == "kmeans" else "") + (
+        f", seed {r['seed']}" if r.get("seed") else "") + {"kmeans": ", k-means snap", "heq": ", HEQ snap"}.get(r.get("placement"), "") + (
         f", alpha {r.get('alpha', r.get('source_alpha')):g}" if r.get("alpha", r.get("source_alpha", 0.66)) != 0.66 else "") + (
         f", h ramp x{r['ramp_from']:g} over {r['ramp_steps']} steps" if r.get("ramp_steps") else "") + (
         f", source h ramp x{r['source_ramp_from']:g} over {r['source_ramp_steps']} steps" if r.get("source_ramp_steps") else "") + (
@@ -548,8 +548,9 @@ def main() -> None:
                     help="soft quantization: h_l grows geometrically from --ramp-from x to full over this many "
                          "coupled steps (391 per epoch at batch 128); --controls then take their K_l from such a row")
     ap.add_argument("--ramp-from", type=float, default=0.01, help="soft quantization: start of the h ramp")
-    ap.add_argument("--placement", choices=["mean", "kmeans"], default="mean",
-                    help="soft quantization snap: cluster means, or optimal k-means values at the discovered K_l")
+    ap.add_argument("--placement", choices=["mean", "kmeans", "heq"], default="mean",
+                    help="soft quantization snap: cluster means, optimal k-means values, or equal-population (HEQ) "
+                         "bins of the coupled weights at the discovered K_l")
     ap.add_argument("--max-bits", type=int, default=None,
                     help="soft quantization snap: at most 2^max_bits values a layer (optimal k-means of the coupled "
                          "weights where more clusters were found; every layer snapped); --controls then take their "

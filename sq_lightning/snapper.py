@@ -19,13 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from sq_lightning.layers import LayerSelector
-from sq_lightning.ops.baselines import kmeans_quantize
+from sq_lightning.ops.baselines import quantize
 from sq_lightning.ops.clustering import Clusters, MergePolicy, assign_to_centroids, bits_summary, find_clusters, tie_to_clusters
 
 log = logging.getLogger(__name__)
 
 OnUnclustered = Literal["keep", "snap", "raise"]
-Placement = Literal["mean", "kmeans"]
+Placement = Literal["mean", "kmeans", "heq"]
 
 
 @dataclass
@@ -60,9 +60,9 @@ def check_snap_args(
         raise ValueError(f"`max_snap_error` must be > 0, got {max_snap_error}.")
     if on_unclustered not in ("keep", "snap", "raise"):
         raise ValueError(f"`on_unclustered` must be 'keep', 'snap' or 'raise', got {on_unclustered!r}.")
-    if placement not in ("mean", "kmeans"):
-        raise ValueError(f"`placement` must be 'mean' (cluster means) or 'kmeans' (optimal 1-D k-means at the "
-                         f"discovered K), got {placement!r}.")
+    if placement not in ("mean", "kmeans", "heq"):
+        raise ValueError(f"`placement` must be 'mean' (cluster means), 'kmeans' (optimal 1-D k-means at the "
+                         f"discovered K) or 'heq' (equal-population bins at the discovered K), got {placement!r}.")
     if max_bits is not None and (isinstance(max_bits, bool) or not isinstance(max_bits, int) or not 1 <= max_bits <= 16):
         raise ValueError(f"`max_bits` must be None (no cap) or an int in [1, 16] (at most 2^max_bits values per "
                          f"layer), got {max_bits!r}.")
@@ -97,12 +97,18 @@ class ClusterSnapper:
             snap error than the means of the gap partition (that partition is one
             candidate of the k-means problem) and is the same where the clusters are
             well separated. Costs an O(K_l N_l log N_l) dynamic program per layer, once.
+            ``"heq"``: ``K_l`` is kept and the layer is cut into ``K_l`` equal-population
+            bins, each at its mean (histogram equalization of the coupled weights,
+            :func:`sq_lightning.ops.baselines.heq_quantize`): the highest-entropy
+            partition at that ``K_l``, at a larger snap error; it separates what the
+            coupling's partition does to refinement from what its ``K_l`` does.
             Layers with given representatives (a codebook) are not affected.
         max_bits: a bit budget per layer: a layer that discovered more than
             ``2^max_bits`` clusters, or fewer but too loose ones (snap error above
             ``max_snap_error``: it did not cluster), is re-partitioned into exactly
             ``2^max_bits`` values by optimal 1-D k-means of its (coupled) weights, the
-            least squared error of any ``2^max_bits``-level snap; a layer whose clusters
+            least squared error of any ``2^max_bits``-level snap (by equal-population
+            bins with ``placement="heq"``); a layer whose clusters
             fit the budget keeps them. ``None``: no cap (the bits are what the coupling
             produced). The snap error is then checked against ``max_snap_error`` as
             usual (a tight budget may need ``on_unclustered="snap"``). Layers with given
@@ -164,9 +170,9 @@ class ClusterSnapper:
             cl = find_clusters(theta, self.gap * wl, min_size=min_size, merge=self.merge)
             cap = None if self.max_bits is None else 1 << self.max_bits
             if cap is not None and (cl.k > cap or (cl.k < cap and cl.snap_error(theta) > self.max_snap_error)):
-                cl = _kmeans_clusters(theta, cap)
-            elif self.placement == "kmeans" and cl.k > 1:
-                cl = _kmeans_clusters(theta, cl.k)
+                cl = _quantized_clusters(theta, cap, "heq" if self.placement == "heq" else "kmeans")
+            elif self.placement != "mean" and cl.k > 1:
+                cl = _quantized_clusters(theta, cl.k, self.placement)
             found[name] = cl
         return found
 
@@ -290,9 +296,10 @@ class ClusterSnapper:
                 r.entropy = self.clusters[n].entropy  # a checkpoint written before the entropy was reported
 
 
-def _kmeans_clusters(theta: Tensor, k: int) -> Clusters:
-    """Optimal 1-D k-means of ``theta`` at ``k`` levels, as :class:`Clusters` on ``theta``'s device."""
-    q = kmeans_quantize(theta.float(), k)
+def _quantized_clusters(theta: Tensor, k: int, method: str) -> Clusters:
+    """``theta`` quantized at ``k`` levels by ``method`` (``"kmeans"``: optimal 1-D k-means,
+    ``"heq"``: equal-population bins), as :class:`Clusters` on ``theta``'s device."""
+    q = quantize(theta.float(), k, method)
     assignments = q.assignments.to(theta.device)
     counts = torch.bincount(assignments.reshape(-1), minlength=q.centroids.numel())
     return Clusters(q.centroids.to(device=theta.device, dtype=torch.float32), assignments, counts)

@@ -63,9 +63,10 @@ class ClusterRefine(Callback):
             (snap anyway) or ``"raise"``; always reported as a warning.
         clusters_from: ``"gaps"`` (discover clusters) or ``"codebook"`` (the learned
             representatives of a :class:`LearnedCodebook` callback in the same ``Trainer``).
-        placement: ``"mean"`` (each discovered cluster snaps to its mean) or ``"kmeans"``
+        placement: ``"mean"`` (each discovered cluster snaps to its mean), ``"kmeans"``
             (keep the discovered ``K_l``, place the values by optimal 1-D k-means: never a
-            larger snap error); see :class:`~sq_lightning.snapper.ClusterSnapper`.
+            larger snap error) or ``"heq"`` (keep ``K_l``, equal-population bins: an
+            experiment on the partition); see :class:`~sq_lightning.snapper.ClusterSnapper`.
         refine: keep the weights tied after the snap (``False``: snap only).
         recalibrate_bn_batches: training batches used to re-estimate BatchNorm
             statistics after the snap (0 disables).

@@ -1,5 +1,6 @@
 import copy
 import logging
+import math
 
 import lightning.pytorch as pl
 import numpy as np
@@ -287,6 +288,40 @@ def test_kmeans_placement_changes_nothing_on_separated_clusters():
         out.append(net[0].weight.detach().clone())
     assert torch.unique(out[0]).numel() == 4
     torch.testing.assert_close(out[0], out[1])
+
+
+def _equal_population_snap(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference HEQ for distinct values, N divisible by k: sorted ranks in k equal blocks, each at its mean."""
+    flat = x.flatten().double()
+    order = flat.argsort()
+    out = torch.empty_like(flat)
+    for block in order.chunk(k):
+        out[block] = flat[block].mean()
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("max_bits", [None, 1])
+def test_heq_placement_cuts_equal_populations_at_the_discovered_k(max_bits):
+    torch.manual_seed(0)
+    # Four separated groups of very unequal size: the gap partition has entropy far below 2 bits.
+    sizes = (200, 24, 24, 8)
+    weights = torch.cat([c + 1e-3 * torch.randn(n) for c, n in zip((0.0, 0.3, -0.3, 0.6), sizes)])
+    weights = weights[torch.randperm(256)].reshape(8, 32)
+    reports = {}
+    for placement in ("mean", "heq"):
+        net = torch.nn.Sequential(torch.nn.Linear(32, 8, bias=False))
+        with torch.no_grad():
+            net[0].weight.copy_(weights)
+        snapper = ClusterSnapper(w=0.3, merge="none", on_unclustered="snap", placement=placement, max_bits=max_bits)
+        reports[placement] = snapper.snap(net)["0.weight"]
+    k = 4 if max_bits is None else 2
+    assert reports["heq"].k == k
+    torch.testing.assert_close(net[0].weight.detach().double(), _equal_population_snap(weights, k), rtol=0, atol=1e-6)
+    assert snapper.clusters["0.weight"].counts.tolist() == [256 // k] * k
+    assert reports["heq"].entropy == pytest.approx(math.log2(k))
+    if max_bits is None:
+        assert reports["mean"].entropy < 1.3 < reports["heq"].entropy
+        assert reports["mean"].snap_error < reports["heq"].snap_error
 
 
 def test_max_bits_caps_k_with_the_least_error_partition():
