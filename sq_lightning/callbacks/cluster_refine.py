@@ -45,8 +45,9 @@ class ClusterRefine(Callback):
     ``sq/snap_error/<layer>``, ``sq/entropy/<layer>``, ``sq/bits_weighted``,
     ``sq/bits_mean``, ``sq/compression_ratio``, ``sq/entropy_weighted`` (Shannon
     entropy of the cluster populations: bits per weight with an entropy coder) at the
-    snap and at every epoch end afterwards; weight histograms ``sq/weights/<layer>`` every ``histogram_every_n_epochs`` epochs and
-    ``sq/weights_pre_snap/<layer>``, ``sq/weights_snapped/<layer>`` around the snap.
+    snap and at every epoch end afterwards; weight histograms ``sq/weights/<layer>``
+    every ``histogram_every_n_epochs`` epochs and ``sq/weights_pre_snap/<layer>``,
+    ``sq/weights_snapped/<layer>`` around the snap.
     A per-layer table is printed after the snap and at the end.
 
     Args:
