@@ -263,7 +263,7 @@ def run_codebook(args, bits: int, dm: CIFAR10DataModule) -> dict:
 def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFAR10DataModule) -> dict:
     """A post-training quantizer given the same tied refinement and the same budget.
 
-    The full-precision model is quantized by ``quantizer`` (HEQ or optimal k-means) at
+    The full-precision model is quantized by ``quantizer`` (HEQ, optimal k-means or uniform) at
     the per-layer ``K_l`` of the soft quantization row ``source`` (its fp32 layers stay
     fp32), BatchNorm is re-estimated, and the model is refined with its weights tied
     (``ClusterRefine``) for all ``couple + refine`` epochs of that row.
@@ -390,7 +390,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
             "",
             "## Control: post-training quantizers given the same tied refinement and budget",
             "",
-            "The full-precision model quantized by HEQ or optimal k-means at the K_l of a soft quantization row (its fp32 "
+            "The full-precision model quantized by HEQ, optimal k-means or uniform at the K_l of a soft quantization row (its fp32 "
             "layers kept fp32), BatchNorm re-estimated, then refined with tied weights (ClusterRefine) for all the "
             "epochs that row trained (couple + refine), same lr and schedule.",
             "",
@@ -465,7 +465,8 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         if rs:
             ax.plot([r["bits_weighted"] for r in rs], [r["acc"] for r in rs], marker, color=color, ms=8, label=label)
     for method, marker, color, label in (("refined-heq", "x", "C2", "HEQ + same tied refinement"),
-                                         ("refined-kmeans", "x", "C3", "k-means + same tied refinement")):
+                                         ("refined-kmeans", "x", "C3", "k-means + same tied refinement"),
+                                         ("refined-uniform", "x", "C3", "uniform + same tied refinement")):
         rs = [r for r in controls if _method(r) == method]
         if rs:
             ax.plot([r["bits_weighted"] for r in rs], [r["acc"] for r in rs], marker, color=color, ms=8, label=label)
@@ -539,7 +540,7 @@ def main() -> None:
     ap.add_argument("--codebook-lam", type=float, default=30.0, help="method B strength")
     ap.add_argument("--dkm-bits", type=int, nargs="*", default=[], help="coremltools DKM runs at these bits")
     ap.add_argument("--controls", nargs="*", default=[], metavar="Q:H:W",
-                    help="HEQ or k-means ('heq:1e-3:0.9', 'kmeans:...') at the K_l of the soft quantization row h:w "
+                    help="HEQ, k-means or uniform ('heq:1e-3:0.9', 'kmeans:...', 'uniform:...') at the K_l of the soft quantization row h:w "
                          "(same epochs and schedule), then tied refinement for all its couple + refine epochs")
     ap.add_argument("--fp-control", action="store_true",
                     help="also train the full-precision model on for the same epochs (no quantization)")
@@ -593,8 +594,8 @@ def main() -> None:
 
         if method == "control":
             quantizer, h, w = spec.split(":")
-            if quantizer not in ("heq", "kmeans"):
-                raise SystemExit(f"--controls: quantizer must be 'heq' or 'kmeans', got {quantizer!r} in {spec!r}")
+            if quantizer not in ("heq", "kmeans", "uniform"):
+                raise SystemExit(f"--controls: quantizer must be 'heq', 'kmeans' or 'uniform', got {quantizer!r} in {spec!r}")
             method, h, w = f"refined-{quantizer}", float(h), float(w)
             source = [r for r in done if _method(r) == "softquant" and schedule(r, 0) and (r["h"], r["w"]) == (h, w)
                       and _soft_key(r) == _args_key(args)]
