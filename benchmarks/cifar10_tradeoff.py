@@ -454,7 +454,8 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
     except ImportError:  # pragma: no cover - matplotlib is in the dev extra
         return
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=100)
-    pts = sorted(soft, key=lambda r: r["bits_weighted"])
+    # The HEQ placement is a diagnostic of the partition (see ClusterSnapper), not a way to quantize: not plotted.
+    pts = sorted((r for r in soft if r.get("placement") != "heq"), key=lambda r: r["bits_weighted"])
     x = [r["bits_weighted"] for r in pts]
     ax.plot(x, [r["acc"] for r in pts], "o", color="C0", label="soft quantization + refine")
     for i, (method, marker) in enumerate((("heq", "s"), ("kmeans", "^"), ("uniform", "v"))):
@@ -464,8 +465,8 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         rs = sorted((r for r in others if _method(r) == method), key=lambda r: r["bits_weighted"])
         if rs:
             ax.plot([r["bits_weighted"] for r in rs], [r["acc"] for r in rs], marker, color=color, ms=8, label=label)
-    for method, marker, color, label in (("refined-heq", "x", "C2", "HEQ + same tied refinement"),
-                                         ("refined-kmeans", "x", "C3", "k-means + same tied refinement"),
+    for method, marker, color, label in (("refined-heq", "x", "C1", "HEQ + same tied refinement"),
+                                         ("refined-kmeans", "x", "C2", "k-means + same tied refinement"),
                                          ("refined-uniform", "x", "C3", "uniform + same tied refinement")):
         rs = [r for r in controls if _method(r) == method]
         if rs:
