@@ -163,13 +163,14 @@ def _row(args, method: str, module, dm, ks: dict, timer: StepTimer, t0: float, *
                               recalibrate_batches=100)
     # Distinct values per quantized layer of the trained model, counted, not assumed.
     trained = dict(module.model.named_parameters())
-    distinct = {n: int(trained[n].detach().unique().numel()) for n in ks}
+    value_counts = {n: trained[n].detach().unique(return_counts=True)[1] for n in ks}
+    distinct = {n: int(c.numel()) for n, c in value_counts.items()}
     if "bits_weighted" not in extra and ks:  # from the counted values (soft quantization passes its own summary)
         bits = {n: math.log2(k) if k > 1 else 0.0 for n, k in distinct.items()}
         extra["bits_weighted"] = sum(bits[n] * params[n].numel() for n in ks) / sum(params[n].numel() for n in ks)
         extra["bits_mean"] = sum(bits.values()) / len(bits)
     if "entropy_weighted" not in extra and ks:  # Shannon entropy of each layer's value counts (entropy-coded bits)
-        ent = {n: entropy_bits(trained[n].detach().unique(return_counts=True)[1]) for n in ks}
+        ent = {n: entropy_bits(value_counts[n]) for n in ks}
         extra["entropy_weighted"] = sum(ent[n] * params[n].numel() for n in ks) / sum(params[n].numel() for n in ks)
     return {
         "method": method, **extra,
