@@ -1,13 +1,20 @@
-"""Compressed model artifact: per-layer codebook plus bit-packed cluster indices, in safetensors.
+"""Compressed model artifact: per-layer codebook plus bit-packed or entropy-coded indices, in safetensors.
 
 After clustering (soft quantization, Bernstein, Di Carlo, Schwab, "Soft Quantization: Model
 Compression Via Weight Coupling", arXiv:2601.21219, or one of the post-training baselines),
 layer ``l`` holds ``K_l`` distinct values. Stored as a ``K_l``-entry codebook plus one
 index of ``b_l = ceil(log2 K_l)`` bits per weight (0 bits when ``K_l = 1``), the layer costs
-what the bit-widths logged during training promise. This module writes and reads that
-artifact; it never pickles (safetensors holds only raw tensors and string metadata).
+what the bit-widths logged during training promise. Soft quantization leaves unequal
+cluster populations (one crowded cluster near zero), so an entropy coder stores the same
+indices in about ``H_l`` bits per weight, the entropy of the populations logged as
+``sq/entropy/<layer>``: ``coding="ans"`` codes each layer's indices with rANS (the
+``constriction`` library, Bamler, https://bamler-lab.github.io/constriction/) under the
+layer's empirical distribution. This module writes and reads that artifact; it never
+pickles (safetensors holds only raw tensors and string metadata).
 
-File layout, format ``"sq_lightning.compressed"`` version 1, one safetensors file:
+File layout, format ``"sq_lightning.compressed"``, one safetensors file; version 1 when
+every index stream is bit-packed (readable by every sq_lightning release), version 2 when
+one is entropy-coded:
 
 - ``"<name>"``: every ``state_dict`` entry that is not quantized (other parameters and
   buffers), stored as is (dtype and shape kept).
@@ -15,10 +22,22 @@ File layout, format ``"sq_lightning.compressed"`` version 1, one safetensors fil
   parameter's dtype, so that ``codebook[indices]`` is bit-identical to the snapped weight.
 - ``"<name>:indices"``: uint8 ``[ceil(N·b/8)]``, the ``N`` indices (the parameter's
   entries in row-major order) bit-packed, absent when ``K = 1``.
+- entropy-coded parameters (``"coding": "ans"`` in their layout entry) store instead of
+  ``":indices"`` a ``"<name>:ans"``, uint32 ``[words]``: the rANS stream of
+  constriction's ``AnsCoder`` (``encode_reverse`` of the ``N`` indices under
+  ``Categorical(counts as float64, perfect=False)``, its ``get_compressed()`` words),
+  absent when ``K = 1``. Their layout entry also holds ``"counts"``, the population of
+  each index (the coding distribution, ``K`` integers), and ``"index_digest"``: the first
+  16 hex digits of the SHA-256 of the indices as little-endian int32, checked after
+  decoding, so a coder that rebuilt a different fixed-point model (another constriction
+  version) fails loudly instead of loading wrong weights.
 - string metadata (JSON where structured):
   ``"sq.format"``, ``"sq.format_version"``;
   ``"sq.keys"``: the ``state_dict`` keys in their original order;
-  ``"sq.quantized"``: ``{name: {"shape", "k", "bits", "dtype"}}``;
+  ``"sq.quantized"``: ``{name: {"shape", "k", "bits", "dtype"}}`` (plus ``"coding"``,
+  ``"counts"`` and ``"index_digest"`` for entropy-coded ones);
+  ``"sq.entropy_coder"`` (version 2 only): the coder that wrote the streams, e.g.
+  ``"constriction 0.5.0"``;
   ``"sq.checksums"``: ``{key: sha256(f"{dtype}|{shape}|".encode() + raw bytes)}`` for
   every tensor (``dtype`` as ``str(torch.dtype)``, ``shape`` as a Python tuple), plus
   ``"__metadata__"``: the SHA-256 of ``json.dumps(other metadata, sort_keys=True)``;
@@ -49,15 +68,19 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "ExportReport", "LayerReport", "load_compressed", "save_compressed"]
+__all__ = ["CODINGS", "FORMAT_NAME", "FORMAT_VERSION", "ExportReport", "LayerReport", "load_compressed", "save_compressed"]
 
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "sq_lightning.compressed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version written; files without entropy-coded layers are written as 1
+_READABLE_VERSIONS = ("1", "2")
+CODINGS = ("packed", "ans")
 
 _CODEBOOK = ":codebook"
 _INDICES = ":indices"
+_ANS = ":ans"
+_SUFFIXES = (_CODEBOOK, _INDICES, _ANS)
 _META_PREFIX = "sq."
 _META_DIGEST_KEY = "__metadata__"
 
@@ -71,9 +94,11 @@ class LayerReport:
     Attributes:
         numel: number of weights ``N``.
         k: codebook size ``K``.
-        bits: bits per stored index, ``ceil(log2 K)`` (0 for ``K = 1``).
+        bits: bits per packed index, ``ceil(log2 K)`` (0 for ``K = 1``).
         codebook_bytes: bytes of the codebook.
-        index_bytes: bytes of the packed indices, ``ceil(N·bits/8)``.
+        index_bytes: bytes of the stored indices: packed, ``ceil(N·bits/8)``; entropy-coded,
+            the rANS stream (its ``K`` counts sit in the header).
+        coding: ``"packed"`` or ``"ans"``.
     """
 
     numel: int
@@ -81,6 +106,7 @@ class LayerReport:
     bits: int
     codebook_bytes: int
     index_bytes: int
+    coding: str = "packed"
 
 
 @dataclass(frozen=True)
@@ -110,22 +136,35 @@ class ExportReport:
 
     @property
     def bits_weighted(self) -> float:
-        """Index bits per quantized weight, ``Σ N_l b_l / Σ N_l`` (0.0 with no layer)."""
+        """Packed index bits per quantized weight, ``Σ N_l b_l / Σ N_l`` (0.0 with no layer)."""
         total = sum(layer.numel for layer in self.layers.values())
         return sum(layer.numel * layer.bits for layer in self.layers.values()) / total if total else 0.0
+
+    @property
+    def stored_bits_weighted(self) -> float:
+        """Index bits per quantized weight as written, ``8·Σ index_bytes_l / Σ N_l`` (0.0 with no layer).
+
+        Packed: ``bits_weighted`` plus the byte padding; entropy-coded: close to the
+        parameter-weighted entropy of the cluster populations.
+        """
+        total = sum(layer.numel for layer in self.layers.values())
+        return 8 * sum(layer.index_bytes for layer in self.layers.values()) / total if total else 0.0
 
     def __str__(self) -> str:
         name_width = max([len("parameter"), *(len(n) for n in self.layers)])
         lines = [
-            f"{'parameter':<{name_width}}  {'numel':>9}  {'K':>5}  {'bits':>4}  {'bytes':>9}",
-            "-" * (name_width + 37),
+            f"{'parameter':<{name_width}}  {'numel':>9}  {'K':>5}  {'bits':>4}  {'coding':>6}  {'bytes':>9}",
+            "-" * (name_width + 45),
         ]
         for name, layer in self.layers.items():
             size = layer.codebook_bytes + layer.index_bytes
-            lines.append(f"{name:<{name_width}}  {layer.numel:>9}  {layer.k:>5}  {layer.bits:>4}  {size:>9}")
+            lines.append(
+                f"{name:<{name_width}}  {layer.numel:>9}  {layer.k:>5}  {layer.bits:>4}  {layer.coding:>6}  {size:>9}"
+            )
         lines.append(
             f"{self.path}: {self.file_bytes} bytes on disk, {self.fp32_bytes} bytes as fp32, "
-            f"ratio {self.compression_ratio:.2f}x, {self.bits_weighted:.2f} bits per quantized weight"
+            f"ratio {self.compression_ratio:.2f}x, {self.bits_weighted:.2f} bits per quantized weight "
+            f"({self.stored_bits_weighted:.2f} as stored)"
         )
         return "\n".join(lines)
 
@@ -137,6 +176,7 @@ def save_compressed(
     metadata: Optional[dict[str, str]] = None,
     *,
     overwrite: bool = False,
+    coding: str = "packed",
 ) -> ExportReport:
     """Writes ``model``'s ``state_dict`` with the ``clusters`` parameters as codebook + packed indices.
 
@@ -159,6 +199,10 @@ def save_compressed(
         metadata: extra ``str -> str`` entries stored in the header (keys must not start
             with ``"sq."``).
         overwrite: replace an existing file at ``path``.
+        coding: how the indices are stored: ``"packed"`` (``ceil(log2 K)`` bits each,
+            format version 1) or ``"ans"`` (entropy-coded under each layer's cluster
+            populations, about ``H_l`` bits each; format version 2, needs ``constriction``:
+            a dependency of sq_lightning, to write and to read).
 
     Returns:
         The :class:`ExportReport` of the written file.
@@ -166,8 +210,10 @@ def save_compressed(
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
         ValueError: ``clusters`` is not a dict, an entry names no parameter or is
-            inconsistent with it, or ``metadata`` is not ``str -> str`` or uses a reserved key.
+            inconsistent with it, ``metadata`` is not ``str -> str`` or uses a reserved key,
+            or ``coding`` is not one of ``CODINGS``.
         TypeError: ``model`` is not an ``nn.Module``.
+        ImportError: ``coding="ans"`` without ``constriction`` installed.
 
     Example::
 
@@ -175,6 +221,7 @@ def save_compressed(
         with torch.no_grad():
             model.fc.weight.copy_(q.values)
         print(save_compressed(model, "model.safetensors", {"fc.weight": q}))
+        save_compressed(model, "model.ans.safetensors", {"fc.weight": q}, coding="ans")
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
@@ -183,6 +230,9 @@ def save_compressed(
             f"`clusters` must be a dict of parameter name to (centroids, assignments), got {type(clusters).__name__}."
         )
     user_meta = _check_metadata(metadata)
+    if coding not in CODINGS:
+        raise ValueError(f"`coding` must be one of {CODINGS}, got {coding!r}.")
+    ans = _ans_module() if coding == "ans" else None
     params = dict(model.named_parameters())
     state = model.state_dict()
     tensors: dict[str, Tensor] = {}
@@ -200,19 +250,29 @@ def save_compressed(
             )
         codebook, indices = _check_cluster(name, param, pair)
         k, bits = codebook.numel(), _bits(codebook.numel())
-        for key in (name + _CODEBOOK, name + _INDICES):
+        for key in (name + suffix for suffix in _SUFFIXES):
             if key in state:
                 raise ValueError(
                     f"`clusters` entry {name!r} would be stored as {key!r}, which is already a state_dict key."
                 )
         tensors[name + _CODEBOOK] = codebook
+        layout[name] = {"shape": list(param.shape), "k": k, "bits": bits, "dtype": str(param.dtype)}
         index_bytes = 0
-        if bits:
+        if ans is not None:
+            idx32 = indices.reshape(-1).to(torch.int32).numpy()
+            counts = np.bincount(idx32, minlength=k)
+            layout[name].update(coding="ans", counts=counts.tolist(), index_digest=_index_digest(idx32))
+            if bits:
+                words = _ans_encode(ans, idx32, counts)
+                tensors[name + _ANS] = words
+                index_bytes = words.numel() * words.element_size()
+        elif bits:
             packed = _pack(indices, bits)
             tensors[name + _INDICES] = packed
             index_bytes = packed.numel()
-        layout[name] = {"shape": list(param.shape), "k": k, "bits": bits, "dtype": str(param.dtype)}
-        layers[name] = LayerReport(param.numel(), k, bits, codebook.numel() * codebook.element_size(), index_bytes)
+        layers[name] = LayerReport(
+            param.numel(), k, bits, codebook.numel() * codebook.element_size(), index_bytes, coding
+        )
 
     fp32_bytes = 0
     for key, value in state.items():
@@ -224,10 +284,12 @@ def save_compressed(
     meta = {
         **user_meta,
         "sq.format": FORMAT_NAME,
-        "sq.format_version": str(FORMAT_VERSION),
+        "sq.format_version": "2" if ans is not None else "1",
         "sq.keys": json.dumps(list(state)),
         "sq.quantized": json.dumps(layout),
     }
+    if ans is not None:
+        meta["sq.entropy_coder"] = f"constriction {_ans_version(ans)}"
     checksums = {key: _digest(t) for key, t in tensors.items()}
     checksums[_META_DIGEST_KEY] = _metadata_digest(meta)
     meta["sq.checksums"] = json.dumps(checksums)
@@ -283,9 +345,9 @@ def load_compressed(path: PathLike, model: Optional[nn.Module] = None, strict: b
 
     state: dict[str, Tensor] = {}
     for name, info in layout.items():
-        state[name] = _reconstruct(name, info, tensors, path)
+        state[name] = _reconstruct(name, info, tensors, path, meta)
     for key in list(tensors):
-        if key.endswith((_CODEBOOK, _INDICES)):
+        if key.endswith(_SUFFIXES):
             raise ValueError(
                 f"{path!r} holds {key!r}, which belongs to no quantized parameter: the file is inconsistent."
             )
@@ -392,6 +454,46 @@ def _unpack(packed: Tensor, bits: int, n: int) -> tuple[np.ndarray, bool]:
     return idx, not stream[n * bits :].any()
 
 
+# --------------------------------------------------------------------------- entropy coding
+
+
+def _ans_module():
+    try:
+        import constriction
+    except ImportError as err:
+        raise ImportError(
+            "coding='ans' (entropy-coded indices) needs the `constriction` package, a dependency of "
+            "sq_lightning that is missing here: `pip install 'constriction>=0.4'`."
+        ) from err
+    return constriction
+
+
+def _ans_version(ans) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("constriction")
+    except PackageNotFoundError:
+        return getattr(ans, "__version__", "unknown")
+
+
+def _ans_model(ans, counts: np.ndarray):
+    """The coding distribution of a layer: its index populations, as constriction's categorical model."""
+    return ans.stream.model.Categorical(counts.astype(np.float64), perfect=False)
+
+
+def _index_digest(idx32: np.ndarray) -> str:
+    """First 16 hex digits of the SHA-256 of the indices as little-endian int32."""
+    return hashlib.sha256(np.ascontiguousarray(idx32, dtype="<i4").tobytes()).hexdigest()[:16]
+
+
+def _ans_encode(ans, idx32: np.ndarray, counts: np.ndarray) -> Tensor:
+    """rANS-codes ``idx32`` (int32, values in ``[0, K)``) under ``counts``; returns the uint32 words."""
+    coder = ans.stream.stack.AnsCoder()
+    coder.encode_reverse(idx32, _ans_model(ans, counts))
+    return torch.from_numpy(np.ascontiguousarray(coder.get_compressed(), dtype=np.uint32))
+
+
 # --------------------------------------------------------------------------- checksums
 
 
@@ -429,10 +531,10 @@ def _read_metadata(data: bytes, path: str) -> dict[str, str]:
             f"expected {FORMAT_NAME!r}). Write it with `save_compressed`."
         )
     version = meta.get("sq.format_version")
-    if version != str(FORMAT_VERSION):
+    if version not in _READABLE_VERSIONS:
         raise ValueError(
-            f"{path!r} has format version {version!r}; this sq_lightning reads version {FORMAT_VERSION}. "
-            "Upgrade sq_lightning, or re-export with this one."
+            f"{path!r} has format version {version!r}; this sq_lightning reads versions "
+            f"{', '.join(_READABLE_VERSIONS)}. Upgrade sq_lightning, or re-export with this one."
         )
     return meta
 
@@ -452,7 +554,7 @@ def _verify_checksums(tensors: Mapping[str, Tensor], meta: Mapping[str, str], pa
             raise ValueError(f"{path!r}: checksum mismatch for tensor {key!r}: the file was modified or corrupted.")
 
 
-def _reconstruct(name: str, info: Mapping, tensors: dict[str, Tensor], path: str) -> Tensor:
+def _reconstruct(name: str, info: Mapping, tensors: dict[str, Tensor], path: str, meta: Mapping[str, str]) -> Tensor:
     """``codebook[indices]`` of one quantized parameter, with its layout checked; pops its tensors."""
     where = f"{path!r}, parameter {name!r}"
     try:
@@ -467,6 +569,12 @@ def _reconstruct(name: str, info: Mapping, tensors: dict[str, Tensor], path: str
     if codebook is None or codebook.shape != (k,) or str(codebook.dtype) != info.get("dtype"):
         raise ValueError(f"{where}: codebook missing, not of length K={k} or not of dtype {info.get('dtype')}.")
     n = math.prod(shape)
+    coding = info.get("coding", "packed")
+    if coding == "ans" and meta.get("sq.format_version") != "1":
+        idx_t = _ans_indices(name, info, tensors, k, bits, n, where, meta)
+        return codebook[idx_t].reshape(shape)
+    if coding != "packed":
+        raise ValueError(f"{where}: unknown index coding {coding!r} for format version {meta.get('sq.format_version')}.")
     packed = tensors.pop(name + _INDICES, None)
     if bits == 0:
         if packed is not None:
@@ -480,6 +588,48 @@ def _reconstruct(name: str, info: Mapping, tensors: dict[str, Tensor], path: str
     if not padding_clear:
         raise ValueError(f"{where}: the padding bits of the packed indices are not zero.")
     return codebook[torch.from_numpy(idx)].reshape(shape)
+
+
+def _ans_indices(
+    name: str, info: Mapping, tensors: dict[str, Tensor], k: int, bits: int, n: int, where: str, meta: Mapping[str, str]
+) -> Tensor:
+    """Decodes and checks the entropy-coded indices of one parameter; pops its tensors."""
+    words = tensors.pop(name + _ANS, None)
+    counts = info.get("counts")
+    if (
+        not isinstance(counts, list)
+        or len(counts) != k
+        or not all(isinstance(c, int) and c >= 0 for c in counts)
+        or sum(counts) != n
+    ):
+        raise ValueError(f"{where}: index counts missing, not {k} non-negative integers, or not summing to {n}.")
+    counts = np.asarray(counts, dtype=np.int64)
+    expected_digest = info.get("index_digest")
+    if not isinstance(expected_digest, str):
+        raise ValueError(f"{where}: entropy-coded layout entry without its `index_digest`.")
+    if bits == 0:
+        if words is not None:
+            raise ValueError(f"{where}: K=1 stores no indices, but the file has some.")
+        idx = np.zeros(n, dtype=np.int32)
+    else:
+        if words is None or words.dtype != torch.uint32 or words.ndim != 1:
+            raise ValueError(f"{where}: rANS stream missing or not a 1-D uint32 tensor.")
+        ans = _ans_module()
+        try:
+            decoder = ans.stream.stack.AnsCoder(words.numpy().copy())
+            idx = np.asarray(decoder.decode(_ans_model(ans, counts), n), dtype=np.int32)
+            leftover = not decoder.is_empty()
+        except Exception as err:  # constriction raises its own errors on an invalid stream
+            raise ValueError(f"{where}: the rANS stream does not decode ({err}): corrupted.") from err
+        if leftover:
+            raise ValueError(f"{where}: the rANS stream holds more than the {n} indices: corrupted.")
+    if _index_digest(idx) != expected_digest:
+        raise ValueError(
+            f"{where}: the decoded indices differ from the encoded ones (written by {meta.get('sq.entropy_coder')!r}, "
+            f"read with constriction {_ans_version(_ans_module())}): install the writer's constriction version, "
+            "or re-export the model with coding='packed'."
+        )
+    return torch.from_numpy(idx.astype(np.int64))
 
 
 def _load_into(model: nn.Module, state: dict[str, Tensor], strict: bool, path: str) -> None:

@@ -6,8 +6,10 @@ import math
 import os
 import pickle
 
+import numpy as np
 import pytest
 import safetensors.torch
+import scipy.stats
 import torch
 from safetensors import safe_open
 from torch import nn
@@ -102,26 +104,27 @@ def _rewrite(src, dst, edit_tensors=None, edit_meta=None) -> None:
     safetensors.torch.save_file(tensors, str(dst), metadata=meta)
 
 
-@pytest.fixture
-def saved(tmp_path):
+@pytest.fixture(params=["packed", "ans"])
+def saved(tmp_path, request):
     model = _model()
     clusters = _snap(model, 5)
     path = tmp_path / "net.safetensors"
-    save_compressed(model, path, clusters)
+    save_compressed(model, path, clusters, coding=request.param)
     return path, model
 
 
 # --------------------------------------------------------------------------- round trip
 
 
+@pytest.mark.parametrize("coding", ["packed", "ans"])
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 16, 17, 256])
 @pytest.mark.parametrize("snap", [_snap, _snap_exact_k], ids=["kmeans", "exact_k"])
-def test_round_trip_bit_exact(tmp_path, k, snap):
+def test_round_trip_bit_exact(tmp_path, k, snap, coding):
     model = _model()
     clusters = snap(model, k)
     snapped = _clone_state(model)
     path = tmp_path / "m.safetensors"
-    report = save_compressed(model, path, clusters)
+    report = save_compressed(model, path, clusters, coding=coding)
 
     fresh = _model(seed=1)
     state = load_compressed(path, fresh)
@@ -135,12 +138,13 @@ def test_round_trip_bit_exact(tmp_path, k, snap):
         assert {layer.bits for layer in report.layers.values()} == {math.ceil(math.log2(k)) if k > 1 else 0}
 
 
+@pytest.mark.parametrize("coding", ["packed", "ans"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
-def test_round_trip_other_dtypes(tmp_path, dtype):
+def test_round_trip_other_dtypes(tmp_path, dtype, coding):
     model = _model().to(dtype)
     clusters = _snap(model, 6)
     snapped = _clone_state(model)
-    save_compressed(model, tmp_path / "m.safetensors", clusters)
+    save_compressed(model, tmp_path / "m.safetensors", clusters, coding=coding)
     fresh = _model(seed=2).to(dtype)
     load_compressed(tmp_path / "m.safetensors", fresh)
     _assert_state_equal(_clone_state(fresh), snapped)
@@ -299,9 +303,9 @@ def test_wrong_model_rejected_untouched(saved):
 
 def test_unknown_format_version_rejected(saved, tmp_path):
     path, _ = saved
-    bad = tmp_path / "v2.safetensors"
-    _rewrite(path, bad, edit_meta=lambda m: m.update({"sq.format_version": "2"}))
-    with pytest.raises(ValueError, match="v2.safetensors.*format version '2'.*reads version 1"):
+    bad = tmp_path / "v3.safetensors"
+    _rewrite(path, bad, edit_meta=lambda m: m.update({"sq.format_version": "3"}))
+    with pytest.raises(ValueError, match="v3.safetensors.*format version '3'.*reads versions 1, 2"):
         load_compressed(bad)
 
 
@@ -494,3 +498,174 @@ def test_cuda_model_round_trip(tmp_path):
     fresh = _model(seed=1).cuda()
     load_compressed(tmp_path / "m.safetensors", fresh)
     _assert_state_equal({k: v.cpu() for k, v in _clone_state(fresh).items()}, snapped)
+
+
+# --------------------------------------------------------------------------- entropy coding
+
+
+def _skewed_model(n: int = 256, probs=(0.85, 0.1, 0.04, 0.01)):
+    """A 2-layer model whose first weight has 4 values with skewed populations (as after coupling)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(n, n), nn.BatchNorm1d(n), nn.Linear(n, 10))
+    gen = torch.Generator().manual_seed(1)
+    centroids = torch.tensor([0.0, -0.2, 0.2, 0.5])
+    assignments = torch.multinomial(torch.tensor(probs), n * n, replacement=True, generator=gen).reshape(n, n)
+    q2 = quantize(model[2].weight.detach(), 4, "heq")  # equal populations: entropy 2 bits
+    with torch.no_grad():
+        model[0].weight.copy_(centroids[assignments])
+        model[2].weight.copy_(q2.values)
+    return model, {"0.weight": (centroids, assignments), "2.weight": (q2.centroids, q2.assignments)}
+
+
+def test_ans_reaches_the_entropy_of_the_populations(tmp_path):
+    model, clusters = _skewed_model()
+    ans = save_compressed(model, tmp_path / "a.safetensors", clusters, coding="ans")
+    packed = save_compressed(model, tmp_path / "p.safetensors", clusters)
+    for name, (_, assignments) in clusters.items():
+        n = assignments.numel()
+        counts = np.bincount(assignments.reshape(-1).numpy(), minlength=4)
+        entropy_bytes = n * scipy.stats.entropy(counts, base=2) / 8  # independent reference
+        layer = ans.layers[name]
+        assert layer.coding == "ans" and layer.bits == 2
+        # rANS stays within a few words of the entropy, never below it.
+        assert entropy_bytes <= layer.index_bytes <= entropy_bytes * 1.005 + 16, (name, layer.index_bytes)
+        assert packed.layers[name].index_bytes == n * 2 // 8
+    assert ans.layers["0.weight"].index_bytes < 0.45 * packed.layers["0.weight"].index_bytes  # H = 0.80 bits
+    assert ans.file_bytes < packed.file_bytes
+    assert ans.stored_bits_weighted < packed.stored_bits_weighted == pytest.approx(packed.bits_weighted)
+    assert ans.bits_weighted == packed.bits_weighted  # the packed width is reported either way
+    assert "ans" in str(ans) and "as stored" in str(ans)
+    _assert_state_equal(load_compressed(tmp_path / "a.safetensors"), load_compressed(tmp_path / "p.safetensors"))
+
+
+def test_ans_stream_follows_the_documented_format(tmp_path):
+    # Decodes the file with constriction directly, as the module docstring describes it.
+    constriction = pytest.importorskip("constriction")
+    model, clusters = _skewed_model(n=64)
+    path = tmp_path / "a.safetensors"
+    save_compressed(model, path, clusters, coding="ans")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        layout = json.loads(meta["sq.quantized"])
+        assert meta["sq.format_version"] == "2" and meta["sq.entropy_coder"].startswith("constriction ")
+        for name, (centroids, assignments) in clusters.items():
+            entry = layout[name]
+            expected = np.bincount(assignments.reshape(-1).numpy(), minlength=4)
+            assert entry["coding"] == "ans" and entry["counts"] == expected.tolist()
+            assert not any(key == name + ":indices" for key in f.keys())
+            words = f.get_tensor(name + ":ans").numpy()
+            assert words.dtype == np.uint32
+            model_ = constriction.stream.model.Categorical(np.asarray(entry["counts"], np.float64), perfect=False)
+            decoder = constriction.stream.stack.AnsCoder(words.copy())
+            decoded = decoder.decode(model_, assignments.numel())
+            assert decoder.is_empty()
+            assert np.array_equal(decoded, assignments.reshape(-1).numpy())
+            digest = hashlib.sha256(assignments.reshape(-1).numpy().astype("<i4").tobytes()).hexdigest()[:16]
+            assert entry["index_digest"] == digest
+
+
+def test_packed_files_stay_version_1(tmp_path):
+    model = _model()
+    save_compressed(model, tmp_path / "m.safetensors", _snap(model, 4))
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        assert f.metadata()["sq.format_version"] == "1" and "sq.entropy_coder" not in f.metadata()
+
+
+def test_bad_coding_argument_named(tmp_path):
+    model = _model()
+    with pytest.raises(ValueError, match="`coding` must be one of .*'packed', 'ans'.*got 'zstd'"):
+        save_compressed(model, tmp_path / "m.safetensors", _snap(model, 4), coding="zstd")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_missing_constriction_is_a_clear_error(tmp_path, monkeypatch):
+    model = _model()
+    clusters = _snap(model, 4)
+    save_compressed(model, tmp_path / "a.safetensors", clusters, coding="ans")
+    monkeypatch.setitem(__import__("sys").modules, "constriction", None)  # import now fails
+    with pytest.raises(ImportError, match=r"pip install 'constriction>=0.4'"):
+        save_compressed(model, tmp_path / "b.safetensors", clusters, coding="ans")
+    assert not (tmp_path / "b.safetensors").exists()
+    target = _model(seed=3)
+    before = _clone_state(target)
+    with pytest.raises(ImportError, match="constriction"):
+        load_compressed(tmp_path / "a.safetensors", target)
+    _assert_state_equal(_clone_state(target), before)
+    # Packed files need no entropy coder.
+    save_compressed(model, tmp_path / "p.safetensors", clusters)
+    load_compressed(tmp_path / "p.safetensors", target)
+
+
+def _ans_file(tmp_path):
+    model, clusters = _skewed_model(n=64)
+    path = tmp_path / "a.safetensors"
+    save_compressed(model, path, clusters, coding="ans")
+    return path
+
+
+def _edit_layout(name, **changes):
+    def edit(meta):
+        layout = json.loads(meta["sq.quantized"])
+        layout[name].update(changes)
+        meta["sq.quantized"] = json.dumps(layout)
+
+    return edit
+
+
+def test_ans_counts_that_decode_other_indices_rejected_untouched(tmp_path):
+    # Re-signed files whose coding distribution changed: the checksums pass, the decoded
+    # indices differ (or the stream does not end where it should); never loaded.
+    path = _ans_file(tmp_path)
+    counts = json.loads(safe_open(str(path), "pt").metadata()["sq.quantized"])["0.weight"]["counts"]
+    swapped = [counts[1], counts[0], *counts[2:]]  # same sum, another distribution
+    bad = tmp_path / "counts.safetensors"
+    _rewrite(path, bad, edit_meta=_edit_layout("0.weight", counts=swapped))
+    model, _ = _skewed_model(n=64)
+    target = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.Linear(64, 10))
+    before = _clone_state(target)
+    with pytest.raises(ValueError, match="counts.safetensors.*0.weight.*(decoded indices differ|rANS stream)"):
+        load_compressed(bad, target)
+    _assert_state_equal(_clone_state(target), before)
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"counts": [1, 2, 3, 4]}, "not summing to 4096"),
+        ({"counts": [4096, 0, 0]}, "not 4 non-negative integers"),
+        ({"counts": None}, "index counts missing"),
+        ({"index_digest": "0" * 16}, "decoded indices differ.*coding='packed'"),
+        ({"index_digest": None}, "without its `index_digest`"),
+        ({"coding": "huffman"}, "unknown index coding 'huffman'"),
+    ],
+)
+def test_ans_layout_errors(tmp_path, changes, match):
+    path = _ans_file(tmp_path)
+    bad = tmp_path / "bad.safetensors"
+    _rewrite(path, bad, edit_meta=_edit_layout("0.weight", **changes))
+    with pytest.raises(ValueError, match=match):
+        load_compressed(bad)
+
+
+def test_ans_stream_missing_or_truncated_rejected(tmp_path):
+    path = _ans_file(tmp_path)
+    bad = tmp_path / "bad.safetensors"
+    _rewrite(path, bad, edit_tensors=lambda t: t.pop("0.weight:ans"))
+    with pytest.raises(ValueError, match="0.weight.*rANS stream missing"):
+        load_compressed(bad)
+
+    def truncate(tensors):
+        tensors["0.weight:ans"] = tensors["0.weight:ans"][:-4].clone()
+
+    _rewrite(path, bad, edit_tensors=truncate)
+    with pytest.raises(ValueError, match="0.weight.*(rANS stream|decoded indices differ)"):
+        load_compressed(bad)
+
+
+def test_version_1_file_cannot_claim_ans(tmp_path):
+    # A version-1 reader would treat such a file as packed: the layout must agree with the version.
+    path = _ans_file(tmp_path)
+    bad = tmp_path / "bad.safetensors"
+    _rewrite(path, bad, edit_meta=lambda m: m.update({"sq.format_version": "1"}))
+    with pytest.raises(ValueError, match="unknown index coding 'ans' for format version 1"):
+        load_compressed(bad)

@@ -24,6 +24,7 @@ EXPECTED = {
             r"validation accuracy of the quantized model: 0\.9\d{3}",  # the quickstart reaches ~0.95
             r"after refinement: val acc 0\.9\d{3}; distinct values per layer",  # the Trainer-free loop
             r"ratio \d+\.\d\dx, \d\.\d\d bits per quantized weight",  # the ExportReport
+            r"model\.net\.1\.weight\s+8192\s+\d+\s+\d+\s+ans\s+\d+",  # the entropy-coded export's table
             r"reloaded weights identical: True",
         ],
         "figures": 2,

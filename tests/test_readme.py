@@ -45,4 +45,8 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     ns["refine"] = refine
     exec(compile(blocks[2], "README-3", "exec"), ns)
     assert (tmp_path / "model.sq.safetensors").exists()
+    assert ns["report"].layers and all(layer.coding == "packed" for layer in ns["report"].layers.values())
+    state = __import__("sq_lightning").load_compressed(tmp_path / "model.ans.safetensors")
+    for name, param in ns["model"].state_dict().items():
+        assert torch.equal(state[name], param), name  # the entropy-coded file holds the same model
     assert ns["report"].compression_ratio > 4

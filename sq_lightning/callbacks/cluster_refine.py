@@ -10,6 +10,7 @@ The work is done by :class:`sq_lightning.snapper.ClusterSnapper`.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
@@ -19,6 +20,7 @@ from torch import nn
 from typing_extensions import override
 
 from sq_lightning.callbacks._logging import log_histograms, log_scalars
+from sq_lightning.export import CODINGS, _ans_module, save_compressed
 from sq_lightning.layers import LayerSelector
 from sq_lightning.ops.clustering import MergePolicy
 from sq_lightning.snapper import ClusterSnapper, OnUnclustered, Placement
@@ -48,7 +50,10 @@ class ClusterRefine(Callback):
     snap and at every epoch end afterwards; weight histograms ``sq/weights/<layer>``
     every ``histogram_every_n_epochs`` epochs and ``sq/weights_pre_snap/<layer>``,
     ``sq/weights_snapped/<layer>`` around the snap.
-    A per-layer table is printed after the snap and at the end.
+    A per-layer table is printed after the snap and at the end. With ``export_path``
+    the refined model is written at the end of fit by
+    :func:`~sq_lightning.export.save_compressed` (global rank 0 only) and its size is
+    logged as ``sq/export_bytes``.
 
     Args:
         snap_epoch: epoch at whose start the snap happens; ``None`` snaps at fit end.
@@ -80,10 +85,19 @@ class ClusterRefine(Callback):
             discovered clusters (or one that did not cluster) is snapped to exactly
             ``2^max_bits`` values placed by optimal 1-D k-means of its coupled weights
             (``None``: no cap); see :class:`~sq_lightning.snapper.ClusterSnapper`.
+        export_path: write the LightningModule's ``state_dict`` with the snapped layers as
+            codebook + indices to this file at the end of fit (``None``: no export). A
+            relative path is taken inside the run's log directory
+            (``trainer.log_dir``, e.g. ``runs/quickstart/version_3/``), so every run gets
+            its own file; an existing file is never replaced (checked at setup, before
+            training). Read it back with :func:`~sq_lightning.export.load_compressed`.
+        export_coding: ``"packed"`` (``ceil(log2 K_l)`` bits per index) or ``"ans"``
+            (entropy-coded, about ``H_l`` bits per index: the ``sq/entropy/<layer>`` logged).
 
     Raises:
-        ValueError: a bad argument, a selection that matches no layer, or
-            ``clusters_from="codebook"`` without a ``LearnedCodebook`` callback.
+        ValueError: a bad argument, a selection that matches no layer,
+            ``clusters_from="codebook"`` without a ``LearnedCodebook`` callback, an
+            ``export_path`` that exists already or a sharded (FSDP) strategy with one.
         sq_lightning.snapper.UnclusteredLayerError: with ``on_unclustered="raise"``.
 
     Example::
@@ -113,6 +127,8 @@ class ClusterRefine(Callback):
         exclude: Optional[list[str]] = None,
         min_size: int = 0,
         max_bits: Optional[int] = None,
+        export_path: Optional[str] = None,
+        export_coding: Literal["packed", "ans"] = "packed",
     ) -> None:
         super().__init__()
         if snap_epoch is not None and (isinstance(snap_epoch, bool) or not isinstance(snap_epoch, int) or snap_epoch < 0):
@@ -122,6 +138,15 @@ class ClusterRefine(Callback):
         for name, value in (("recalibrate_bn_batches", recalibrate_bn_batches), ("histogram_every_n_epochs", histogram_every_n_epochs)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"`{name}` must be an int >= 0, got {value!r}.")
+        if export_coding not in CODINGS:
+            raise ValueError(f"`export_coding` must be one of {CODINGS}, got {export_coding!r}.")
+        if export_path is not None and (not isinstance(export_path, (str, os.PathLike)) or not os.fspath(export_path)):
+            raise ValueError(f"`export_path` must be a file path (str) or None, got {export_path!r}.")
+        if export_path is not None and export_coding == "ans":
+            _ans_module()  # a missing entropy coder fails now, not after training
+        self.export_path = os.fspath(export_path) if export_path is not None else None
+        self.export_coding = export_coding
+        self.exported: Optional[str] = None
         self.selector = LayerSelector(module_types, include, exclude, min_size)
         self.snapper = ClusterSnapper(
             w, gap, min_cluster_frac, merge, max_snap_error, on_unclustered, self.selector, placement=placement,
@@ -146,6 +171,8 @@ class ClusterRefine(Callback):
                 "`clusters_from='codebook'` needs a LearnedCodebook callback in the same Trainer; "
                 "add one or use `clusters_from='gaps'`."
             )
+        if self.export_path is not None and stage == "fit":
+            self._check_export_target(trainer)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -171,6 +198,45 @@ class ClusterRefine(Callback):
             self._run_snap(trainer, pl_module, recalibrate=True)
         scores = "  ".join(f"{k}={float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/"))
         rank_zero_info("ClusterRefine: final per-layer bit-widths\n" + self.snapper.table() + (f"\nlast validation: {scores}" if scores else ""))
+        if self.export_path is not None:
+            self._export(trainer, pl_module)
+
+    # -- export --------------------------------------------------------------------
+    def _export_target(self, trainer: pl.Trainer) -> str:
+        if os.path.isabs(self.export_path):
+            return self.export_path
+        return os.path.join(trainer.log_dir or trainer.default_root_dir, self.export_path)
+
+    def _check_export_target(self, trainer: pl.Trainer) -> None:
+        if "fsdp" in type(trainer.strategy).__name__.lower():
+            raise ValueError(
+                f"`export_path` is not supported under {type(trainer.strategy).__name__}: the parameters are sharded. "
+                "Drop `export_path`, and export the checkpoint's weights with `sq_lightning.save_compressed`."
+            )
+        # Rank 0 writes; its answer is broadcast so that every rank raises together.
+        problem = None
+        if trainer.is_global_zero:
+            target = self._export_target(trainer)
+            if os.path.lexists(target):
+                problem = (
+                    f"`export_path` {target!r} exists: ClusterRefine never replaces a file. "
+                    "Delete or move it, or choose another `export_path` (a relative one lands in the run's log directory)."
+                )
+        problem = trainer.strategy.broadcast(problem, src=0)
+        if problem:
+            raise ValueError(problem)
+
+    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # All ranks hold the same tied weights; rank 0 writes (DESIGN.md section 7).
+        report = None
+        if trainer.is_global_zero:
+            target = self._export_target(trainer)
+            os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+            report = save_compressed(pl_module, target, self.clusters(), coding=self.export_coding)
+            self.exported = target
+            rank_zero_info(f"ClusterRefine: exported ({self.export_coding} indices)\n{report}")
+        size = trainer.strategy.broadcast(report.file_bytes if report is not None else None, src=0)
+        log_scalars(trainer, {"sq/export_bytes": float(size)})
 
     # -- helpers --------------------------------------------------------------------
     def _codebook_callback(self, trainer: pl.Trainer):

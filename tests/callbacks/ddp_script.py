@@ -95,8 +95,9 @@ def train_loader(devices: int, batch_size: int) -> DataLoader:
     return DataLoader(train.dataset, batch_size=batch_size, sampler=sampler)
 
 
-def run_mode(mode: str, devices: int, batch_size: int) -> tuple[pl.Trainer, dict]:
-    """Trains one mode; returns the trainer and this rank's results (CPU tensors)."""
+def run_mode(mode: str, devices: int, batch_size: int, export_dir: Path | None = None) -> tuple[pl.Trainer, dict]:
+    """Trains one mode; returns the trainer and this rank's results (CPU tensors). With
+    ``export_dir``, the refine mode also exports its model there (``ClusterRefine(export_path=...)``)."""
     pl.seed_everything(SEED)  # also the seed of Lightning's DistributedSampler
     train = train_loader(devices, batch_size)
     out: dict = {}
@@ -115,8 +116,10 @@ def run_mode(mode: str, devices: int, batch_size: int) -> tuple[pl.Trainer, dict
         # if one is not quite clustered, so that all three are refined.
         model = TinyNet(bn=True)
         soft = SoftQuantCallback(h=1e-2, w=0.45, stop_epoch=REFINE_SNAP_EPOCH)
+        export = dict(export_path=str(export_dir / "refine.sq.safetensors"), export_coding="ans") if export_dir else {}
         refine = ClusterRefine(
-            snap_epoch=REFINE_SNAP_EPOCH, w=0.45, on_unclustered="snap", recalibrate_bn_batches=5, histogram_every_n_epochs=0
+            snap_epoch=REFINE_SNAP_EPOCH, w=0.45, on_unclustered="snap", recalibrate_bn_batches=5, histogram_every_n_epochs=0,
+            **export,
         )
         local = LocalClusters(refine, soft)
         trainer = make_trainer(devices, REFINE_SNAP_EPOCH + 2, [soft, local, refine])
@@ -125,6 +128,8 @@ def run_mode(mode: str, devices: int, batch_size: int) -> tuple[pl.Trainer, dict
         out["centroids"] = {n: c for n, (c, _) in refine.clusters().items()}
         out["local_assignments"] = local.assignments
         out["k"] = {n: r.k for n, r in refine.snapper.reports.items()}
+        out["exported"] = refine.exported
+        out["export_bytes"] = float(trainer.callback_metrics["sq/export_bytes"]) if export_dir else None
     elif mode == "codebook":
         model = TinyNet()
         codebook = LearnedCodebook(lam=20.0, bits=2, start_epoch=1, codebook_lr=1e-3)
@@ -154,10 +159,10 @@ def main(argv: list[str]) -> None:
     # One thread a process: two ranks share two cores.
     torch.set_num_threads(1)
     results, rank = {}, 0
-    for mode in args.modes.split(","):
-        trainer, results[mode] = run_mode(mode, args.devices, args.batch_size)
-        rank = trainer.global_rank
     args.out.mkdir(parents=True, exist_ok=True)
+    for mode in args.modes.split(","):
+        trainer, results[mode] = run_mode(mode, args.devices, args.batch_size, export_dir=args.out)
+        rank = trainer.global_rank
     torch.save(results, args.out / f"rank{rank}.pt")
 
 

@@ -38,7 +38,7 @@ def _pipeline(tmp_path, epochs=22, snap_epoch=18, start_epoch=10, logger=True, e
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("refine")
-    model, refine, train, val = _pipeline(tmp)
+    model, refine, train, val = _pipeline(tmp, export_path="m.sq.safetensors", export_coding="ans")
     return tmp, model, refine, train, val
 
 
@@ -125,6 +125,54 @@ def test_export_of_the_refined_model_round_trips(pipeline, tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(state[k], v), k
     assert report.compression_ratio > 1
+
+
+def test_export_path_writes_the_refined_model_into_the_run_directory(pipeline):
+    tmp, model, refine, _, _ = pipeline
+    path = tmp / "tb" / "version_0" / "m.sq.safetensors"  # relative: inside trainer.log_dir
+    assert refine.exported == str(path) and path.exists()
+    state = load_compressed(path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(state[k], v), k
+    # Entropy-coded: each layer's index stream is within a few words of N_l·H_l bits.
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        for name, rep in refine.snapper.reports.items():
+            stream = f.get_tensor(name + ":ans")
+            entropy_bytes = rep.numel * rep.entropy / 8
+            assert entropy_bytes <= stream.numel() * 4 <= entropy_bytes * 1.01 + 16, name
+    acc = EventAccumulator(str(tmp / "tb" / "version_0"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert acc.Scalars("sq/export_bytes")[-1].value == path.stat().st_size
+
+
+def test_export_path_that_exists_is_refused_before_training(tmp_path):
+    target = tmp_path / "keep.safetensors"
+    target.write_bytes(b"the user's file")
+    pl.seed_everything(0)
+    train, _ = digits_loaders()
+    model = TinyNet()
+    before = copy.deepcopy(model.state_dict())
+    refine = ClusterRefine(snap_epoch=1, w=0.45, export_path=str(target))
+    with pytest.raises(ValueError, match="`export_path` .*keep.safetensors' exists.*never replaces"):
+        trainer(max_epochs=2, callbacks=[refine]).fit(model, train)
+    assert target.read_bytes() == b"the user's file"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # nothing trained
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"export_path": "m.safetensors", "export_coding": "zip"}, "`export_coding` must be one of"),
+        ({"export_path": 3}, "`export_path` must be a file path"),
+        ({"export_path": ""}, "`export_path` must be a file path"),
+    ],
+)
+def test_bad_export_arguments_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ClusterRefine(**kwargs)
 
 
 def test_resume_during_refinement_is_exact(tmp_path):

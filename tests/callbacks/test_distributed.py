@@ -123,6 +123,18 @@ def test_cluster_refine_assignments_and_weights_are_identical_on_both_ranks(rank
         assert torch.unique(r0["state_dict"][name]).numel() == k, name
 
 
+def test_cluster_refine_export_is_written_once_by_rank_0(ranks):
+    from sq_lightning.export import load_compressed
+
+    r0, r1 = (r["refine"] for r in ranks)
+    path = Path(r0["exported"])
+    assert r1["exported"] is None  # rank 1 wrote nothing
+    assert sorted(p.name for p in path.parent.iterdir() if "refine.sq" in p.name) == [path.name]  # no temporaries
+    state = load_compressed(path)
+    _assert_same_tensors(state, r0["state_dict"], "exported vs rank 0's model")
+    assert r0["export_bytes"] == r1["export_bytes"] == path.stat().st_size  # the size reaches every rank
+
+
 def test_learned_codebooks_and_weights_are_identical_on_both_ranks(ranks):
     r0, r1 = (r["codebook"] for r in ranks)
     assert set(r0["codebooks"]) == {"net.0.weight", "net.2.weight", "net.4.weight"}
