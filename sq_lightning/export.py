@@ -232,7 +232,7 @@ def save_compressed(
     user_meta = _check_metadata(metadata)
     if coding not in CODINGS:
         raise ValueError(f"`coding` must be one of {CODINGS}, got {coding!r}.")
-    ans = _ans_module() if coding == "ans" else None
+    ans = entropy_coder() if coding == "ans" else None
     params = dict(model.named_parameters())
     state = model.state_dict()
     tensors: dict[str, Tensor] = {}
@@ -457,7 +457,8 @@ def _unpack(packed: Tensor, bits: int, n: int) -> tuple[np.ndarray, bool]:
 # --------------------------------------------------------------------------- entropy coding
 
 
-def _ans_module():
+def entropy_coder():
+    """The ``constriction`` module (the rANS coder behind ``coding="ans"``), or an ImportError that says how to get it."""
     try:
         import constriction
     except ImportError as err:
@@ -599,7 +600,7 @@ def _ans_indices(
     if (
         not isinstance(counts, list)
         or len(counts) != k
-        or not all(isinstance(c, int) and c >= 0 for c in counts)
+        or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
         or sum(counts) != n
     ):
         raise ValueError(f"{where}: index counts missing, not {k} non-negative integers, or not summing to {n}.")
@@ -614,7 +615,7 @@ def _ans_indices(
     else:
         if words is None or words.dtype != torch.uint32 or words.ndim != 1:
             raise ValueError(f"{where}: rANS stream missing or not a 1-D uint32 tensor.")
-        ans = _ans_module()
+        ans = entropy_coder()
         try:
             decoder = ans.stream.stack.AnsCoder(words.numpy().copy())
             idx = np.asarray(decoder.decode(_ans_model(ans, counts), n), dtype=np.int32)
@@ -626,7 +627,7 @@ def _ans_indices(
     if _index_digest(idx) != expected_digest:
         raise ValueError(
             f"{where}: the decoded indices differ from the encoded ones (written by {meta.get('sq.entropy_coder')!r}, "
-            f"read with constriction {_ans_version(_ans_module())}): install the writer's constriction version, "
+            f"read with constriction {_ans_version(entropy_coder())}): install the writer's constriction version, "
             "or re-export the model with coding='packed'."
         )
     return torch.from_numpy(idx.astype(np.int64))

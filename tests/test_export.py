@@ -634,6 +634,7 @@ def test_ans_counts_that_decode_other_indices_rejected_untouched(tmp_path):
         ({"counts": [1, 2, 3, 4]}, "not summing to 4096"),
         ({"counts": [4096, 0, 0]}, "not 4 non-negative integers"),
         ({"counts": None}, "index counts missing"),
+        ({"counts": [True, 4095, 0, 0]}, "not 4 non-negative integers"),
         ({"index_digest": "0" * 16}, "decoded indices differ.*coding='packed'"),
         ({"index_digest": None}, "without its `index_digest`"),
         ({"coding": "huffman"}, "unknown index coding 'huffman'"),

@@ -20,7 +20,7 @@ from torch import nn
 from typing_extensions import override
 
 from sq_lightning.callbacks._logging import log_histograms, log_scalars
-from sq_lightning.export import CODINGS, _ans_module, save_compressed
+from sq_lightning.export import CODINGS, entropy_coder, save_compressed
 from sq_lightning.layers import LayerSelector
 from sq_lightning.ops.clustering import MergePolicy
 from sq_lightning.snapper import ClusterSnapper, OnUnclustered, Placement
@@ -143,7 +143,7 @@ class ClusterRefine(Callback):
         if export_path is not None and (not isinstance(export_path, (str, os.PathLike)) or not os.fspath(export_path)):
             raise ValueError(f"`export_path` must be a file path (str) or None, got {export_path!r}.")
         if export_path is not None and export_coding == "ans":
-            _ans_module()  # a missing entropy coder fails now, not after training
+            entropy_coder()  # a missing entropy coder fails now, not after training
         self.export_path = os.fspath(export_path) if export_path is not None else None
         self.export_coding = export_coding
         self.exported: Optional[str] = None
