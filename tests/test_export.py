@@ -104,6 +104,14 @@ def _rewrite(src, dst, edit_tensors=None, edit_meta=None) -> None:
     safetensors.torch.save_file(tensors, str(dst), metadata=meta)
 
 
+def _assert_rejected_untouched(bad, target: nn.Module, match: str) -> None:
+    """Loading ``bad`` into ``target`` raises ValueError matching ``match`` and leaves ``target`` as it was."""
+    before = _clone_state(target)
+    with pytest.raises(ValueError, match=match):
+        load_compressed(bad, target)
+    _assert_state_equal(_clone_state(target), before)
+
+
 @pytest.fixture(params=["packed", "ans"])
 def saved(tmp_path, request):
     model = _model()
@@ -336,11 +344,7 @@ def test_index_not_below_k_rejected_untouched(tmp_path):
 
     bad = tmp_path / "idx.safetensors"
     _rewrite(path, bad, edit_tensors=poke)
-    target = _model(seed=5)
-    before = _clone_state(target)
-    with pytest.raises(ValueError, match="idx.safetensors.*fc.weight.*not below K=3"):
-        load_compressed(bad, target)
-    _assert_state_equal(_clone_state(target), before)
+    _assert_rejected_untouched(bad, _model(seed=5), "idx.safetensors.*fc.weight.*not below K=3")
 
 
 @pytest.mark.parametrize(
@@ -620,12 +624,8 @@ def test_ans_counts_that_decode_other_indices_rejected_untouched(tmp_path):
     swapped = [counts[1], counts[0], *counts[2:]]  # same sum, another distribution
     bad = tmp_path / "counts.safetensors"
     _rewrite(path, bad, edit_meta=_edit_layout("0.weight", counts=swapped))
-    model, _ = _skewed_model(n=64)
     target = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.Linear(64, 10))
-    before = _clone_state(target)
-    with pytest.raises(ValueError, match="counts.safetensors.*0.weight.*(decoded indices differ|rANS stream)"):
-        load_compressed(bad, target)
-    _assert_state_equal(_clone_state(target), before)
+    _assert_rejected_untouched(bad, target, "counts.safetensors.*0.weight.*(decoded indices differ|rANS stream)")
 
 
 @pytest.mark.parametrize(
