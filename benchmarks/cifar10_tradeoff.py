@@ -505,7 +505,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover - matplotlib is in the dev extra
         return
-    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=100)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.4), dpi=100)
     # The HEQ placement is a diagnostic of the partition (see ClusterSnapper), not a way to quantize: not plotted.
     pts = sorted((r for r in soft if r.get("placement") != "heq"), key=lambda r: r["bits_weighted"])
     x = [r["bits_weighted"] for r in pts]
@@ -526,8 +526,26 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
     ax.axhline(fp, color="gray", lw=0.8, label="full precision")
     ax.set_xlabel("average bits per weight (parameter-weighted)")
     ax.set_ylabel("CIFAR-10 test accuracy")
-    ax.set_title("ResNet-20: accuracy vs bits")
+    ax.set_title("ResNet-20: accuracy vs bits (log2 K_l)")
+    ax.set_xlim(0, 6)  # rows that kept layers fp32 (up to 31 bits) lie beyond: see the table
     ax.legend(fontsize=6.5, loc="lower right")
+    # The same runs against what an entropy coder stores (save_compressed(coding="ans")):
+    # the parameter-weighted entropy of the cluster populations; rows without it are left out.
+    for group, marker, color, label in (
+        ([r for r in pts], "o", "C0", "soft quantization + refine"),
+        ([r for r in controls if _method(r) == "refined-heq"], "x", "C1", "HEQ + same tied refinement"),
+        ([r for r in controls if _method(r) == "refined-kmeans"], "x", "C2", "k-means + same tied refinement"),
+        ([r for r in controls if _method(r) == "refined-uniform"], "x", "C3", "uniform + same tied refinement"),
+        ([r for r in others if _method(r) == "codebook"], "D", "C4", "method B + refine"),
+        ([r for r in others if _method(r) == "dkm"], "P", "C5", "coremltools DKM"),
+    ):
+        rs = [r for r in group if r.get("entropy_weighted") is not None and r["entropy_weighted"] < 8]
+        if rs:
+            ax2.plot([r["entropy_weighted"] for r in rs], [r["acc"] for r in rs], marker, color=color, ms=7, label=label)
+    ax2.axhline(fp, color="gray", lw=0.8, label="full precision")
+    ax2.set_xlabel("entropy-coded bits per weight (weighted entropy of the cluster populations)")
+    ax2.set_title("the same runs vs entropy-coded size (rows that measured it)")
+    ax2.legend(fontsize=6.5, loc="lower right")
     fig.tight_layout()
     fig.savefig(directory / "cifar10_tradeoff.png")
 
