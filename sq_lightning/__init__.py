@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 from sq_lightning.callbacks import ClusterRefine, LearnedCodebook, SoftQuantCallback
 from sq_lightning.coupler import WeightCoupler
-from sq_lightning.export import load_compressed, save_compressed
+from sq_lightning.export import export_checkpoint, load_compressed, save_compressed
 from sq_lightning.layers import LayerSelector
 from sq_lightning.snapper import ClusterSnapper, UnclusteredLayerError
 
@@ -25,6 +25,7 @@ __all__ = [
     "UnclusteredLayerError",
     "WeightCoupler",
     "__version__",
+    "export_checkpoint",
     "load_compressed",
     "save_compressed",
 ]

@@ -68,7 +68,16 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CODINGS", "FORMAT_NAME", "FORMAT_VERSION", "ExportReport", "LayerReport", "load_compressed", "save_compressed"]
+__all__ = [
+    "CODINGS",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "ExportReport",
+    "LayerReport",
+    "export_checkpoint",
+    "load_compressed",
+    "save_compressed",
+]
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +234,22 @@ def save_compressed(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    return _write(
+        model.state_dict(), dict(model.named_parameters()), type(model).__name__, path, clusters, metadata, overwrite, coding
+    )
+
+
+def _write(
+    state: Mapping[str, Tensor],
+    params: Mapping[str, Tensor],
+    owner: str,
+    path: PathLike,
+    clusters: Mapping[str, Sequence[Tensor]],
+    metadata: Optional[dict[str, str]],
+    overwrite: bool,
+    coding: str,
+) -> ExportReport:
+    """:func:`save_compressed` on a ``state_dict`` whose quantizable entries are ``params``."""
     if not isinstance(clusters, Mapping):
         raise ValueError(
             f"`clusters` must be a dict of parameter name to (centroids, assignments), got {type(clusters).__name__}."
@@ -233,8 +258,6 @@ def save_compressed(
     if coding not in CODINGS:
         raise ValueError(f"`coding` must be one of {CODINGS}, got {coding!r}.")
     ans = entropy_coder() if coding == "ans" else None
-    params = dict(model.named_parameters())
-    state = model.state_dict()
     tensors: dict[str, Tensor] = {}
     layout: dict[str, dict] = {}
     layers: dict[str, LayerReport] = {}
@@ -244,7 +267,7 @@ def save_compressed(
         if param is None:
             known = ", ".join(list(params)[:8])
             raise ValueError(
-                f"`clusters` names {name!r}, which is not a parameter of {type(model).__name__} "
+                f"`clusters` names {name!r}, which is not a parameter of {owner} "
                 f"(parameters: {known}{', ...' if len(params) > 8 else ''}). "
                 "Use the full names of `model.named_parameters()`."
             )
@@ -301,6 +324,81 @@ def save_compressed(
     report = ExportReport(path, len(data), fp32_bytes, payload, layers)
     log.info("Wrote %s (%d bytes, %.2fx smaller than fp32).", path, report.file_bytes, report.compression_ratio)
     return report
+
+
+def export_checkpoint(
+    checkpoint: PathLike,
+    path: PathLike,
+    *,
+    coding: str = "packed",
+    overwrite: bool = False,
+    metadata: Optional[dict[str, str]] = None,
+    callback: Optional[str] = None,
+) -> ExportReport:
+    """Writes the model of a Lightning checkpoint, saved after a ``ClusterRefine`` snap, as :func:`save_compressed` does.
+
+    No model class is needed: the checkpoint's ``state_dict`` is written as is, with the
+    layers that ``ClusterRefine`` snapped (its saved cluster state) stored as codebook +
+    indices under their ``state_dict`` names (``model.`` prefixes and all), so that
+    :func:`load_compressed` fills the same ``LightningModule`` (or, with
+    ``strict=False``, one whose keys overlap). The checkpoint is read with
+    ``torch.load(weights_only=True)``: nothing in it is executed. The same as
+    ``sq-lightning export CHECKPOINT PATH [--coding ans]`` on the command line.
+
+    Args:
+        checkpoint: a ``.ckpt`` written by a ``Trainer`` that ran ``ClusterRefine`` (for
+            example by ``ModelCheckpoint``), after the snap.
+        path: the file to write; ``coding``, ``overwrite`` and ``metadata`` as in
+            :func:`save_compressed`.
+        callback: the checkpoint's key of the ``ClusterRefine`` state, needed only when
+            it holds more than one.
+
+    Raises:
+        ValueError: the checkpoint cannot be read safely, holds no (or several)
+            ``ClusterRefine`` states, was saved before the snap, or its weights are not
+            exactly the snapped values of its clusters.
+    """
+    checkpoint = os.fspath(checkpoint)
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as err:  # unreadable file, or objects outside torch's safe list
+        raise ValueError(
+            f"`checkpoint` {checkpoint!r} cannot be read with torch.load(weights_only=True) ({err}). "
+            "Load it yourself, build the model and call save_compressed(model, path, clusters)."
+        ) from err
+    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
+        raise ValueError(f"`checkpoint` {checkpoint!r} is not a Lightning checkpoint (no 'state_dict').")
+    states = {k: v for k, v in (ckpt.get("callbacks") or {}).items() if str(k).startswith("ClusterRefine")}
+    if callback is not None:
+        if callback not in states:
+            raise ValueError(f"`callback` {callback!r} is not a ClusterRefine state of {checkpoint!r}; it has {sorted(states)}.")
+        states = {callback: states[callback]}
+    if len(states) != 1:
+        raise ValueError(
+            f"`checkpoint` {checkpoint!r} holds {len(states)} ClusterRefine states ({sorted(states)}): "
+            + ("it was written by a Trainer without ClusterRefine." if not states else "name one with `callback`.")
+        )
+    saved = next(iter(states.values())).get("snapper", {}).get("clusters", {})
+    if not saved:
+        raise ValueError(
+            f"`checkpoint` {checkpoint!r} was saved before ClusterRefine snapped (no clusters in its state): "
+            "export a checkpoint from after the snap epoch."
+        )
+    state = ckpt["state_dict"]
+    clusters = {}
+    for name, c in saved.items():
+        weight = state.get(name)
+        if weight is None:
+            raise ValueError(f"`checkpoint` {checkpoint!r}: clustered layer {name!r} is not in its state_dict.")
+        centroids, assignments = c["centroids"], c["assignments"].long().reshape(weight.shape)
+        if not torch.equal(centroids.to(weight.dtype)[assignments], weight):
+            raise ValueError(
+                f"`checkpoint` {checkpoint!r}: the weights of {name!r} are not the snapped values of its saved "
+                "clusters (the state_dict and the ClusterRefine state disagree); nothing was written."
+            )
+        clusters[name] = (centroids, assignments)
+    return _write(state, {n: state[n] for n in clusters}, f"checkpoint {checkpoint!r}", path, clusters, metadata,
+                  overwrite, coding)
 
 
 def load_compressed(path: PathLike, model: Optional[nn.Module] = None, strict: bool = True) -> dict[str, Tensor]:

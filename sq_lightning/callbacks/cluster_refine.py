@@ -211,7 +211,8 @@ class ClusterRefine(Callback):
         if "fsdp" in type(trainer.strategy).__name__.lower():
             raise ValueError(
                 f"`export_path` is not supported under {type(trainer.strategy).__name__}: the parameters are sharded. "
-                "Drop `export_path`, and export the checkpoint's weights with `sq_lightning.save_compressed`."
+                "Drop `export_path` and export a checkpoint saved after the snap: "
+                "`sq-lightning export CHECKPOINT PATH` (sq_lightning.export_checkpoint)."
             )
         # Rank 0 writes; its answer is broadcast so that every rank raises together.
         problem = None

@@ -1,6 +1,8 @@
 import copy
 import logging
 import math
+import subprocess
+import sys
 
 import lightning.pytorch as pl
 import numpy as np
@@ -162,6 +164,16 @@ def test_export_path_that_exists_is_refused_before_training(tmp_path):
         assert torch.equal(v, before[k]), k  # nothing trained
 
 
+def test_export_path_under_a_sharded_strategy_is_refused_at_setup():
+    # Lightning's FSDP strategy needs GPUs; the check reads only the strategy's type.
+    class FSDPStrategy:
+        pass
+
+    trainer_like = type("T", (), {"strategy": FSDPStrategy(), "is_global_zero": True})()
+    with pytest.raises(ValueError, match="not supported under FSDPStrategy.*sq-lightning export"):
+        ClusterRefine(export_path="m.safetensors")._check_export_target(trainer_like)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -173,6 +185,57 @@ def test_export_path_that_exists_is_refused_before_training(tmp_path):
 def test_bad_export_arguments_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ClusterRefine(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A short pipeline (snap at epoch 4) that keeps a checkpoint of every epoch."""
+    tmp = tmp_path_factory.mktemp("ckpts")
+    every = ModelCheckpoint(dirpath=tmp / "ck", filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+    model, refine, _, _ = _pipeline(tmp, epochs=6, snap_epoch=4, start_epoch=1, logger=False, extra=(every,),
+                                    on_unclustered="snap")
+    return tmp, model, refine
+
+
+def test_export_checkpoint_writes_the_checkpoint_s_snapped_model(checkpoints):
+    from sq_lightning.export import export_checkpoint
+
+    tmp, model, refine = checkpoints
+    report = export_checkpoint(tmp / "ck" / "epoch=5.ckpt", tmp / "last.sq.safetensors", coding="ans")
+    assert set(report.layers) == set(refine.snapper.clusters) and all(r.coding == "ans" for r in report.layers.values())
+    state = load_compressed(tmp / "last.sq.safetensors")
+    for k, v in model.state_dict().items():  # the checkpoint of the last epoch = the trained model
+        assert torch.equal(state[k], v), k
+    # The same through the command line.
+    cmd = [sys.executable, "-m", "sq_lightning", "export", str(tmp / "ck" / "epoch=5.ckpt"), str(tmp / "cli.safetensors")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "bits per quantized weight" in done.stdout
+    cli_state = load_compressed(tmp / "cli.safetensors")
+    assert all(torch.equal(cli_state[k], v) for k, v in state.items())
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr
+
+
+def test_export_checkpoint_refuses_checkpoints_it_cannot_export_faithfully(checkpoints, tmp_path):
+    from sq_lightning.export import export_checkpoint
+
+    tmp, _, _ = checkpoints
+    with pytest.raises(ValueError, match="saved before ClusterRefine snapped"):
+        export_checkpoint(tmp / "ck" / "epoch=2.ckpt", tmp_path / "a.safetensors")
+    ckpt = torch.load(tmp / "ck" / "epoch=5.ckpt", weights_only=True)
+    name = next(iter(ckpt["callbacks"]["ClusterRefine"]["snapper"]["clusters"]))
+    ckpt["state_dict"][name] = ckpt["state_dict"][name] + 1e-3  # weights no longer the snapped values
+    torch.save(ckpt, tmp_path / "moved.ckpt")
+    with pytest.raises(ValueError, match=f"weights of '{name}' are not the snapped values"):
+        export_checkpoint(tmp_path / "moved.ckpt", tmp_path / "b.safetensors")
+    del ckpt["callbacks"]["ClusterRefine"]
+    torch.save(ckpt, tmp_path / "plain.ckpt")
+    with pytest.raises(ValueError, match="holds 0 ClusterRefine states.*without ClusterRefine"):
+        export_checkpoint(tmp_path / "plain.ckpt", tmp_path / "c.safetensors")
+    with pytest.raises(ValueError, match="cannot be read with torch.load"):
+        export_checkpoint(tmp_path / "missing.ckpt", tmp_path / "d.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moved.ckpt", "plain.ckpt"]  # nothing written
 
 
 def test_resume_during_refinement_is_exact(tmp_path):
