@@ -45,6 +45,11 @@ one is entropy-coded:
   can recompute them).
   The caller's own ``metadata`` entries sit beside these (any key not starting ``"sq."``).
 
+Two saves of the same model hold the same tensors, layout and checksums, but not always
+the same bytes: safetensors writes the header's metadata entries in a random order
+(safetensors issue #584); compare files by :func:`load_compressed`'s output or by
+their ``sq.checksums``, not by a hash of the file.
+
 Bit order (little-endian): index ``i`` occupies the bits ``[i·b, (i+1)·b)`` of one bit
 stream, least significant bit first; stream bit ``p`` is bit ``p mod 8`` (bit 0 = least
 significant) of byte ``p div 8``. This is ``numpy.packbits(..., bitorder="little")``;
