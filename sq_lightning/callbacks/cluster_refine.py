@@ -53,7 +53,7 @@ class ClusterRefine(Callback):
     A per-layer table is printed after the snap and at the end. With ``export_path``
     the refined model is written at the end of fit by
     :func:`~sq_lightning.export.save_compressed` (global rank 0 only) and its size is
-    logged as ``sq/export_bytes``.
+    logged as ``sq/export_bytes`` (by rank 0).
 
     Args:
         snap_epoch: epoch at whose start the snap happens; ``None`` snaps at fit end.
@@ -228,16 +228,16 @@ class ClusterRefine(Callback):
             raise ValueError(problem)
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # All ranks hold the same tied weights; rank 0 writes (DESIGN.md section 7).
-        report = None
-        if trainer.is_global_zero:
-            target = self._export_target(trainer)
-            os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-            report = save_compressed(pl_module, target, self.clusters(), coding=self.export_coding)
-            self.exported = target
-            rank_zero_info(f"ClusterRefine: exported ({self.export_coding} indices)\n{report}")
-        size = trainer.strategy.broadcast(report.file_bytes if report is not None else None, src=0)
-        log_scalars(trainer, {"sq/export_bytes": float(size)})
+        # All ranks hold the same tied weights; rank 0 writes (DESIGN.md section 7) and logs
+        # the size. No collective here: a failed write on rank 0 must not leave the others waiting.
+        if not trainer.is_global_zero:
+            return
+        target = self._export_target(trainer)
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+        report = save_compressed(pl_module, target, self.clusters(), coding=self.export_coding)
+        self.exported = target
+        rank_zero_info(f"ClusterRefine: exported ({self.export_coding} indices)\n{report}")
+        log_scalars(trainer, {"sq/export_bytes": float(report.file_bytes)})
 
     # -- helpers --------------------------------------------------------------------
     def _codebook_callback(self, trainer: pl.Trainer):

@@ -129,7 +129,8 @@ def run_mode(mode: str, devices: int, batch_size: int, export_dir: Path | None =
         out["local_assignments"] = local.assignments
         out["k"] = {n: r.k for n, r in refine.snapper.reports.items()}
         out["exported"] = refine.exported
-        out["export_bytes"] = float(trainer.callback_metrics["sq/export_bytes"]) if export_dir else None
+        size = trainer.callback_metrics.get("sq/export_bytes")
+        out["export_bytes"] = float(size) if size is not None else None
     elif mode == "codebook":
         model = TinyNet()
         codebook = LearnedCodebook(lam=20.0, bits=2, start_epoch=1, codebook_lr=1e-3)
