@@ -157,11 +157,11 @@ def _phases(dm, epoch: int, refine: Callback) -> tuple[list[Callback], PhaseAccu
     return [before, refine, after], before, after
 
 
-def _export_sizes(model: torch.nn.Module, names) -> dict:
-    """Bytes of ``model`` exported with each index coding; the quantized layers' clusters are
-    its distinct values (counted, not assumed), and each file is read back and compared."""
+def _export_sizes(model: torch.nn.Module, clusters: dict) -> dict:
+    """Bytes of ``model`` exported with each index coding (``clusters``: its quantized layers'
+    distinct values and the index of each weight); each file is read back and compared."""
     params = dict(model.named_parameters())
-    clusters = {n: params[n].detach().cpu().unique(return_inverse=True) for n in names}
+    names = list(clusters)
     sizes = {}
     with tempfile.TemporaryDirectory() as d:
         for coding in CODINGS:
@@ -188,7 +188,8 @@ def _row(args, method: str, module, dm, ks: dict, timer: StepTimer, t0: float, *
                               recalibrate_batches=100)
     # Distinct values per quantized layer of the trained model, counted, not assumed.
     trained = dict(module.model.named_parameters())
-    value_counts = {n: trained[n].detach().unique(return_counts=True)[1] for n in ks}
+    uniques = {n: trained[n].detach().cpu().unique(return_inverse=True, return_counts=True) for n in ks}
+    value_counts = {n: u[2] for n, u in uniques.items()}
     distinct = {n: int(c.numel()) for n, c in value_counts.items()}
     if "bits_weighted" not in extra and ks:  # from the counted values (soft quantization passes its own summary)
         bits = {n: math.log2(k) if k > 1 else 0.0 for n, k in distinct.items()}
@@ -200,7 +201,7 @@ def _row(args, method: str, module, dm, ks: dict, timer: StepTimer, t0: float, *
     return {
         "method": method, **extra,
         "distinct_per_layer": distinct,
-        "file_bytes": _export_sizes(module.model, ks) if ks else None,
+        "file_bytes": _export_sizes(module.model, {n: (u[0], u[1]) for n, u in uniques.items()}) if ks else None,
         "acc": acc, "baselines": rows, "couple_epochs": args.couple_epochs, "refine_epochs": args.refine_epochs,
         "lr": args.lr, "schedule": args.schedule, "seed": args.seed, "limit_train_batches": args.limit, "seconds": time.time() - t0,
         "step_ms_median": timer.median_ms(), "threads": torch.get_num_threads(),
