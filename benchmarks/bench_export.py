@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 import _common as C
+from sq_lightning.callbacks import ClusterRefine
 from sq_lightning.export import load_compressed, save_compressed
 from sq_lightning.models import ImageClassifier
 from sq_lightning.ops import entropy_bits
@@ -63,20 +64,12 @@ def _coupled_like(n: int) -> tuple[nn.Module, dict]:
 
 
 def _from_checkpoint(path: str) -> tuple[nn.Module, dict]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("ClusterRefine"))
-    clusters = {n: (c["centroids"], c["assignments"].long()) for n, c in state["snapper"]["clusters"].items()}
-    model = nn.Module()  # a flat holder with the checkpoint's parameters under their names
-    for name, tensor in ckpt["state_dict"].items():
-        holder = model
-        *parents, leaf = name.split(".")
-        for part in parents:
-            if not hasattr(holder, part):
-                holder.add_module(part, nn.Module())
-            holder = getattr(holder, part)
-        holder.register_parameter(leaf, nn.Parameter(tensor.float() if tensor.is_floating_point() else tensor,
-                                                     requires_grad=False))
-    return model, clusters
+    """The checkpoint's ImageClassifier and the clusters its ClusterRefine state holds."""
+    model = ImageClassifier.load_from_checkpoint(path, map_location="cpu")
+    state = torch.load(path, map_location="cpu", weights_only=True)["callbacks"]["ClusterRefine"]
+    refine = ClusterRefine()
+    refine.load_state_dict(state)
+    return model, refine.clusters()
 
 
 def measure(label: str, model: nn.Module, clusters: dict, rounds: int, tmp: Path) -> list[str]:

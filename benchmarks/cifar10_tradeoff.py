@@ -510,20 +510,21 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
     # The HEQ placement is a diagnostic of the partition (see ClusterSnapper), not a way to quantize: not plotted.
     pts = sorted((r for r in soft if r.get("placement") != "heq"), key=lambda r: r["bits_weighted"])
     x = [r["bits_weighted"] for r in pts]
-    ax.plot(x, [r["acc"] for r in pts], "o", color="C0", label="soft quantization + refine")
+    # The training-time methods and the controls, one series each, on both panels.
+    series = (
+        (pts, "o", "C0", "soft quantization + refine"),
+        ([r for r in controls if _method(r) == "refined-heq"], "x", "C1", "HEQ + same tied refinement"),
+        ([r for r in controls if _method(r) == "refined-kmeans"], "x", "C2", "k-means + same tied refinement"),
+        ([r for r in controls if _method(r) == "refined-uniform"], "x", "C3", "uniform + same tied refinement"),
+        (sorted((r for r in others if _method(r) == "codebook"), key=lambda r: r["bits_weighted"]), "D", "C4", "method B + refine"),
+        (sorted((r for r in others if _method(r) == "dkm"), key=lambda r: r["bits_weighted"]), "P", "C5", "coremltools DKM"),
+    )
     for i, (method, marker) in enumerate((("heq", "s"), ("kmeans", "^"), ("uniform", "v"))):
         ys = [next(b["acc_bn"] for b in r["baselines"] if b["method"].startswith(method)) for r in pts]
         ax.plot(x, ys, marker, color=f"C{i + 1}", mfc="none", label=f"{method} post-training (+BN recal.) at the same K_l")
-    for method, marker, color, label in (("codebook", "D", "C4", "method B + refine"), ("dkm", "P", "C5", "coremltools DKM")):
-        rs = sorted((r for r in others if _method(r) == method), key=lambda r: r["bits_weighted"])
+    for rs, marker, color, label in series:
         if rs:
-            ax.plot([r["bits_weighted"] for r in rs], [r["acc"] for r in rs], marker, color=color, ms=8, label=label)
-    for method, marker, color, label in (("refined-heq", "x", "C1", "HEQ + same tied refinement"),
-                                         ("refined-kmeans", "x", "C2", "k-means + same tied refinement"),
-                                         ("refined-uniform", "x", "C3", "uniform + same tied refinement")):
-        rs = [r for r in controls if _method(r) == method]
-        if rs:
-            ax.plot([r["bits_weighted"] for r in rs], [r["acc"] for r in rs], marker, color=color, ms=8, label=label)
+            ax.plot([r["bits_weighted"] for r in rs], [r["acc"] for r in rs], marker, color=color, ms=7, label=label)
     ax.axhline(fp, color="gray", lw=0.8, label="full precision")
     ax.set_xlabel("average bits per weight (parameter-weighted)")
     ax.set_ylabel("CIFAR-10 test accuracy")
@@ -532,14 +533,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
     ax.legend(fontsize=6.5, loc="lower right")
     # The same runs against what an entropy coder stores (save_compressed(coding="ans")):
     # the parameter-weighted entropy of the cluster populations; rows without it are left out.
-    for group, marker, color, label in (
-        ([r for r in pts], "o", "C0", "soft quantization + refine"),
-        ([r for r in controls if _method(r) == "refined-heq"], "x", "C1", "HEQ + same tied refinement"),
-        ([r for r in controls if _method(r) == "refined-kmeans"], "x", "C2", "k-means + same tied refinement"),
-        ([r for r in controls if _method(r) == "refined-uniform"], "x", "C3", "uniform + same tied refinement"),
-        ([r for r in others if _method(r) == "codebook"], "D", "C4", "method B + refine"),
-        ([r for r in others if _method(r) == "dkm"], "P", "C5", "coremltools DKM"),
-    ):
+    for group, marker, color, label in series:
         rs = [r for r in group if r.get("entropy_weighted") is not None and r["entropy_weighted"] < 8]
         if rs:
             ax2.plot([r["entropy_weighted"] for r in rs], [r["acc"] for r in rs], marker, color=color, ms=7, label=label)

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -586,7 +587,7 @@ def test_missing_constriction_is_a_clear_error(tmp_path, monkeypatch):
     model = _model()
     clusters = _snap(model, 4)
     save_compressed(model, tmp_path / "a.safetensors", clusters, coding="ans")
-    monkeypatch.setitem(__import__("sys").modules, "constriction", None)  # import now fails
+    monkeypatch.setitem(sys.modules, "constriction", None)  # import now fails
     with pytest.raises(ImportError, match=r"pip install 'constriction>=0.4'"):
         save_compressed(model, tmp_path / "b.safetensors", clusters, coding="ans")
     assert not (tmp_path / "b.safetensors").exists()

@@ -6,6 +6,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from sq_lightning import load_compressed
 from sq_lightning.data import DigitsDataModule
 from sq_lightning.models import ImageClassifier
 from tests.helpers import digits_loaders
@@ -46,7 +47,7 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     exec(compile(blocks[2], "README-3", "exec"), ns)
     assert (tmp_path / "model.sq.safetensors").exists()
     assert ns["report"].layers and all(layer.coding == "packed" for layer in ns["report"].layers.values())
-    state = __import__("sq_lightning").load_compressed(tmp_path / "model.ans.safetensors")
+    state = load_compressed(tmp_path / "model.ans.safetensors")
     for name, param in ns["model"].state_dict().items():
         assert torch.equal(state[name], param), name  # the entropy-coded file holds the same model
     assert ns["report"].compression_ratio > 4
