@@ -12,9 +12,9 @@ indices in about ``H_l`` bits per weight, the entropy of the populations logged 
 layer's empirical distribution. This module writes and reads that artifact; it never
 pickles (safetensors holds only raw tensors and string metadata).
 
-File layout, format ``"sq_lightning.compressed"``, one safetensors file; version 1 when
-every index stream is bit-packed (readable by every sq_lightning release), version 2 when
-one is entropy-coded:
+File layout, format ``"sq_lightning.compressed"``, version 3, one safetensors file (this
+module also reads versions 1 and 2, written by earlier releases: the same layout with a
+checksum per tensor, see below):
 
 - ``"<name>"``: every ``state_dict`` entry that is not quantized (other parameters and
   buffers), stored as is (dtype and shape kept).
@@ -36,19 +36,22 @@ one is entropy-coded:
   ``"sq.keys"``: the ``state_dict`` keys in their original order;
   ``"sq.quantized"``: ``{name: {"shape", "k", "bits", "dtype"}}`` (plus ``"coding"``,
   ``"counts"`` and ``"index_digest"`` for entropy-coded ones);
-  ``"sq.entropy_coder"`` (version 2 only): the coder that wrote the streams, e.g.
-  ``"constriction 0.5.0"``;
-  ``"sq.checksums"``: ``{key: sha256(f"{dtype}|{shape}|".encode() + raw bytes)}`` for
-  every tensor (``dtype`` as ``str(torch.dtype)``, ``shape`` as a Python tuple), plus
-  ``"__metadata__"``: the SHA-256 of ``json.dumps(other metadata, sort_keys=True)``;
-  so a flipped byte anywhere in the file is detected (corruption, not forgery: anyone
-  can recompute them).
+  ``"sq.entropy_coder"`` (when a layer is entropy-coded): the coder that wrote the
+  streams, e.g. ``"constriction 0.5.0"``;
+  ``"sq.checksum"``: one SHA-256 over the whole content, the hex digest of
+  ``json.dumps(sums, sort_keys=True)`` where ``sums`` maps every tensor's key to
+  ``sha256(f"{dtype}|{shape}|".encode() + raw bytes)`` (``dtype`` as ``str(torch.dtype)``,
+  ``shape`` as a Python tuple) and ``"__metadata__"`` to the SHA-256 of
+  ``json.dumps(other metadata, sort_keys=True)``; so a flipped byte anywhere in the file is
+  detected (corruption, not forgery: anyone can recompute it). Versions 1 and 2 stored
+  ``sums`` itself as ``"sq.checksums"`` (64 hex digits per tensor: 13 kB of a ResNet-20
+  file's header, as much as its entropy-coded weights), version 1 only bit-packed layers.
   The caller's own ``metadata`` entries sit beside these (any key not starting ``"sq."``).
 
 Two saves of the same model hold the same tensors, layout and checksums, but not always
 the same bytes: safetensors writes the header's metadata entries in a random order
 (safetensors issue #584); compare files by :func:`load_compressed`'s output or by
-their ``sq.checksums``, not by a hash of the file.
+their ``sq.checksum``, not by a hash of the file.
 
 Bit order (little-endian): index ``i`` occupies the bits ``[i·b, (i+1)·b)`` of one bit
 stream, least significant bit first; stream bit ``p`` is bit ``p mod 8`` (bit 0 = least
@@ -87,8 +90,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "sq_lightning.compressed"
-FORMAT_VERSION = 2  # the newest version written; files without entropy-coded layers are written as 1
-_READABLE_VERSIONS = ("1", "2")
+FORMAT_VERSION = 3  # the version written
+_READABLE_VERSIONS = ("1", "2", "3")
 CODINGS = ("packed", "ans")
 
 _CODEBOOK = ":codebook"
@@ -97,6 +100,7 @@ _ANS = ":ans"
 _SUFFIXES = (_CODEBOOK, _INDICES, _ANS)
 _META_PREFIX = "sq."
 _META_DIGEST_KEY = "__metadata__"
+_CHECKSUM_KEYS = ("sq.checksum", "sq.checksums")  # version 3, versions 1-2
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -213,10 +217,10 @@ def save_compressed(
         metadata: extra ``str -> str`` entries stored in the header (keys must not start
             with ``"sq."``).
         overwrite: replace an existing file at ``path``.
-        coding: how the indices are stored: ``"packed"`` (``ceil(log2 K)`` bits each,
-            format version 1) or ``"ans"`` (entropy-coded under each layer's cluster
-            populations, about ``H_l`` bits each; format version 2, needs ``constriction``:
-            a dependency of sq_lightning, to write and to read).
+        coding: how the indices are stored: ``"packed"`` (``ceil(log2 K)`` bits each) or
+            ``"ans"`` (entropy-coded under each layer's cluster populations, about ``H_l``
+            bits each; needs ``constriction``, a dependency of sq_lightning, to write and
+            to read).
 
     Returns:
         The :class:`ExportReport` of the written file.
@@ -312,15 +316,13 @@ def _write(
     meta = {
         **user_meta,
         "sq.format": FORMAT_NAME,
-        "sq.format_version": "2" if ans is not None else "1",
+        "sq.format_version": str(FORMAT_VERSION),
         "sq.keys": json.dumps(list(state)),
         "sq.quantized": json.dumps(layout),
     }
     if ans is not None:
         meta["sq.entropy_coder"] = f"constriction {_ans_version(ans)}"
-    checksums = {key: _digest(t) for key, t in tensors.items()}
-    checksums[_META_DIGEST_KEY] = _metadata_digest(meta)
-    meta["sq.checksums"] = json.dumps(checksums)
+    meta["sq.checksum"] = _content_digest(tensors, meta)
 
     data = safetensors.torch.save(tensors, metadata=meta)
     path = os.fspath(path)
@@ -409,8 +411,8 @@ def export_checkpoint(
 def load_compressed(path: PathLike, model: Optional[nn.Module] = None, strict: bool = True) -> dict[str, Tensor]:
     """Reads a file written by :func:`save_compressed` back into a full ``state_dict``.
 
-    Every check runs before ``model`` is touched: format and version, checksums of every
-    tensor and of the metadata, the layout (codebook sizes, bit-widths, packed lengths,
+    Every check runs before ``model`` is touched: format and version, the checksum of the
+    tensors and the metadata, the layout (codebook sizes, bit-widths, packed lengths,
     indices ``< K``), and, with ``model``, its keys and shapes. On any failure the model
     is left as it was.
 
@@ -608,8 +610,19 @@ def _digest(t: Tensor) -> str:
 
 
 def _metadata_digest(meta: Mapping[str, str]) -> str:
-    canonical = json.dumps({k: v for k, v in meta.items() if k != "sq.checksums"}, sort_keys=True)
+    canonical = json.dumps({k: v for k, v in meta.items() if k not in _CHECKSUM_KEYS}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _content_sums(tensors: Mapping[str, Tensor], meta: Mapping[str, str]) -> dict[str, str]:
+    """Per tensor and for the metadata: the checksums of versions 1-2, the input of version 3's one."""
+    sums = {key: _digest(t) for key, t in tensors.items()}
+    sums[_META_DIGEST_KEY] = _metadata_digest(meta)
+    return sums
+
+
+def _content_digest(tensors: Mapping[str, Tensor], meta: Mapping[str, str]) -> str:
+    return hashlib.sha256(json.dumps(_content_sums(tensors, meta), sort_keys=True).encode()).hexdigest()
 
 
 def _read_metadata(data: bytes, path: str) -> dict[str, str]:
@@ -644,6 +657,13 @@ def _read_metadata(data: bytes, path: str) -> dict[str, str]:
 
 
 def _verify_checksums(tensors: Mapping[str, Tensor], meta: Mapping[str, str], path: str) -> None:
+    if meta["sq.format_version"] not in ("1", "2"):
+        expected = meta.get("sq.checksum")
+        if not isinstance(expected, str) or "sq.checksums" in meta:
+            raise ValueError(f"{path!r} has a missing or malformed `sq.checksum`: corrupted.")
+        if expected != _content_digest(tensors, meta):
+            raise ValueError(f"{path!r}: checksum mismatch: a tensor or the header was modified or corrupted.")
+        return
     try:
         checksums = json.loads(meta["sq.checksums"])
     except (KeyError, ValueError) as err:
@@ -651,10 +671,11 @@ def _verify_checksums(tensors: Mapping[str, Tensor], meta: Mapping[str, str], pa
     expected = set(tensors) | {_META_DIGEST_KEY}
     if not isinstance(checksums, dict) or set(checksums) != expected:
         raise ValueError(f"{path!r}: its checksum list does not match its tensors: the file was modified.")
-    if checksums[_META_DIGEST_KEY] != _metadata_digest(meta):
+    sums = _content_sums(tensors, meta)
+    if checksums[_META_DIGEST_KEY] != sums[_META_DIGEST_KEY]:
         raise ValueError(f"{path!r}: metadata checksum mismatch: the header was modified or corrupted.")
-    for key, tensor in tensors.items():
-        if checksums[key] != _digest(tensor):
+    for key in tensors:
+        if checksums[key] != sums[key]:
             raise ValueError(f"{path!r}: checksum mismatch for tensor {key!r}: the file was modified or corrupted.")
 
 

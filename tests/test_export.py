@@ -90,18 +90,26 @@ def _sha(t: torch.Tensor) -> str:
 
 
 def _rewrite(src, dst, edit_tensors=None, edit_meta=None) -> None:
-    """Copies an artifact with edits and *valid* checksums, to reach the checks behind them."""
+    """Copies an artifact with edits and *valid* checksums, to reach the checks behind them.
+
+    Signed as its (edited) format version documents it: versions 1-2 a SHA-256 per tensor
+    in ``sq.checksums``, version 3 one SHA-256 of those sums in ``sq.checksum``.
+    """
     with safe_open(str(src), "pt") as f:
         meta = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta.pop("sq.checksums", None)
+    meta.pop("sq.checksum", None)
     if edit_tensors:
         edit_tensors(tensors)
     if edit_meta:
         edit_meta(meta)
-    meta.pop("sq.checksums")
     sums = {k: _sha(t) for k, t in tensors.items()}
     sums["__metadata__"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
-    meta["sq.checksums"] = json.dumps(sums)
+    if meta.get("sq.format_version") in ("1", "2"):
+        meta["sq.checksums"] = json.dumps(sums)
+    else:
+        meta["sq.checksum"] = hashlib.sha256(json.dumps(sums, sort_keys=True).encode()).hexdigest()
     safetensors.torch.save_file(tensors, str(dst), metadata=meta)
 
 
@@ -279,8 +287,20 @@ def test_tampered_tensor_reports_checksum(saved, tmp_path):
     data[-3] ^= 0xFF  # payload, not header
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="checksum mismatch for tensor"):
+    with pytest.raises(ValueError, match="checksum mismatch: a tensor or the header was modified"):
         load_compressed(bad)
+
+
+def test_tampered_legacy_file_names_the_tensor(saved, tmp_path):
+    # Versions 1-2 hold a checksum per tensor: the damaged one is named.
+    path, _ = saved
+    legacy = tmp_path / "v1.safetensors"
+    _rewrite(path, legacy, edit_meta=lambda m: m.update({"sq.format_version": "1"}))
+    data = bytearray(legacy.read_bytes())
+    data[-3] ^= 0xFF
+    legacy.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch for tensor"):
+        load_compressed(legacy)
 
 
 def test_wrong_model_rejected_untouched(saved):
@@ -312,9 +332,9 @@ def test_wrong_model_rejected_untouched(saved):
 
 def test_unknown_format_version_rejected(saved, tmp_path):
     path, _ = saved
-    bad = tmp_path / "v3.safetensors"
-    _rewrite(path, bad, edit_meta=lambda m: m.update({"sq.format_version": "3"}))
-    with pytest.raises(ValueError, match="v3.safetensors.*format version '3'.*reads versions 1, 2"):
+    bad = tmp_path / "v4.safetensors"
+    _rewrite(path, bad, edit_meta=lambda m: m.update({"sq.format_version": "4"}))
+    with pytest.raises(ValueError, match="v4.safetensors.*format version '4'.*reads versions 1, 2, 3"):
         load_compressed(bad)
 
 
@@ -552,7 +572,7 @@ def test_ans_stream_follows_the_documented_format(tmp_path):
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
         layout = json.loads(meta["sq.quantized"])
-        assert meta["sq.format_version"] == "2" and meta["sq.entropy_coder"].startswith("constriction ")
+        assert meta["sq.format_version"] == "3" and meta["sq.entropy_coder"].startswith("constriction ")
         for name, (centroids, assignments) in clusters.items():
             entry = layout[name]
             expected = np.bincount(assignments.reshape(-1).numpy(), minlength=4)
@@ -569,11 +589,41 @@ def test_ans_stream_follows_the_documented_format(tmp_path):
             assert entry["index_digest"] == digest
 
 
-def test_packed_files_stay_version_1(tmp_path):
+@pytest.mark.parametrize("coding", ["packed", "ans"])
+def test_files_are_version_3_with_one_documented_checksum(tmp_path, coding):
     model = _model()
-    save_compressed(model, tmp_path / "m.safetensors", _snap(model, 4))
-    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
-        assert f.metadata()["sq.format_version"] == "1" and "sq.entropy_coder" not in f.metadata()
+    path = tmp_path / "m.safetensors"
+    save_compressed(model, path, _snap(model, 4), coding=coding)
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+        sums = {k: _sha(f.get_tensor(k)) for k in f.keys()}
+    assert meta["sq.format_version"] == "3" and "sq.checksums" not in meta
+    assert ("sq.entropy_coder" in meta) == (coding == "ans")
+    stored = meta.pop("sq.checksum")
+    sums["__metadata__"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+    assert stored == hashlib.sha256(json.dumps(sums, sort_keys=True).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("coding, version", [("packed", "1"), ("packed", "2"), ("ans", "2")])
+def test_files_of_earlier_versions_still_read(tmp_path, coding, version):
+    # Versions 1 (packed only) and 2 carry a checksum per tensor instead of one for the file.
+    model = _model()
+    path, legacy = tmp_path / "m.safetensors", tmp_path / f"v{version}.safetensors"
+    save_compressed(model, path, _snap(model, 4), coding=coding)
+    _rewrite(path, legacy, edit_meta=lambda m: m.update({"sq.format_version": version}))
+    with safe_open(str(legacy), "pt") as f:
+        assert "sq.checksums" in f.metadata() and "sq.checksum" not in f.metadata()
+    target = _model(seed=5)
+    load_compressed(legacy, target)
+    _assert_state_equal(_clone_state(target), _clone_state(model))
+
+
+def test_version_3_file_with_per_tensor_checksums_rejected(saved, tmp_path):
+    path, _ = saved
+    bad = tmp_path / "bad.safetensors"
+    _rewrite(path, bad, edit_meta=lambda m: m.update({"sq.checksums": "{}"}))
+    with pytest.raises(ValueError, match="malformed `sq.checksum`"):
+        load_compressed(bad)
 
 
 def test_bad_coding_argument_named(tmp_path):
