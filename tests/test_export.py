@@ -330,11 +330,18 @@ def test_wrong_model_rejected_untouched(saved):
         load_compressed(path, smaller)
 
 
-def test_unknown_format_version_rejected(saved, tmp_path):
+@pytest.mark.parametrize(
+    "meta_edit, match",
+    [
+        ({"sq.format_version": "4"}, "bad.safetensors.*format version '4'.*reads versions 1, 2, 3"),
+        ({"sq.checksums": "{}"}, "malformed `sq.checksum`"),  # version 3 with version 2's checksums
+    ],
+)
+def test_unknown_format_version_or_checksum_layout_rejected(saved, tmp_path, meta_edit, match):
     path, _ = saved
-    bad = tmp_path / "v4.safetensors"
-    _rewrite(path, bad, edit_meta=lambda m: m.update({"sq.format_version": "4"}))
-    with pytest.raises(ValueError, match="v4.safetensors.*format version '4'.*reads versions 1, 2, 3"):
+    bad = tmp_path / "bad.safetensors"
+    _rewrite(path, bad, edit_meta=lambda m: m.update(meta_edit))
+    with pytest.raises(ValueError, match=match):
         load_compressed(bad)
 
 
@@ -616,14 +623,6 @@ def test_files_of_earlier_versions_still_read(tmp_path, coding, version):
     target = _model(seed=5)
     load_compressed(legacy, target)
     _assert_state_equal(_clone_state(target), _clone_state(model))
-
-
-def test_version_3_file_with_per_tensor_checksums_rejected(saved, tmp_path):
-    path, _ = saved
-    bad = tmp_path / "bad.safetensors"
-    _rewrite(path, bad, edit_meta=lambda m: m.update({"sq.checksums": "{}"}))
-    with pytest.raises(ValueError, match="malformed `sq.checksum`"):
-        load_compressed(bad)
 
 
 def test_bad_coding_argument_named(tmp_path):
