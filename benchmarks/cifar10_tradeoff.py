@@ -596,7 +596,8 @@ def _targets(fp: float, soft: list[dict], controls: list[dict], others: list[dic
         peer = max(peers, key=lambda r: r["acc"]) if peers else None
         out.append(
             f"- Degradation at <= {bits} bits (weighted, +0.05), target under {goal * 100:g} point(s): best soft quantization "
-            f"configuration h={r0['h']:g}, w={r0['w']:g}{sched(r0)}: {mean:.4f} over {len(best)} seed(s), "
+            f"configuration h={r0['h']:g}, w={r0['w']:g}{sched(r0)} ({r0['couple_epochs']}/{r0['refine_epochs']} epochs, "
+            f"{r0['device']}): {mean:.4f} over {len(best)} seed(s), "
             f"{(fp - mean) * 100:.2f} points below full precision ({'met' if fp - mean < goal else 'not met'})"
             + (f"; best other training-time row: {_method(peer)} {peer['n_bits']} bit(s), {peer['acc']:.4f}, "
                f"{(fp - peer['acc']) * 100:.2f} points below" if peer else "") + "."
