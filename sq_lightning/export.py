@@ -100,7 +100,6 @@ _ANS = ":ans"
 _SUFFIXES = (_CODEBOOK, _INDICES, _ANS)
 _META_PREFIX = "sq."
 _META_DIGEST_KEY = "__metadata__"
-_CHECKSUM_KEYS = ("sq.checksum", "sq.checksums")  # version 3, versions 1-2
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -609,20 +608,18 @@ def _digest(t: Tensor) -> str:
     return h.hexdigest()
 
 
-def _metadata_digest(meta: Mapping[str, str]) -> str:
-    canonical = json.dumps({k: v for k, v in meta.items() if k not in _CHECKSUM_KEYS}, sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _content_sums(tensors: Mapping[str, Tensor], meta: Mapping[str, str]) -> dict[str, str]:
-    """Per tensor and for the metadata: the checksums of versions 1-2, the input of version 3's one."""
+def _content_sums(tensors: Mapping[str, Tensor], meta: Mapping[str, str], checksum_key: str) -> dict[str, str]:
+    """Per tensor and for the metadata (all of it but ``checksum_key``, where the result is
+    stored): the checksums of versions 1-2, the input of version 3's one."""
     sums = {key: _digest(t) for key, t in tensors.items()}
-    sums[_META_DIGEST_KEY] = _metadata_digest(meta)
+    canonical = json.dumps({k: v for k, v in meta.items() if k != checksum_key}, sort_keys=True)
+    sums[_META_DIGEST_KEY] = hashlib.sha256(canonical.encode()).hexdigest()
     return sums
 
 
 def _content_digest(tensors: Mapping[str, Tensor], meta: Mapping[str, str]) -> str:
-    return hashlib.sha256(json.dumps(_content_sums(tensors, meta), sort_keys=True).encode()).hexdigest()
+    sums = _content_sums(tensors, meta, "sq.checksum")
+    return hashlib.sha256(json.dumps(sums, sort_keys=True).encode()).hexdigest()
 
 
 def _read_metadata(data: bytes, path: str) -> dict[str, str]:
@@ -671,7 +668,7 @@ def _verify_checksums(tensors: Mapping[str, Tensor], meta: Mapping[str, str], pa
     expected = set(tensors) | {_META_DIGEST_KEY}
     if not isinstance(checksums, dict) or set(checksums) != expected:
         raise ValueError(f"{path!r}: its checksum list does not match its tensors: the file was modified.")
-    sums = _content_sums(tensors, meta)
+    sums = _content_sums(tensors, meta, "sq.checksums")
     if checksums[_META_DIGEST_KEY] != sums[_META_DIGEST_KEY]:
         raise ValueError(f"{path!r}: metadata checksum mismatch: the header was modified or corrupted.")
     for key in tensors:
