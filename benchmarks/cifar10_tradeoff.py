@@ -379,6 +379,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         f", at most {r['max_bits']} bit(s) a layer" if r.get("max_bits") else "") + (
         f", source at most {r['source_max_bits']} bit(s) a layer" if r.get("source_max_bits") else "") + (
         ", lr restarted at the snap" if r.get("restart_at_snap") else "") + (
+        f", lam {r['lam']:g}" if r.get("lam", 30.0) != 30.0 else "") + (
         ", source lr restarted at the snap" if r.get("source_restart_at_snap") else "")
     phase = lambda r, key: f"{r[key]:.4f}" if r.get(key) is not None else "-"  # noqa: E731
     ent = lambda r: f"{r['entropy_weighted']:.2f}" if r.get("entropy_weighted") is not None else "-"  # noqa: E731
@@ -742,7 +743,8 @@ def main() -> None:
             if method == "fp-finetuned":
                 return True
             if method == "codebook":
-                return r["n_bits"] == spec and r.get("restart_at_snap", False) == args.restart_at_snap
+                return (r["n_bits"] == spec and r.get("restart_at_snap", False) == args.restart_at_snap
+                        and r.get("lam", 30.0) == args.codebook_lam)
             return r["n_bits"] == spec
 
         if any(same(r) for r in done):
