@@ -41,7 +41,6 @@ import logging
 import math
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -551,9 +550,10 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
     fig.savefig(directory / "cifar10_tradeoff.png")
 
 
-def _config(r: dict) -> str:
-    """A row's command without its seed: the rows of one configuration over seeds."""
-    return re.sub(r" --seed \d+", "", r.get("command", LEGACY_COMMAND))
+def _config(r: dict) -> tuple:
+    """What a soft quantization row ran, but its seed: the rows of one configuration over seeds."""
+    return (r["h"], r["w"], r["couple_epochs"], r["refine_epochs"], r.get("schedule", "constant"), r.get("lr"),
+            r["device"], _soft_key(r))
 
 
 def _targets(fp: float, soft: list[dict], controls: list[dict], others: list[dict], sched) -> list[str]:
@@ -587,12 +587,12 @@ def _targets(fp: float, soft: list[dict], controls: list[dict], others: list[dic
         near = [r for r in rows if r["bits_weighted"] <= bits + 0.05]
         if not near:
             continue
-        groups: dict[str, list[dict]] = {}
+        groups: dict[tuple, list[dict]] = {}
         for r in near:
             groups.setdefault(_config(r), []).append(r)
         best = max(groups.values(), key=lambda g: sum(r["acc"] for r in g) / len(g))
         mean = sum(r["acc"] for r in best) / len(best)
-        r0 = best[0]
+        r0 = min(best, key=lambda r: r.get("seed", 0))
         peers = [r for r in others if r["bits_weighted"] <= bits + 0.05]
         peer = max(peers, key=lambda r: r["acc"]) if peers else None
         out.append(
