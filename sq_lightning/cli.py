@@ -49,9 +49,6 @@ def main(args: ArgsType = None) -> None:
     )
 
 
-if __name__ == "__main__":
-    main()
-
 
 def export_main(argv: list[str]) -> None:
     """``export CHECKPOINT PATH [--coding packed|ans] [--overwrite]``: a checkpoint's snapped
@@ -76,3 +73,7 @@ def export_main(argv: list[str]) -> None:
     except ValueError as err:
         parser.exit(2, f"sq-lightning export: error: {err}\n")
     print(report)
+
+
+if __name__ == "__main__":
+    main()
