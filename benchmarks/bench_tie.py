@@ -20,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +45,12 @@ def main() -> None:
     dev = torch.device(args.device)
     torch.manual_seed(0)
     model = resnet20().to(dev)
-    snapper = ClusterSnapper(max_snap_error=10.0, max_bits=max(1, (args.k - 1).bit_length()), on_unclustered="snap")
+    moving_model = copy.deepcopy(model)
+    bits = max(1, (args.k - 1).bit_length())
+    snapper = ClusterSnapper(max_snap_error=10.0, max_bits=bits, on_unclustered="snap")
     snapper.snap(model)
+    moving = ClusterSnapper(max_snap_error=10.0, max_bits=bits, on_unclustered="snap", reassign=True)
+    moving.snap(moving_model)
     params = dict(model.named_parameters())
     n_weights = sum(params[n].numel() for n in snapper.clusters)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -55,6 +60,10 @@ def main() -> None:
 
     def tie() -> None:
         snapper.tie(model)
+        sync()
+
+    def tie_reassign() -> None:
+        moving.tie(moving_model)
         sync()
 
     @torch.no_grad()
@@ -71,7 +80,8 @@ def main() -> None:
         opt.step()
         sync()
 
-    times = C.alternate({"tie": tie, "tie, sizes counted each call": tie_counting, "train step": step}, args.rounds)
+    times = C.alternate({"tie": tie, "tie, sizes counted each call": tie_counting,
+                             "tie, reassign=True": tie_reassign, "train step": step}, args.rounds)
     base = times["train step"]
     lines = C.header(
         "ClusterRefine tie per step, ResNet-20",

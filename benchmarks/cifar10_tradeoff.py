@@ -222,7 +222,8 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule) -> dict:
                              ramp_steps=args.ramp_steps, ramp_from=args.ramp_from)
     # With a bit budget every layer is snapped to it (as the controls are), whatever its snap error.
     refine = ClusterRefine(snap_epoch=e2, w=w, recalibrate_bn_batches=100, placement=args.placement,
-                           max_bits=args.max_bits, on_unclustered="snap" if args.max_bits else "keep")
+                           max_bits=args.max_bits, on_unclustered="snap" if args.max_bits else "keep",
+                           reassign=args.reassign)
     timer = StepTimer()
     phases, before, after = _phases(dm, e2, refine)
     _trainer(e2 + args.refine_epochs, [soft, *phases, timer], args.limit).fit(module, datamodule=dm)
@@ -251,22 +252,25 @@ def _module(args, restart_at_snap: bool = False) -> ImageClassifier:
 
 
 def _ramp(args) -> dict:
-    """The row fields of the options that only some runs use (the h ramp, a bit budget, the lr restart)."""
+    """The row fields of the options that only some runs use (the h ramp, a bit budget, moving
+    assignments in refinement, the lr restart)."""
     out = {"ramp_steps": args.ramp_steps, "ramp_from": args.ramp_from} if args.ramp_steps else {}
     out = {**out, "max_bits": args.max_bits} if args.max_bits else out
+    out = {**out, "reassign": True} if args.reassign else out
     return {**out, "restart_at_snap": True} if args.restart_at_snap else out
 
 
 def _soft_key(r: dict) -> tuple:
     """What, besides h, w and the schedule, tells soft quantization rows apart."""
     return (r.get("target_step"), r.get("placement", "mean"), r.get("alpha", 0.66), r.get("ramp_steps", 0),
-            r.get("ramp_from") if r.get("ramp_steps") else None, r.get("max_bits"), r.get("restart_at_snap", False))
+            r.get("ramp_from") if r.get("ramp_steps") else None, r.get("max_bits"), r.get("restart_at_snap", False),
+            r.get("reassign", False))
 
 
 def _args_key(args, target_step=None, placement="mean") -> tuple:
     """``_soft_key`` of the row these arguments would write (or, for a control, read)."""
     return (target_step, placement, args.alpha, args.ramp_steps, args.ramp_from if args.ramp_steps else None,
-            args.max_bits, args.restart_at_snap)
+            args.max_bits, args.restart_at_snap, args.reassign)
 
 
 def run_codebook(args, bits: int, dm: CIFAR10DataModule) -> dict:
@@ -277,7 +281,7 @@ def run_codebook(args, bits: int, dm: CIFAR10DataModule) -> dict:
     e2 = args.couple_epochs
     cb = LearnedCodebook(lam=args.codebook_lam, bits=bits, init="kmeans", stop_epoch=e2)
     refine = ClusterRefine(
-        snap_epoch=e2, clusters_from="codebook", recalibrate_bn_batches=100, on_unclustered="snap"
+        snap_epoch=e2, clusters_from="codebook", recalibrate_bn_batches=100, on_unclustered="snap", reassign=args.reassign
     )  # method B ends by snapping to its representatives, whatever the error
     timer = StepTimer()
     phases, before, after = _phases(dm, e2, refine)
@@ -286,7 +290,7 @@ def run_codebook(args, bits: int, dm: CIFAR10DataModule) -> dict:
     return _row(args, "codebook", module, dm, ks, timer, t0, n_bits=bits, lam=args.codebook_lam,
                 kept_fp32=[n for n, r in refine.snapper.reports.items() if not r.snapped],
                 acc_coupled=before.acc, acc_snapped=after.acc,
-                **({"restart_at_snap": True} if args.restart_at_snap else {}))
+                **({"restart_at_snap": True} if args.restart_at_snap else {}), **({"reassign": True} if args.reassign else {}))
 
 
 def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFAR10DataModule) -> dict:
@@ -315,7 +319,7 @@ def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFA
     if not clusters:
         raise SystemExit(f"--controls: the soft quantization row h={h:g} w={w:g} kept every layer fp32; nothing to quantize")
     # Every layer the soft quantization row snapped is snapped here, whatever its error.
-    refine = ClusterRefine(snap_epoch=None, recalibrate_bn_batches=100, on_unclustered="snap")
+    refine = ClusterRefine(snap_epoch=None, recalibrate_bn_batches=100, on_unclustered="snap", reassign=args.reassign)
     refine.snapper.snap(module, clusters=clusters)  # ClusterRefine then ties from the first step
     dm.setup("fit")
     module.to(_device())  # the fit moves it there anyway; the stored clusters follow the weights
@@ -333,7 +337,8 @@ def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFA
                 entropy_weighted=sum(ent[n] * sizes[n] for n in sizes) / sum(sizes.values()),
                 bits_mean=sum(bits.values()) / len(bits),
                 kept_fp32=list(source["kept_fp32"]), acc_snapped=acc_snapped, source_acc=source["acc"],
-                source_alpha=source.get("alpha", 0.66), **{f"source_{k}": v for k, v in _ramp(args).items()})
+                source_alpha=source.get("alpha", 0.66), **{f"source_{k}": v for k, v in _ramp(args).items()},
+                **({"reassign": True} if args.reassign else {}))
 
 
 def run_dkm(args, bits: int, dm: CIFAR10DataModule) -> dict:
@@ -378,6 +383,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         f", at most {r['max_bits']} bit(s) a layer" if r.get("max_bits") else "") + (
         f", source at most {r['source_max_bits']} bit(s) a layer" if r.get("source_max_bits") else "") + (
         ", lr restarted at the snap" if r.get("restart_at_snap") else "") + (
+        ", reassigned refinement" if r.get("reassign") else "") + (
         f", lam {r['lam']:g}" if r.get("lam", 30.0) != 30.0 else "") + (
         ", source lr restarted at the snap" if r.get("source_restart_at_snap") else "")
     phase = lambda r, key: f"{r[key]:.4f}" if r.get(key) is not None else "-"  # noqa: E731
@@ -500,7 +506,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
     out += _targets(fp, soft, controls, others, sched)
     out += _relation([r for r in soft if not r.get("target_step") and not r.get("seed")
                       and r.get("placement", "mean") == "mean" and r.get("alpha", 0.66) == 0.66 and not r.get("ramp_steps")
-                      and not r.get("max_bits") and not r.get("restart_at_snap")])
+                      and not r.get("max_bits") and not r.get("restart_at_snap") and not r.get("reassign")])
     cmds = sorted({r.get("command", LEGACY_COMMAND) for r in lines})
     out += ["", "## Commands", "", *[f"- `{c}`" for c in cmds]]
     (directory / "cifar10_tradeoff.md").write_text("\n".join(out) + "\n")
@@ -686,6 +692,9 @@ def main() -> None:
                          "K_l from such a row")
     ap.add_argument("--restart-at-snap", action="store_true",
                     help="cosine lr restarted at the snap (soft quantization, method B): refinement at a real lr")
+    ap.add_argument("--reassign", action="store_true",
+                    help="refinement with moving assignments (ClusterRefine(reassign=True)): latent weights take the "
+                         "updates and join their nearest centroid after each step (soft quantization, method B, controls)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the run and of the data order/augmentation")
     ap.add_argument("--couple-epochs", type=int, default=1)
     ap.add_argument("--refine-epochs", type=int, default=1)
@@ -744,7 +753,7 @@ def main() -> None:
                 return True
             if method == "codebook":
                 return (r["n_bits"] == spec and r.get("restart_at_snap", False) == args.restart_at_snap
-                        and r.get("lam", 30.0) == args.codebook_lam)
+                        and r.get("lam", 30.0) == args.codebook_lam and r.get("reassign", False) == args.reassign)
             return r["n_bits"] == spec
 
         if any(same(r) for r in done):

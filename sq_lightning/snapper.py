@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from sq_lightning.layers import LayerSelector
 from sq_lightning.ops.baselines import quantize
+from sq_lightning.ops.codebook import nearest_centroid
 from sq_lightning.ops.clustering import Clusters, MergePolicy, assign_to_centroids, bits_summary, find_clusters, tie_to_clusters
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,16 @@ class ClusterSnapper:
             produced). The snap error is then checked against ``max_snap_error`` as
             usual (a tight budget may need ``on_unclustered="snap"``). Layers with given
             representatives are not affected.
+        reassign: refinement with moving assignments. ``False`` (the paper's refinement):
+            assignments stay fixed and each centroid moves by the mean update of its
+            members. ``True``: each snapped weight keeps a full-precision latent copy
+            (the coupled weight at the snap) that receives every optimizer update made
+            to the tied weight (straight-through); after each step every latent weight
+            joins its nearest centroid and each centroid becomes the mean of its
+            members' latent weights (one Lloyd step). With no weight crossing a boundary
+            this is the fixed-assignment refinement; near a boundary, a weight whose
+            gradient keeps pushing it across changes cluster. ``K_l`` never grows (a
+            cluster that empties keeps its value); costs one copy of the snapped weights.
     """
 
     def __init__(
@@ -126,14 +137,19 @@ class ClusterSnapper:
         selector: Optional[LayerSelector] = None,
         placement: Placement = "mean",
         max_bits: Optional[int] = None,
+        reassign: bool = False,
     ) -> None:
         check_snap_args(w, gap, min_cluster_frac, merge, max_snap_error, on_unclustered, placement, max_bits)
-        self.placement, self.max_bits = placement, max_bits
+        if not isinstance(reassign, bool):
+            raise ValueError(f"`reassign` must be True or False, got {reassign!r}.")
+        self.placement, self.max_bits, self.reassign = placement, max_bits, reassign
         self.w, self.gap, self.min_cluster_frac, self.merge = w, gap, min_cluster_frac, merge
         self.max_snap_error, self.on_unclustered = max_snap_error, on_unclustered
         self.selector = selector or LayerSelector()
         self.clusters: dict[str, Clusters] = {}
         self.reports: dict[str, LayerReport] = {}
+        # reassign=True: full-precision latent weights of the snapped layers (float32).
+        self.latent: dict[str, Tensor] = {}
 
     @property
     def snapped(self) -> bool:
@@ -214,6 +230,7 @@ class ClusterSnapper:
             )
             if snapped:
                 keep[name] = cl
+        self.latent = {n: params[n].detach().float().clone() for n in keep} if self.reassign else {}
         for name, cl in keep.items():
             params[name].copy_(cl.values(params[name].dtype).reshape(params[name].shape))
         self.clusters, self.reports = keep, reports
@@ -221,7 +238,8 @@ class ClusterSnapper:
 
     @torch.no_grad()
     def tie(self, model: nn.Module) -> None:
-        """Sets every snapped weight to the current mean of its cluster (assignments fixed).
+        """Sets every snapped weight to the current mean of its cluster (assignments fixed;
+        with ``reassign=True``, after moving each latent weight to its nearest centroid).
 
         Called after each optimizer step during refinement, so a centroid moves by
         the mean update of its members: weight sharing. The clusters move to their
@@ -234,9 +252,40 @@ class ClusterSnapper:
             p = params[name]
             if cl.assignments.device != p.device or cl.counts.device != p.device:
                 cl.assignments, cl.counts = cl.assignments.to(p.device), cl.counts.to(p.device)
+            if self.reassign:
+                self._reassign(name, cl, p)
+                continue
             a = cl.assignments
             cl.centroids = tie_to_clusters(p, a, cl.k, cl.counts)
             p.copy_(cl.centroids[a].to(p.dtype).reshape(p.shape))
+
+    def _reassign(self, name: str, cl: Clusters, p: Tensor) -> None:
+        """One refinement step with moving assignments (see ``reassign``); no host sync."""
+        latent = self.latent.get(name)
+        if latent is None:
+            raise RuntimeError(
+                f"reassign=True but layer {name} has no latent weights: the snap state was saved without them. "
+                "Resume with reassign=False, or snap again."
+            )
+        if latent.device != p.device:
+            latent = self.latent[name] = latent.to(p.device)
+        c = cl.centroids.to(p.device)
+        # What the optimizer step did to the tied weight, applied to the latent one.
+        latent.add_(p.detach().float() - c[cl.assignments].reshape(p.shape))
+        flat = latent.reshape(-1)
+        a = nearest_centroid(flat, c)  # the rule (ties included) of every other snap to given centroids
+        counts = torch.zeros(cl.k, dtype=torch.long, device=p.device).index_add_(0, a, torch.ones_like(a))
+        sums = torch.zeros(cl.k, dtype=torch.float64, device=p.device).index_add_(0, a, flat.double())
+        cl.centroids = torch.where(counts > 0, sums / counts.clamp_min(1).double(), c.double()).float()
+        cl.assignments, cl.counts = a.reshape(p.shape), counts
+        p.copy_(cl.centroids[cl.assignments].to(p.dtype))
+
+    def refresh_reports(self) -> None:
+        """Updates the reported entropy of every snapped layer from its current populations
+        (assignments move when ``reassign=True``); ``K_l``, bits and snap error stay those of the snap."""
+        for name, cl in self.clusters.items():
+            if name in self.reports and self.reports[name].snapped:
+                self.reports[name].entropy = cl.entropy
 
     def summary(self) -> dict[str, float]:
         """``bits_weighted``, ``bits_mean``, ``compression_ratio``, ``entropy_weighted`` over the reported layers.
@@ -284,6 +333,7 @@ class ClusterSnapper:
                 for n, c in self.clusters.items()
             },
             "reports": {n: vars(r).copy() for n, r in self.reports.items()},
+            **({"latent": {n: t.cpu() for n, t in self.latent.items()}} if self.latent else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -291,6 +341,14 @@ class ClusterSnapper:
             n: Clusters(d["centroids"].float(), d["assignments"].long(), d["counts"].long()) for n, d in state.get("clusters", {}).items()
         }
         self.reports = {n: LayerReport(**r) for n, r in state.get("reports", {}).items()}
+        self.latent = {n: t.float() for n, t in state.get("latent", {}).items()}
+        missing = sorted(set(self.clusters) - set(self.latent))
+        if self.reassign and self.clusters and missing:
+            raise ValueError(
+                f"`reassign=True` but the checkpoint's snap state has no latent weights for {missing[:3]}"
+                f"{' ...' if len(missing) > 3 else ''}: it was written by a refinement with fixed assignments. "
+                "Resume it with `reassign=False`."
+            )
         for n, r in self.reports.items():
             if r.snapped and "entropy" not in state["reports"][n] and n in self.clusters:
                 r.entropy = self.clusters[n].entropy  # a checkpoint written before the entropy was reported

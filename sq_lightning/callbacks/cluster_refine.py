@@ -74,6 +74,12 @@ class ClusterRefine(Callback):
             larger snap error) or ``"heq"`` (keep ``K_l``, equal-population bins: an
             experiment on the partition); see :class:`~sq_lightning.snapper.ClusterSnapper`.
         refine: keep the weights tied after the snap (``False``: snap only).
+        reassign: refine with moving assignments: every snapped weight keeps a
+            full-precision latent copy that takes the optimizer's updates
+            (straight-through) and joins its nearest centroid after each step, each
+            centroid being its members' latent mean; ``False`` (default, the paper's
+            refinement): assignments fixed. Costs one float32 copy of the snapped
+            weights (kept in the checkpoint); see :class:`~sq_lightning.snapper.ClusterSnapper`.
         recalibrate_bn_batches: training batches used to re-estimate BatchNorm
             statistics after the snap (0 disables).
         histogram_every_n_epochs: weight-histogram interval (0 disables).
@@ -120,6 +126,7 @@ class ClusterRefine(Callback):
         clusters_from: Literal["gaps", "codebook"] = "gaps",
         placement: Placement = "mean",
         refine: bool = True,
+        reassign: bool = False,
         recalibrate_bn_batches: int = 100,
         histogram_every_n_epochs: int = 1,
         module_types: Optional[list[str]] = None,
@@ -150,7 +157,7 @@ class ClusterRefine(Callback):
         self.selector = LayerSelector(module_types, include, exclude, min_size)
         self.snapper = ClusterSnapper(
             w, gap, min_cluster_frac, merge, max_snap_error, on_unclustered, self.selector, placement=placement,
-            max_bits=max_bits,
+            max_bits=max_bits, reassign=reassign,
         )
         self.snap_epoch = snap_epoch
         self.clusters_from = clusters_from
@@ -187,6 +194,7 @@ class ClusterRefine(Callback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.snapped:
+            self.snapper.refresh_reports()
             log_scalars(trainer, self._metrics())
         n = self.histogram_every_n_epochs
         if n and (trainer.current_epoch + 1) % n == 0:
@@ -196,6 +204,7 @@ class ClusterRefine(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.snapped:
             self._run_snap(trainer, pl_module, recalibrate=True)
+        self.snapper.refresh_reports()
         scores = "  ".join(f"{k}={float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/"))
         rank_zero_info("ClusterRefine: final per-layer bit-widths\n" + self.snapper.table() + (f"\nlast validation: {scores}" if scores else ""))
         if self.export_path is not None:

@@ -38,7 +38,7 @@ from sq_lightning.callbacks.learned_codebook import LearnedCodebook
 from tests.helpers import TinyNet, digits_loaders
 
 MODES = ("soft", "refine", "codebook", "plain")
-DDP_MODES = ("soft", "refine", "codebook")
+DDP_MODES = ("soft", "refine", "reassign", "codebook")
 REFINE_SNAP_EPOCH = 2
 SEED = 0
 
@@ -110,16 +110,18 @@ def run_mode(mode: str, devices: int, batch_size: int, export_dir: Path | None =
         out["batches"] = recorder.inputs
         out["sigma"] = dict(soft.coupler.sigma)
         out["steps_applied"] = soft.steps_applied
-    elif mode == "refine":
+    elif mode in ("refine", "reassign"):
         # BatchNorm so that the snap's statistics re-estimation runs under DDP too. A
         # strong `h` clusters every layer in two epochs; "snap" ties every layer even
-        # if one is not quite clustered, so that all three are refined.
+        # if one is not quite clustered, so that all three are refined. "reassign":
+        # moving assignments, a 2-level budget so that weights sit near the boundaries.
         model = TinyNet(bn=True)
         soft = SoftQuantCallback(h=1e-2, w=0.45, stop_epoch=REFINE_SNAP_EPOCH)
         export = dict(export_path=str(export_dir / "refine.sq.safetensors"), export_coding="ans") if export_dir else {}
+        extra = dict(reassign=True, max_bits=1) if mode == "reassign" else export
         refine = ClusterRefine(
             snap_epoch=REFINE_SNAP_EPOCH, w=0.45, on_unclustered="snap", recalibrate_bn_batches=5, histogram_every_n_epochs=0,
-            **export,
+            **extra,
         )
         local = LocalClusters(refine, soft)
         trainer = make_trainer(devices, REFINE_SNAP_EPOCH + 2, [soft, local, refine])
@@ -128,6 +130,7 @@ def run_mode(mode: str, devices: int, batch_size: int, export_dir: Path | None =
         out["centroids"] = {n: c for n, (c, _) in refine.clusters().items()}
         out["local_assignments"] = local.assignments
         out["k"] = {n: r.k for n, r in refine.snapper.reports.items()}
+        out["latent"] = {n: t.cpu() for n, t in refine.snapper.latent.items()}
         out["exported"] = refine.exported
         size = trainer.callback_metrics.get("sq/export_bytes")
         out["export_bytes"] = float(size) if size is not None else None

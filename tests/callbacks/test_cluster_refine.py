@@ -20,6 +20,7 @@ from sq_lightning.snapper import ClusterSnapper, UnclusteredLayerError
 from tests.helpers import TinyNet, accuracy, digits_loaders, trainer
 
 WEIGHTS = ("net.0.weight", "net.2.weight", "net.4.weight")
+WEIGHTS_PLAIN = ("0.weight", "2.weight", "4.weight")  # TinyNet().net
 BN_WEIGHTS = ("net.0.weight", "net.3.weight", "net.5.weight")  # TinyNet(bn=True)
 
 
@@ -333,10 +334,147 @@ def test_tie_sets_each_weight_to_its_cluster_mean_also_after_a_resume():
         torch.testing.assert_close(params[n].detach().double(), expect[n], rtol=0, atol=1e-7)
 
 
+def _reassign_reference(latent: dict, snapped: dict, stepped: dict, centroids: dict) -> tuple[dict, dict]:
+    """Independent of the snapper, in float64 Python: the latent weights take the step made to
+    the tied ones, each joins its nearest centroid, each centroid becomes its members' mean
+    (an emptied one keeps its value). Returns (new weights, new latent weights)."""
+    weights, latents = {}, {}
+    for n, lat0 in latent.items():
+        c = centroids[n].double().tolist()
+        lat = [a + (b - s) for a, b, s in zip(lat0.reshape(-1).double().tolist(), stepped[n].reshape(-1).double().tolist(),
+                                              snapped[n].reshape(-1).double().tolist())]
+        labels = [min(range(len(c)), key=lambda k: abs(v - c[k])) for v in lat]
+        sums, counts = [0.0] * len(c), [0] * len(c)
+        for lab, v in zip(labels, lat):
+            sums[lab] += v
+            counts[lab] += 1
+        means = [sums[k] / counts[k] if counts[k] else c[k] for k in range(len(c))]
+        weights[n] = torch.tensor([means[lab] for lab in labels], dtype=torch.float64).reshape(lat0.shape)
+        latents[n] = torch.tensor(lat, dtype=torch.float64).reshape(lat0.shape)
+    return weights, latents
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_reassign_moves_weights_to_their_nearest_centroid(resume):
+    torch.manual_seed(0)
+    net = TinyNet().net
+    params = dict(net.named_parameters())
+    given = {n: torch.tensor([-0.2, -0.05, 0.05, 0.2]) for n in WEIGHTS_PLAIN}
+    latent = {n: params[n].detach().clone() for n in given}
+    snapper = ClusterSnapper(max_snap_error=10.0, reassign=True)
+    snapper.snap(net, centroids=given)
+    if resume:  # a snapper rebuilt from the saved state steps the same way
+        state = snapper.state_dict()
+        snapper = ClusterSnapper(max_snap_error=10.0, reassign=True)
+        snapper.load_state_dict(state)
+    snapped = {n: params[n].detach().clone() for n in given}
+    centroids = {n: snapper.clusters[n].centroids.clone() for n in given}
+    with torch.no_grad():  # a large step: many weights cross a boundary
+        for n in given:
+            params[n].add_(0.05 * torch.randn_like(params[n]))
+    stepped = {n: params[n].detach().clone() for n in given}
+    expect, expect_latent = _reassign_reference(latent, snapped, stepped, centroids)
+    old = {n: snapper.clusters[n].assignments.clone() for n in given}
+    snapper.tie(net)
+    moved = 0
+    for n, cl in snapper.clusters.items():
+        torch.testing.assert_close(params[n].detach().double(), expect[n], rtol=0, atol=1e-6)
+        torch.testing.assert_close(snapper.latent[n].double(), expect_latent[n], rtol=0, atol=1e-6)
+        torch.testing.assert_close(cl.values().double(), expect[n], rtol=0, atol=1e-6)
+        assert torch.equal(cl.counts, torch.bincount(cl.assignments.reshape(-1), minlength=cl.k))
+        assert torch.unique(params[n].detach()).numel() <= cl.k
+        moved += int((cl.assignments != old[n]).sum())
+    assert moved > 50  # the step above did reassign weights
+
+
+def test_reassign_keeps_an_emptied_cluster_s_value():
+    net = TinyNet().net
+    params = dict(net.named_parameters())
+    with torch.no_grad():  # three tight clusters
+        for p in net.parameters():
+            p.copy_(torch.tensor([-0.1, 0.0, 0.1])[torch.randint(3, p.shape)] + 1e-3 * torch.randn(p.shape))
+    snapper = ClusterSnapper(max_snap_error=10.0, reassign=True)
+    snapper.snap(net, centroids={n: torch.tensor([-0.1, 0.0, 0.1]) for n in WEIGHTS_PLAIN})
+    middle = {n: snapper.clusters[n].assignments == 1 for n in WEIGHTS_PLAIN}
+    value = {n: float(snapper.clusters[n].centroids[1]) for n in WEIGHTS_PLAIN}
+    with torch.no_grad():  # a step that carries every member of the middle cluster far past the upper one
+        for n in WEIGHTS_PLAIN:
+            params[n][middle[n]] += 1.0
+    snapper.tie(net)
+    for n, cl in snapper.clusters.items():
+        assert cl.k == 3 and int(cl.counts[1]) == 0
+        assert float(cl.centroids[1]) == value[n] and abs(value[n]) < 0.01
+        assert torch.equal(cl.assignments[middle[n]], torch.full_like(cl.assignments[middle[n]], 2))
+
+
+def test_reassign_without_crossings_is_the_fixed_assignment_tie():
+    torch.manual_seed(1)
+    centres = torch.tensor([-0.3, -0.1, 0.1, 0.3])
+    nets = [TinyNet().net for _ in range(2)]
+    with torch.no_grad():  # weights already in tight clusters
+        for p in nets[0].parameters():
+            p.copy_(centres[torch.randint(4, p.shape)] + 1e-3 * torch.randn(p.shape))
+    nets[1].load_state_dict(nets[0].state_dict())
+    tied, moving = ClusterSnapper(w=0.3), ClusterSnapper(w=0.3, reassign=True)
+    tied.snap(nets[0])
+    moving.snap(nets[1])
+    for _ in range(3):
+        noise = {n: 0.005 * torch.randn_like(p) for n, p in nets[0].named_parameters()}
+        for net, snapper in ((nets[0], tied), (nets[1], moving)):
+            with torch.no_grad():
+                for n, p in net.named_parameters():
+                    p.add_(noise[n])
+            snapper.tie(net)
+    for n in tied.clusters:
+        assert torch.equal(tied.clusters[n].assignments, moving.clusters[n].assignments)
+        torch.testing.assert_close(dict(nets[1].named_parameters())[n], dict(nets[0].named_parameters())[n], rtol=0, atol=1e-6)
+
+
+def test_reassign_refuses_a_snap_state_without_latent_weights():
+    net = TinyNet().net
+    tied = ClusterSnapper(max_snap_error=10.0)
+    tied.snap(net, centroids={n: torch.tensor([-0.1, 0.0, 0.1]) for n in WEIGHTS_PLAIN})
+    with pytest.raises(ValueError, match="no latent weights.*Resume it with `reassign=False`"):
+        ClusterSnapper(reassign=True).load_state_dict(tied.state_dict())
+    relaxed = ClusterSnapper()  # latent weights in a state are simply unused by a fixed-assignment refinement
+    moving = ClusterSnapper(max_snap_error=10.0, reassign=True)
+    moving.snap(TinyNet().net, centroids={n: torch.tensor([-0.1, 0.0, 0.1]) for n in WEIGHTS_PLAIN})
+    relaxed.load_state_dict(moving.state_dict())
+    assert set(relaxed.clusters) == set(WEIGHTS_PLAIN)
+
+
+def test_reassign_pipeline_resumes_exactly_and_exports(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    kw = dict(snap_epoch=3, start_epoch=0, logger=False, bn=True, shuffle=False, on_unclustered="snap", max_bits=2,
+              reassign=True)
+    full, refine_full, _, val = _pipeline(tmp_path, epochs=6, **kw)
+    _pipeline(tmp_path, epochs=5, extra=[ckpt], **kw)
+    pl.seed_everything(0)
+    train, val = digits_loaders(shuffle=False)
+    resumed = TinyNet(bn=True)
+    refine = ClusterRefine(snap_epoch=3, w=0.45, recalibrate_bn_batches=20, on_unclustered="snap", max_bits=2, reassign=True)
+    cbs = [SoftQuantCallback(h=2e-3, w=0.45, stop_epoch=3), refine]
+    trainer(max_epochs=6, callbacks=cbs).fit(resumed, train, val, ckpt_path=str(tmp_path / "ck" / "epoch=4.ckpt"))
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n
+    params = dict(full.named_parameters())
+    for name in BN_WEIGHTS:
+        cl = refine_full.snapper.clusters[name]
+        assert torch.equal(params[name].detach(), cl.values().reshape(params[name].shape))
+        assert torch.unique(params[name].detach()).numel() <= 4
+        assert refine_full.snapper.reports[name].entropy == pytest.approx(cl.entropy)
+    assert accuracy(full, val) > 0.8
+    save_compressed(full, tmp_path / "m.sq.safetensors", refine_full.clusters())
+    state = load_compressed(tmp_path / "m.sq.safetensors")
+    for name in BN_WEIGHTS:
+        assert torch.equal(state[name], params[name].detach())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_tie_makes_no_host_sync():
+@pytest.mark.parametrize("reassign", [False, True])
+def test_cuda_tie_makes_no_host_sync(reassign):
     net = TinyNet().net.cuda()
-    snapper = ClusterSnapper(max_snap_error=10.0)
+    snapper = ClusterSnapper(max_snap_error=10.0, reassign=reassign)
     snapper.snap(net, centroids={n: torch.tensor([-0.1, 0.0, 0.1]) for n in ("0.weight", "2.weight", "4.weight")})
     snapper.tie(net)  # the first call may move the clusters to the weights' device
     torch.cuda.synchronize()
@@ -490,6 +628,7 @@ def test_max_bits_through_the_refine_callback(tmp_path):
         ({"max_bits": 0}, "`max_bits` must be None"),
         ({"max_bits": 2.0}, "`max_bits` must be None"),
         ({"recalibrate_bn_batches": -1}, "`recalibrate_bn_batches` must be an int >= 0"),
+        ({"reassign": "yes"}, "`reassign` must be True or False"),
     ],
 )
 def test_bad_arguments(kwargs, match):

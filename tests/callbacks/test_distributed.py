@@ -123,6 +123,19 @@ def test_cluster_refine_assignments_and_weights_are_identical_on_both_ranks(rank
         assert torch.unique(r0["state_dict"][name]).numel() == k, name
 
 
+def test_reassigned_refinement_is_identical_on_both_ranks(ranks):
+    r0, r1 = (r["reassign"] for r in ranks)
+    assert r0["k"] == r1["k"] == {"net.0.weight": 2, "net.3.weight": 2, "net.5.weight": 2}
+    _assert_same_tensors(r0["assignments"], r1["assignments"], "assignments")
+    _assert_same_tensors(r0["centroids"], r1["centroids"], "centroids")
+    _assert_same_tensors(r0["latent"], r1["latent"], "latent weights")
+    _assert_same_tensors(_parameters(r0["state_dict"]), _parameters(r1["state_dict"]), "weights")
+    moved = sum(int((r0["local_assignments"][n].long().reshape(a.shape) != a).sum()) for n, a in r0["assignments"].items())
+    assert moved > 0, "no weight changed cluster during refinement: the run tested the fixed-assignment path only"
+    for name, k in r0["k"].items():
+        assert torch.unique(r0["state_dict"][name]).numel() <= k, name
+
+
 def test_cluster_refine_export_is_written_once_by_rank_0(ranks):
     from sq_lightning.export import load_compressed
 
