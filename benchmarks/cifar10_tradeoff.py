@@ -6,7 +6,8 @@
 For each ``h:w`` point, starting from the full-precision checkpoint:
 
 1. soft quantization (``SoftQuantCallback``) for ``--couple-epochs`` at a constant lr;
-2. snap + BatchNorm recalibration + refinement (``ClusterRefine``) for ``--refine-epochs``;
+2. snap + BatchNorm recalibration + refinement (``ClusterRefine``) for ``--refine-epochs``
+   (assignments fixed; with ``--reassign``, latent weights that may change cluster);
 3. post-training baselines of the full-precision model at the same per-layer ``K_l``:
    HEQ, optimal 1-D k-means and uniform, each without and with BatchNorm recalibration.
 
