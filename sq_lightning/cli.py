@@ -49,7 +49,6 @@ def main(args: ArgsType = None) -> None:
     )
 
 
-
 def export_main(argv: list[str]) -> None:
     """``export CHECKPOINT PATH [--coding packed|ans] [--overwrite]``: a checkpoint's snapped
     model as a compressed file (:func:`sq_lightning.export.export_checkpoint`)."""

@@ -274,9 +274,9 @@ class ClusterSnapper:
         latent.add_(p.detach().float() - c[cl.assignments].reshape(p.shape))
         flat = latent.reshape(-1)
         a = nearest_centroid(flat, c)  # the rule (ties included) of every other snap to given centroids
+        # Sizes by index_add (bincount would wait for the device to size its output).
         counts = torch.zeros(cl.k, dtype=torch.long, device=p.device).index_add_(0, a, torch.ones_like(a))
-        sums = torch.zeros(cl.k, dtype=torch.float64, device=p.device).index_add_(0, a, flat.double())
-        cl.centroids = torch.where(counts > 0, sums / counts.clamp_min(1).double(), c.double()).float()
+        cl.centroids = torch.where(counts > 0, tie_to_clusters(flat, a, cl.k, counts), c)
         cl.assignments, cl.counts = a.reshape(p.shape), counts
         p.copy_(cl.centroids[cl.assignments].to(p.dtype))
 
