@@ -32,6 +32,7 @@ from sq_lightning.ops.coupling import (
     coupling_grad_batched,
     layer_strength,
 )
+from sq_lightning.sharding import is_sharded, shard_group, shard_spec
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +54,13 @@ def check_coupling_args(h: float, w: float, alpha: float, n_bins: int, backend: 
         raise ValueError(f"`backend` must be one of 'histogram', 'exact', 'auto', got {backend!r}.")
 
 
-def _is_dtensor(t: Tensor) -> bool:
-    return hasattr(t, "to_local") and hasattr(t, "device_mesh")
-
-
 def _std(t: Tensor) -> float:
     """Unbiased std of a whole tensor; a sharded DTensor reduces its moments over the ranks."""
-    if not _is_dtensor(t):
+    if not is_sharded(t):
         return float(t.float().std())
     local = t.to_local().double().reshape(-1)
     moments = torch.stack([local.new_tensor(float(local.numel())), local.sum(), (local * local).sum()])
-    group = t.device_mesh.get_group() if t.device_mesh.ndim == 1 else None
-    torch.distributed.all_reduce(moments, group=group)
+    torch.distributed.all_reduce(moments, group=shard_group(t))
     n, s, ss = moments.tolist()
     return math.sqrt(max(ss - s * s / n, 0.0) / (n - 1)) if n > 1 else 0.0
 
@@ -186,7 +182,7 @@ class WeightCoupler:
         params = {}
         for name, p in model.named_parameters():
             if name in self.sigma:
-                params[name] = p.full_tensor() if _is_dtensor(p) else p
+                params[name] = p.full_tensor() if is_sharded(p) else p
         unit = {n: 1.0 for n in params}
         self.h_calibrated, scale, self.scale = unit, self.scale, 1.0  # h_l = 1 while measuring
         try:
@@ -285,8 +281,8 @@ class WeightCoupler:
                 params[name] = p
         if not params:
             return {} if compute_loss else None
-        dense = {n: p for n, p in params.items() if not _is_dtensor(p)}
-        sharded = {n: p for n, p in params.items() if _is_dtensor(p)}
+        dense = {n: p for n, p in params.items() if not is_sharded(p)}
+        sharded = {n: p for n, p in params.items() if is_sharded(p)}
         losses: dict[str, Tensor] = {}
         if dense:
             dense_losses, _ = self.gradients(dict(dense), compute_loss=compute_loss, out={n: p.grad for n, p in dense.items()})
@@ -311,7 +307,7 @@ class WeightCoupler:
         params = {
             n: p
             for n, p in model.named_parameters()
-            if n in self.sigma and p.grad is not None and not _is_dtensor(p) and (allowed is None or id(p) in allowed)
+            if n in self.sigma and p.grad is not None and not is_sharded(p) and (allowed is None or id(p) in allowed)
         }
         if not params:
             return {}
@@ -324,10 +320,25 @@ class WeightCoupler:
         return ratios
 
     def _add_sharded(self, params: dict[str, nn.Parameter], compute_loss: bool) -> dict[str, Tensor]:
-        """DTensor (FSDP2) layers: each rank bins its shard, one all-reduce of the counts."""
-        names = list(params)
+        """DTensor (FSDP2) layers: each rank bins its shard, one all-reduce of the counts.
+
+        Layers the backend computes exactly (``"exact"``, or ``"auto"`` under
+        ``AUTO_EXACT_BELOW`` weights) are gathered whole (collective) so that the result
+        is the one of a single process; each rank adds its slice of their gradient.
+        """
+        exact = [n for n in params if self.backend == "exact" or (self.backend == "auto" and self.numel[n] < AUTO_EXACT_BELOW)]
+        losses: dict[str, Tensor] = {}
+        for n in exact:
+            res = coupling_exact(params[n].detach().full_tensor(), self.w_l(n), self.h_l(n), compute_loss=compute_loss)
+            local = params[n].grad.to_local()
+            local.add_(shard_spec(params[n], n).local(res.grad).to(local.dtype))
+            if compute_loss:
+                losses[n] = res.loss
+        names = [n for n in params if n not in exact]
+        if not names:
+            return losses
         first = params[names[0]]
-        group = first.device_mesh.get_group() if first.device_mesh.ndim == 1 else None
+        group = shard_group(first, names[0])
         loss, grads = coupling_grad_batched(
             [params[n].to_local() for n in names],
             [self.w_l(n) for n in names],
@@ -341,7 +352,9 @@ class WeightCoupler:
         for n, g in zip(names, grads):
             local = params[n].grad.to_local()
             local.add_(g.to(local.dtype))
-        return dict(zip(names, loss.unbind())) if compute_loss else {}
+        if compute_loss:
+            losses.update(zip(names, loss.unbind()))
+        return losses
 
     # -- persistence --------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -22,6 +22,7 @@ from sq_lightning.layers import LayerSelector
 from sq_lightning.ops.baselines import quantize
 from sq_lightning.ops.codebook import nearest_centroid
 from sq_lightning.ops.clustering import Clusters, MergePolicy, assign_to_centroids, bits_summary, find_clusters, tie_to_clusters
+from sq_lightning.sharding import ShardSpec, all_reduce_sum, is_sharded, shard_spec
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,9 @@ class ClusterSnapper:
         self.reports: dict[str, LayerReport] = {}
         # reassign=True: full-precision latent weights of the snapped layers (float32).
         self.latent: dict[str, Tensor] = {}
+        # Layers sharded across ranks (FSDP2): their assignments and latent weights above
+        # hold this rank's slice only; counts and centroids are always the whole layer's.
+        self._shards: dict[str, ShardSpec] = {}
 
     @property
     def snapped(self) -> bool:
@@ -173,7 +177,8 @@ class ClusterSnapper:
         """
         found: dict[str, Clusters] = {}
         for name, param in self.selector.select_or_raise(model, type(self).__name__):
-            theta = param.detach()
+            # A sharded layer is gathered (collective): its clusters are the whole layer's.
+            theta = param.detach().full_tensor() if is_sharded(param) else param.detach()
             if centroids is not None and name in centroids:
                 found[name] = assign_to_centroids(theta, centroids[name])
                 continue
@@ -212,7 +217,7 @@ class ClusterSnapper:
         keep: dict[str, Clusters] = {}
         for name, cl in clusters.items():
             theta = params[name]
-            err = cl.snap_error(theta)
+            err = cl.snap_error(theta.detach().full_tensor() if is_sharded(theta) else theta)
             ok = err <= self.max_snap_error
             if not ok:
                 msg = (
@@ -230,9 +235,19 @@ class ClusterSnapper:
             )
             if snapped:
                 keep[name] = cl
-        self.latent = {n: params[n].detach().float().clone() for n in keep} if self.reassign else {}
+        self.latent, self._shards = {}, {}
         for name, cl in keep.items():
-            params[name].copy_(cl.values(params[name].dtype).reshape(params[name].shape))
+            p = params[name]
+            if is_sharded(p):
+                spec = self._shards[name] = shard_spec(p, name)
+                values = spec.local(cl.values(p.dtype))
+                cl.assignments = spec.local(cl.assignments).clone()
+                p = p.to_local()
+            else:
+                values = cl.values(p.dtype).reshape(p.shape)
+            if self.reassign:
+                self.latent[name] = p.detach().float().clone()
+            p.copy_(values)
         self.clusters, self.reports = keep, reports
         return reports
 
@@ -248,8 +263,13 @@ class ClusterSnapper:
         the tie is queued without a single host sync.
         """
         params = dict(model.named_parameters())
+        sharded: list[tuple[str, Clusters, Tensor]] = []
         for name, cl in self.clusters.items():
             p = params[name]
+            if is_sharded(p):
+                p = self._localize(name, cl, p)
+                sharded.append((name, cl, p))
+                continue
             if cl.assignments.device != p.device or cl.counts.device != p.device:
                 cl.assignments, cl.counts = cl.assignments.to(p.device), cl.counts.to(p.device)
             if self.reassign:
@@ -258,15 +278,12 @@ class ClusterSnapper:
             a = cl.assignments
             cl.centroids = tie_to_clusters(p, a, cl.k, cl.counts)
             p.copy_(cl.centroids[a].to(p.dtype).reshape(p.shape))
+        if sharded:
+            self._tie_sharded(sharded)
 
     def _reassign(self, name: str, cl: Clusters, p: Tensor) -> None:
         """One refinement step with moving assignments (see ``reassign``); no host sync."""
-        latent = self.latent.get(name)
-        if latent is None:
-            raise RuntimeError(
-                f"reassign=True but layer {name} has no latent weights: the snap state was saved without them. "
-                "Resume with reassign=False, or snap again."
-            )
+        latent = self._latent_of(name)
         if latent.device != p.device:
             latent = self.latent[name] = latent.to(p.device)
         c = cl.centroids.to(p.device)
@@ -279,6 +296,66 @@ class ClusterSnapper:
         cl.centroids = torch.where(counts > 0, tie_to_clusters(flat, a, cl.k, counts), c)
         cl.assignments, cl.counts = a.reshape(p.shape), counts
         p.copy_(cl.centroids[cl.assignments].to(p.dtype))
+
+    def _localize(self, name: str, cl: Clusters, p: Tensor) -> Tensor:
+        """This rank's slice of the sharded layer ``p``; on the first call after a resume
+        (whole-layer state) the assignments and latent weights are cut to the slice."""
+        local = p.to_local()
+        if name not in self._shards:
+            spec = self._shards[name] = shard_spec(p, name)
+            cl.assignments = spec.local(cl.assignments.to(local.device)).clone()
+            if name in self.latent:
+                self.latent[name] = spec.local(self.latent[name].to(local.device)).clone()
+        if cl.assignments.device != local.device or cl.counts.device != local.device:
+            cl.assignments, cl.counts = cl.assignments.to(local.device), cl.counts.to(local.device)
+        if cl.centroids.device != local.device:
+            cl.centroids = cl.centroids.to(local.device)
+        return local
+
+    def _tie_sharded(self, layers: list[tuple[str, Clusters, Tensor]]) -> None:
+        """:meth:`tie` for layers sharded across ranks: the same arithmetic as one process,
+        each rank summing its slice per cluster and one all-reduce per shard group."""
+        groups: dict[int, list[tuple[str, Clusters, Tensor]]] = {}
+        for item in layers:
+            groups.setdefault(id(self._shards[item[0]].group), []).append(item)
+        for items in groups.values():
+            partial, assignments = [], []
+            for name, cl, local in items:
+                if self.reassign:
+                    latent = self._latent_of(name)
+                    latent.add_(local.detach().float() - cl.centroids[cl.assignments])
+                    flat = latent.reshape(-1)
+                    a = nearest_centroid(flat, cl.centroids)
+                    partial.append(torch.zeros(cl.k, dtype=torch.float64, device=flat.device).index_add_(0, a, torch.ones_like(flat, dtype=torch.float64)))
+                else:
+                    flat, a = local.detach().reshape(-1).float(), cl.assignments.reshape(-1)
+                partial.append(torch.zeros(cl.k, dtype=torch.float64, device=flat.device).index_add_(0, a, flat.double()))
+                assignments.append(a)
+            totals = iter(all_reduce_sum(partial, self._shards[items[0][0]].group))
+            for (name, cl, local), a in zip(items, assignments):
+                if self.reassign:
+                    counts = next(totals).round().long()
+                    means = (next(totals) / counts.clamp_min(1).double()).float()
+                    cl.centroids = torch.where(counts > 0, means, cl.centroids)
+                    cl.assignments, cl.counts = a.reshape(local.shape), counts
+                else:
+                    cl.centroids = (next(totals) / cl.counts.clamp_min(1).double()).float()
+                local.copy_(cl.centroids[cl.assignments].to(local.dtype))
+
+    def _latent_of(self, name: str) -> Tensor:
+        latent = self.latent.get(name)
+        if latent is None:
+            raise RuntimeError(
+                f"reassign=True but layer {name} has no latent weights: the snap state was saved without them. "
+                "Resume with reassign=False, or snap again."
+            )
+        return latent
+
+    def _whole(self, name: str, t: Tensor) -> Tensor:
+        """``t`` (assignments or latent weights of ``name``) for the whole layer; gathers a
+        sharded layer's slices (collective)."""
+        spec = self._shards.get(name)
+        return t if spec is None else spec.gather(t).reshape(spec.shape)
 
     def refresh_reports(self) -> None:
         """Updates the reported entropy of every snapped layer from its current populations
@@ -322,18 +399,23 @@ class ClusterSnapper:
         return "\n".join(lines)
 
     def export_clusters(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """``{name: (centroids, assignments)}`` of the snapped layers, for :mod:`sq_lightning.export`."""
-        return {n: (c.centroids.clone(), c.assignments.clone()) for n, c in self.clusters.items()}
+        """``{name: (centroids, assignments)}`` of the snapped layers, for :mod:`sq_lightning.export`.
+
+        The whole layers': with sharded layers it gathers their assignments (collective).
+        """
+        return {n: (c.centroids.clone(), self._whole(n, c.assignments).clone()) for n, c in self.clusters.items()}
 
     # -- persistence ----------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Whole-layer state, the same on every rank; with sharded layers it gathers their
+        slices (collective: Lightning asks every rank for it when it saves a checkpoint)."""
         return {
             "clusters": {
-                n: {"centroids": c.centroids.cpu(), "assignments": _compact(c.assignments.cpu(), c.k), "counts": c.counts.cpu()}
+                n: {"centroids": c.centroids.cpu(), "assignments": _compact(self._whole(n, c.assignments).cpu(), c.k), "counts": c.counts.cpu()}
                 for n, c in self.clusters.items()
             },
             "reports": {n: vars(r).copy() for n, r in self.reports.items()},
-            **({"latent": {n: t.cpu() for n, t in self.latent.items()}} if self.latent else {}),
+            **({"latent": {n: self._whole(n, t).cpu() for n, t in self.latent.items()}} if self.latent else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -342,6 +424,7 @@ class ClusterSnapper:
         }
         self.reports = {n: LayerReport(**r) for n, r in state.get("reports", {}).items()}
         self.latent = {n: t.float() for n, t in state.get("latent", {}).items()}
+        self._shards = {}  # whole-layer state: sharded layers are cut to their slice at the next tie
         missing = sorted(set(self.clusters) - set(self.latent))
         if self.reassign and self.clusters and missing:
             raise ValueError(

@@ -13,6 +13,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
+from sq_lightning.sharding import is_sharded
+
 
 def log_scalars(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
     for logger in trainer.loggers:
@@ -22,11 +24,19 @@ def log_scalars(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
 
 
 def log_histograms(trainer: pl.Trainer, tensors: dict[str, Tensor], prefix: str) -> None:
-    """Weight histograms per layer under ``<prefix>/<layer>`` (TensorBoard loggers only)."""
-    if not trainer.is_global_zero:
+    """Weight histograms per layer under ``<prefix>/<layer>`` (TensorBoard loggers only).
+
+    Called on every rank: a layer sharded across ranks (FSDP2) is gathered by all of
+    them (collective) before rank 0 writes it.
+    """
+    boards = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+    if not boards:
         return
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            for name, t in tensors.items():
-                logger.experiment.add_histogram(f"{prefix}/{name}", t.detach().float().cpu(), trainer.global_step, bins="auto")
+    for name, t in tensors.items():  # one whole layer at a time
+        t = t.detach().full_tensor() if is_sharded(t) else t.detach()
+        if trainer.is_global_zero:
+            for logger in boards:
+                logger.experiment.add_histogram(f"{prefix}/{name}", t.float().cpu(), trainer.global_step, bins="auto")
+    if trainer.is_global_zero:
+        for logger in boards:
             logger.experiment.flush()

@@ -20,9 +20,12 @@ from torch import nn
 from typing_extensions import override
 
 from sq_lightning.callbacks._logging import log_histograms, log_scalars
+from sq_lightning.callbacks._strategy import check_strategy
 from sq_lightning.export import CODINGS, entropy_coder, save_compressed
+from sq_lightning.export import _write as write_state
 from sq_lightning.layers import LayerSelector
 from sq_lightning.ops.clustering import MergePolicy
+from sq_lightning.sharding import is_sharded
 from sq_lightning.snapper import ClusterSnapper, OnUnclustered, Placement
 
 log = logging.getLogger(__name__)
@@ -103,7 +106,7 @@ class ClusterRefine(Callback):
     Raises:
         ValueError: a bad argument, a selection that matches no layer,
             ``clusters_from="codebook"`` without a ``LearnedCodebook`` callback, an
-            ``export_path`` that exists already or a sharded (FSDP) strategy with one.
+            ``export_path`` that exists already.
         sq_lightning.snapper.UnclusteredLayerError: with ``on_unclustered="raise"``.
 
     Example::
@@ -172,6 +175,7 @@ class ClusterRefine(Callback):
     # -- hooks --------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, type(self).__name__)
         self.selector.select_or_raise(pl_module, type(self).__name__)
         if self.clusters_from == "codebook" and self._codebook_callback(trainer) is None:
             raise ValueError(
@@ -217,12 +221,6 @@ class ClusterRefine(Callback):
         return os.path.join(trainer.log_dir or trainer.default_root_dir, self.export_path)
 
     def _check_export_target(self, trainer: pl.Trainer) -> None:
-        if "fsdp" in type(trainer.strategy).__name__.lower():
-            raise ValueError(
-                f"`export_path` is not supported under {type(trainer.strategy).__name__}: the parameters are sharded. "
-                "Drop `export_path` and export a checkpoint saved after the snap: "
-                "`sq-lightning export CHECKPOINT PATH` (sq_lightning.export_checkpoint)."
-            )
         # Rank 0 writes; its answer is broadcast so that every rank raises together.
         problem = None
         if trainer.is_global_zero:
@@ -238,12 +236,25 @@ class ClusterRefine(Callback):
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # All ranks hold the same tied weights; rank 0 writes (DESIGN.md section 7) and logs
-        # the size. No collective here: a failed write on rank 0 must not leave the others waiting.
+        # the size. Sharded layers (FSDP2) are gathered first, by every rank; after that no
+        # collective: a failed write on rank 0 must not leave the others waiting.
+        sharded = any(is_sharded(p) for p in pl_module.parameters())
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            clusters = self.clusters()
+            # Whole tensors, on rank 0's CPU only.
+            state = get_model_state_dict(pl_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not trainer.is_global_zero:
             return
         target = self._export_target(trainer)
         os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-        report = save_compressed(pl_module, target, self.clusters(), coding=self.export_coding)
+        if sharded:
+            clusters = {n: (c.cpu(), a.cpu()) for n, (c, a) in clusters.items()}
+            params = {n: state[n] for n, _ in pl_module.named_parameters()}
+            report = write_state(state, params, type(pl_module).__name__, target, clusters, None, False, self.export_coding)
+        else:
+            report = save_compressed(pl_module, target, self.clusters(), coding=self.export_coding)
         self.exported = target
         rank_zero_info(f"ClusterRefine: exported ({self.export_coding} indices)\n{report}")
         log_scalars(trainer, {"sq/export_bytes": float(report.file_bytes)})

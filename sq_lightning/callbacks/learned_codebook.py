@@ -19,8 +19,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from sq_lightning.callbacks._strategy import check_strategy
 from sq_lightning.layers import LayerSelector
 from sq_lightning.ops.codebook import INIT_METHODS, codebook_regularizer, init_centroids, nearest_centroid
+from sq_lightning.sharding import all_reduce_sum, is_sharded, shard_group, shard_spec
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +220,7 @@ class LearnedCodebook(Callback):
         centroids, weight_var = {}, {}
         for name, k in self._k_of.items():
             w = self._param(params, name, model).detach()
+            w = w.full_tensor() if is_sharded(w) else w  # collective: every rank builds the same codebook
             if not bool(torch.isfinite(w).all()):
                 raise RuntimeError(f"LearnedCodebook: weight `{name}` holds NaN or inf; cannot build its codebook.")
             centroids[name] = init_centroids(w, k, self.init)
@@ -276,8 +279,11 @@ class LearnedCodebook(Callback):
         for name, c in self._centroids.items():
             param = self._param(params, name, model)
             c = c.detach().to(param.device, _centroid_dtype(param)).clone()
-            assignments = nearest_centroid(param, c)
-            param.copy_(c[assignments].to(param.dtype))
+            local = param.to_local() if is_sharded(param) else param
+            assignments = nearest_centroid(local, c)
+            local.copy_(c[assignments].to(local.dtype))
+            if is_sharded(param):  # the whole layer's assignments (collective)
+                assignments = shard_spec(param, name).gather(assignments)
             snapped[name] = (c, assignments)
         return snapped
 
@@ -285,6 +291,7 @@ class LearnedCodebook(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        check_strategy(trainer, type(self).__name__)
         self.prepare(pl_module)
         if stage == "fit":
             self._check_trainer(trainer)
@@ -433,12 +440,18 @@ class LearnedCodebook(Callback):
             return None
         assert self._optimizer is not None
         total = torch.zeros((), device=layers[0][1].device)
+        sharded = []
         for name, param in layers:
             c = self._centroids[name]
+            if is_sharded(param):
+                sharded.append((name, param))
+                continue
             value, grad_theta, grad_c = codebook_regularizer(param, c, self._tau(name), check_finite=False)
             param.grad.add_(grad_theta, alpha=self.lam)
             c.grad = grad_c.mul_(self.lam)
             total += self.lam * value.to(total.device, total.dtype)
+        if sharded:
+            total += self._step_sharded(sharded).to(total.device, total.dtype)
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
         self._sort_codebooks([name for name, _ in layers])
@@ -446,13 +459,44 @@ class LearnedCodebook(Callback):
         self._last_value = total
         return total
 
+    def _step_sharded(self, layers: list[tuple[str, nn.Parameter]]) -> Tensor:
+        """The regularizer on layers sharded across ranks (FSDP2): each rank takes its slice,
+        weighted by its share of the layer, and one all-reduce per shard group sums the
+        values and codebook gradients, so every rank steps the same codebooks as one
+        process would. Returns ``lam · Σ_l R_l`` of these layers."""
+        total = torch.zeros((), dtype=torch.float64, device=layers[0][1].device)
+        groups: dict[int, list[tuple[str, nn.Parameter]]] = {}
+        for name, param in layers:
+            groups.setdefault(id(shard_group(param, name)), []).append((name, param))
+        for items in groups.values():
+            partial = []
+            for name, param in items:
+                local, c = param.to_local(), self._centroids[name]
+                share = local.numel() / param.numel()
+                if local.numel() == 0:  # more ranks than rows: this rank holds none of the layer
+                    value, grad_c = torch.zeros((), dtype=c.dtype, device=c.device), torch.zeros_like(c)
+                else:
+                    value, grad_theta, grad_c = codebook_regularizer(local, c, self._tau(name), check_finite=False)
+                    param.grad.to_local().add_(grad_theta, alpha=self.lam * share)
+                partial += [value.reshape(1).double() * share, grad_c.double() * share]
+            sums = iter(all_reduce_sum(partial, shard_group(items[0][1], items[0][0])))
+            for name, _ in items:
+                c = self._centroids[name]
+                total += self.lam * next(sums)[0]
+                c.grad = next(sums).to(c.dtype).mul_(self.lam)
+        return total
+
     def _nonfinite(self, layers: list[tuple[str, nn.Parameter]], skip_grads: bool) -> bool:
         """Raises on a non-finite weight or codebook, and on a gradient unless ``skip_grads``."""
-        checks = [(f"weight `{n}`", p) for n, p in layers]
-        checks += [(f"codebook of `{n}`", self._centroids[n]) for n, _ in layers]
-        checks += [(f"gradient of `{n}`", p.grad) for n, p in layers]
+        local = [(n, p.to_local() if is_sharded(p) else p, p) for n, p in layers]
+        checks = [(f"weight `{n}`", t) for n, t, _ in local]
+        checks += [(f"codebook of `{n}`", self._centroids[n]) for n, _, _ in local]
+        checks += [(f"gradient of `{n}`", p.grad.to_local() if is_sharded(p) else p.grad) for n, _, p in local]
         # One device sync for all layers; find the culprit only on failure.
-        finite = torch.stack([torch.isfinite(t).all().to(layers[0][1].device) for _, t in checks])
+        finite = torch.stack([torch.isfinite(t).all().to(local[0][1].device) for _, t in checks])
+        sharded = [p for _, p in layers if is_sharded(p)]
+        if sharded:  # every rank must take the same decision, or the next collective hangs
+            finite = all_reduce_sum([finite.double()], shard_group(sharded[0]))[0] == shard_group(sharded[0]).size()
         if bool(finite.all()):
             return False
         what, _ = checks[int((~finite).nonzero()[0])]

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from sq_lightning.callbacks._logging import log_histograms, log_scalars
+from sq_lightning.callbacks._strategy import check_strategy
 from sq_lightning.coupler import WeightCoupler, check_coupling_args
 from sq_lightning.layers import LayerSelector
 from sq_lightning.ops.coupling import DEFAULT_N_BINS
@@ -200,6 +201,7 @@ class SoftQuantCallback(Callback):
     # -- hooks --------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, type(self).__name__)
         self.selector.select_or_raise(pl_module, type(self).__name__)
 
     @override

@@ -9,6 +9,9 @@ a script, not from inside pytest, hence this file. One launch runs every mode in
 
 writes ``OUT/rank{r}.pt`` = ``{mode: {"state_dict": ..., ...}}`` on each rank. The test
 imports :func:`run_mode` for the one-process reference, so both take the same path.
+``--strategy fsdp2`` runs the same modes under ``ModelParallelStrategy`` with every
+``Linear`` sharded by ``fully_shard`` (FSDP2; the data split is the same as DDP's); the
+saved weights, assignments and latent weights are then the gathered whole layers.
 
 How the two runs see the same samples. Under DDP Lightning replaces the sampler of a
 plain training ``DataLoader`` by ``DistributedSampler(shuffle=True, seed=PL_GLOBAL_SEED)``
@@ -35,6 +38,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from sq_lightning.callbacks import ClusterRefine, SoftQuantCallback
 from sq_lightning.callbacks.learned_codebook import LearnedCodebook
+from sq_lightning.sharding import is_sharded
 from tests.helpers import TinyNet, digits_loaders
 
 MODES = ("soft", "refine", "codebook", "plain")
@@ -70,11 +74,32 @@ class LocalClusters(Callback):
             self.assignments = {n: c.assignments.clone() for n, c in found.items()}
 
 
-def make_trainer(devices: int, max_epochs: int, callbacks: list) -> pl.Trainer:
+class ShardedTinyNet(TinyNet):
+    """``TinyNet`` whose layers FSDP2 shards across the data-parallel ranks."""
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for module in self.net:
+            if isinstance(module, torch.nn.Linear):
+                fully_shard(module, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
+def make_trainer(devices: int, max_epochs: int, callbacks: list, strategy: str = "ddp") -> pl.Trainer:
+    if devices == 1:
+        strategy_obj = "auto"
+    elif strategy == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy_obj = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+    else:
+        strategy_obj = strategy
     return pl.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
+        strategy=strategy_obj,
         max_epochs=max_epochs,
         callbacks=callbacks,
         logger=False,
@@ -95,17 +120,20 @@ def train_loader(devices: int, batch_size: int) -> DataLoader:
     return DataLoader(train.dataset, batch_size=batch_size, sampler=sampler)
 
 
-def run_mode(mode: str, devices: int, batch_size: int, export_dir: Path | None = None) -> tuple[pl.Trainer, dict]:
+def run_mode(
+    mode: str, devices: int, batch_size: int, export_dir: Path | None = None, strategy: str = "ddp"
+) -> tuple[pl.Trainer, dict]:
     """Trains one mode; returns the trainer and this rank's results (CPU tensors). With
     ``export_dir``, the refine mode also exports its model there (``ClusterRefine(export_path=...)``)."""
     pl.seed_everything(SEED)  # also the seed of Lightning's DistributedSampler
     train = train_loader(devices, batch_size)
+    net = ShardedTinyNet if strategy == "fsdp2" and devices > 1 else TinyNet
     out: dict = {}
     if mode == "soft":
-        model = TinyNet()
+        model = net()
         soft = SoftQuantCallback(h=2e-3, w=0.3)
         recorder = BatchRecorder()
-        trainer = make_trainer(devices, 3, [recorder, soft])
+        trainer = make_trainer(devices, 3, [recorder, soft], strategy)
         trainer.fit(model, train)
         out["batches"] = recorder.inputs
         out["sigma"] = dict(soft.coupler.sigma)
@@ -115,7 +143,7 @@ def run_mode(mode: str, devices: int, batch_size: int, export_dir: Path | None =
         # strong `h` clusters every layer in two epochs; "snap" ties every layer even
         # if one is not quite clustered, so that all three are refined. "reassign":
         # moving assignments, a 2-level budget so that weights sit near the boundaries.
-        model = TinyNet(bn=True)
+        model = net(bn=True)
         soft = SoftQuantCallback(h=1e-2, w=0.45, stop_epoch=REFINE_SNAP_EPOCH)
         export = dict(export_path=str(export_dir / "refine.sq.safetensors"), export_coding="ans") if export_dir else {}
         extra = dict(reassign=True, max_bits=1) if mode == "reassign" else export
@@ -124,30 +152,30 @@ def run_mode(mode: str, devices: int, batch_size: int, export_dir: Path | None =
             **extra,
         )
         local = LocalClusters(refine, soft)
-        trainer = make_trainer(devices, REFINE_SNAP_EPOCH + 2, [soft, local, refine])
+        trainer = make_trainer(devices, REFINE_SNAP_EPOCH + 2, [soft, local, refine], strategy)
         trainer.fit(model, train)
         out["assignments"] = {n: a.long() for n, (_, a) in refine.clusters().items()}
         out["centroids"] = {n: c for n, (c, _) in refine.clusters().items()}
         out["local_assignments"] = local.assignments
         out["k"] = {n: r.k for n, r in refine.snapper.reports.items()}
-        out["latent"] = {n: t.cpu() for n, t in refine.snapper.latent.items()}
+        out["latent"] = refine.snapper.state_dict().get("latent", {})  # whole layers
         out["exported"] = refine.exported
         size = trainer.callback_metrics.get("sq/export_bytes")
         out["export_bytes"] = float(size) if size is not None else None
     elif mode == "codebook":
-        model = TinyNet()
+        model = net()
         codebook = LearnedCodebook(lam=20.0, bits=2, start_epoch=1, codebook_lr=1e-3)
-        trainer = make_trainer(devices, 3, [codebook])
+        trainer = make_trainer(devices, 3, [codebook], strategy)
         trainer.fit(model, train)
         out["codebooks"] = codebook.codebooks()
         out["codebook_steps"] = codebook._steps
     elif mode == "plain":  # the "soft" run without coupling: how far coupling moves the weights
-        model = TinyNet()
-        trainer = make_trainer(devices, 3, [])
+        model = net()
+        trainer = make_trainer(devices, 3, [], strategy)
         trainer.fit(model, train)
     else:
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
-    out["state_dict"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out["state_dict"] = {k: (v.full_tensor() if is_sharded(v) else v).detach().clone() for k, v in model.state_dict().items()}
     out["global_step"] = trainer.global_step
     out["world_size"] = trainer.world_size
     return trainer, out
@@ -159,13 +187,14 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--modes", default=",".join(DDP_MODES))
+    parser.add_argument("--strategy", choices=("ddp", "fsdp2"), default="ddp")
     args = parser.parse_args(argv)
     # One thread a process: two ranks share two cores.
     torch.set_num_threads(1)
     results, rank = {}, 0
     args.out.mkdir(parents=True, exist_ok=True)
     for mode in args.modes.split(","):
-        trainer, results[mode] = run_mode(mode, args.devices, args.batch_size, export_dir=args.out)
+        trainer, results[mode] = run_mode(mode, args.devices, args.batch_size, export_dir=args.out, strategy=args.strategy)
         rank = trainer.global_rank
     torch.save(results, args.out / f"rank{rank}.pt")
 

@@ -29,11 +29,11 @@ TIMEOUT_S = 900  # two cores shared with other jobs: a launch normally takes 20-
 _LAUNCHER_VARS = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")
 
 
-def _run_ddp_script(out: Path) -> None:
+def _run_ddp_script(out: Path, strategy: str = "ddp") -> None:
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, str(SCRIPT), str(out), "--devices", "2", "--batch-size", str(PER_RANK_BATCH)]
+    cmd = [sys.executable, str(SCRIPT), str(out), "--devices", "2", "--batch-size", str(PER_RANK_BATCH), "--strategy", strategy]
     # Own session: on a timeout the whole group (rank 0 and the rank 1 it started) goes.
     proc = subprocess.Popen(
         cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -52,6 +52,18 @@ def ranks(tmp_path_factory):
     """``(rank 0 results, rank 1 results)``, each ``{mode: {...}}``, from one DDP launch."""
     out = tmp_path_factory.mktemp("ddp")
     _run_ddp_script(out)
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    for r in (r0, r1):
+        assert all(res["world_size"] == 2 for res in r.values())
+    return r0, r1
+
+
+@pytest.fixture(scope="module")
+def fsdp2_ranks(tmp_path_factory):
+    """As ``ranks``, under ``ModelParallelStrategy`` with every Linear sharded by FSDP2
+    (``fully_shard``): each rank holds half of each layer."""
+    out = tmp_path_factory.mktemp("fsdp2")
+    _run_ddp_script(out, strategy="fsdp2")
     r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     for r in (r0, r1):
         assert all(res["world_size"] == 2 for res in r.values())
@@ -154,3 +166,63 @@ def test_learned_codebooks_and_weights_are_identical_on_both_ranks(ranks):
     _assert_same_tensors(r0["codebooks"], r1["codebooks"], "codebooks")
     _assert_same_tensors(r0["state_dict"], r1["state_dict"], "weights")
     assert r0["codebook_steps"] == r1["codebook_steps"] == 2 * 14  # epochs 1 and 2
+
+
+# -- FSDP2 (ModelParallelStrategy + fully_shard): the same modes with sharded layers ----------
+# The exactness of the sharded arithmetic against one process, step by step, is in
+# test_fsdp.py; these run the callbacks through Lightning's own FSDP2 strategy.
+
+
+def test_soft_quant_under_fsdp2_matches_one_process_with_the_global_batch(fsdp2_ranks, soft_reference):
+    r0, r1 = (r["soft"] for r in fsdp2_ranks)
+    _assert_same_tensors(r0["state_dict"], r1["state_dict"], "gathered weights")
+    ref, plain = soft_reference["soft"], soft_reference["plain"]
+    assert r0["sigma"] == pytest.approx(ref["sigma"], rel=1e-6)
+    assert r0["steps_applied"] == ref["steps_applied"] == 3 * 14
+    # Same tolerance and reason as under DDP above (rounding of the reduced gradient).
+    for name, expected in ref["state_dict"].items():
+        torch.testing.assert_close(r0["state_dict"][name], expected, rtol=0, atol=2e-4, msg=lambda m: f"{name}: {m}")
+    moved = max(float((ref["state_dict"][n] - plain["state_dict"][n]).abs().max()) for n in ref["state_dict"])
+    assert moved > 50 * 2e-4
+
+
+@pytest.mark.parametrize("mode", ["refine", "reassign"])
+def test_cluster_refine_under_fsdp2_ties_the_whole_layers_alike_on_both_ranks(fsdp2_ranks, mode):
+    r0, r1 = (r[mode] for r in fsdp2_ranks)
+    assert r0["k"] == r1["k"] and set(r0["k"]) == {"net.0.weight", "net.3.weight", "net.5.weight"}
+    if mode == "reassign":
+        assert set(r0["k"].values()) == {2}
+    _assert_same_tensors(r0["assignments"], r1["assignments"], "gathered assignments")
+    _assert_same_tensors(r0["centroids"], r1["centroids"], "centroids")
+    _assert_same_tensors(r0["latent"], r1["latent"], "gathered latent weights")
+    _assert_same_tensors(_parameters(r0["state_dict"]), _parameters(r1["state_dict"]), "gathered weights")
+    moved = 0
+    for name, a in r0["assignments"].items():
+        # Every weight of the whole layer holds exactly its cluster's value.
+        assert torch.equal(r0["state_dict"][name], r0["centroids"][name][a]), name
+        assert a.shape == r0["state_dict"][name].shape
+        moved += int((r0["local_assignments"][name].long().reshape(a.shape) != a).sum())
+    if mode == "reassign":
+        assert moved > 0 and set(r0["latent"]) == set(r0["k"])
+    else:  # fixed assignments: the ones found at the snap (on the gathered layers, on each rank)
+        assert moved == 0 and r0["latent"] == {}
+
+
+def test_cluster_refine_export_under_fsdp2_holds_the_gathered_model(fsdp2_ranks):
+    from sq_lightning.export import load_compressed
+
+    r0, r1 = (r["refine"] for r in fsdp2_ranks)
+    path = Path(r0["exported"])
+    assert r1["exported"] is None and r1["export_bytes"] is None
+    assert sorted(p.name for p in path.parent.iterdir() if "refine.sq" in p.name) == [path.name]
+    state = load_compressed(path)
+    # The whole layers, and rank 0's BatchNorm statistics (FSDP2 keeps buffers per rank).
+    _assert_same_tensors(state, r0["state_dict"], "exported vs rank 0's gathered model")
+
+
+def test_learned_codebooks_under_fsdp2_are_identical_on_both_ranks(fsdp2_ranks):
+    r0, r1 = (r["codebook"] for r in fsdp2_ranks)
+    assert set(r0["codebooks"]) == {"net.0.weight", "net.2.weight", "net.4.weight"}
+    _assert_same_tensors(r0["codebooks"], r1["codebooks"], "codebooks")
+    _assert_same_tensors(r0["state_dict"], r1["state_dict"], "gathered weights")
+    assert r0["codebook_steps"] == r1["codebook_steps"] == 2 * 14
