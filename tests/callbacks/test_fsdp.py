@@ -7,6 +7,7 @@ same object on an unsharded copy. `test_distributed.py` runs the callbacks throu
 Lightning's `ModelParallelStrategy`.
 """
 
+import contextlib
 import os
 import socket
 
@@ -25,16 +26,31 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _process_group(rank, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _two_ranks(worker):
+    """``{rank: what worker(rank, port, out) stored}`` from 2 spawned gloo processes."""
+    out = mp.Manager().dict()
+    mp.spawn(worker, args=(_free_port(), out), nprocs=2, join=True)
+    return dict(out)
+
+
 def _net():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 10))
 
 
 def _worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    try:
+    with _process_group(rank, port):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -54,8 +70,6 @@ def _worker(rank, port, out):
             added = {n: p.grad.full_tensor() - before[n] for n, p in net.named_parameters()}
             results[backend] = {"sigma": dict(coupler.sigma), "added": added, "loss": {k: float(v) for k, v in losses.items()}}
         out[rank] = results
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("make", ["soft", "refine", "codebook"])
@@ -73,9 +87,7 @@ def test_fsdp1_strategy_is_refused_at_setup_with_the_fsdp2_fix(make):
 
 
 def test_fsdp2_sharded_layers_get_the_whole_layer_gradient():
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=True)
+    out = _two_ranks(_worker)
     for backend in ("histogram", "auto"):
         ref_net = _net()
         ref = WeightCoupler(h=1e-2, w=0.3, backend=backend)
@@ -133,10 +145,7 @@ def _full(net):
 def _snapper_worker(rank, port, out):
     from sq_lightning.snapper import ClusterSnapper
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    try:
+    with _process_group(rank, port):
         results = {}
         for reassign in (False, True):
             kwargs = dict(max_bits=2, on_unclustered="snap", reassign=reassign)
@@ -167,14 +176,10 @@ def _snapper_worker(rank, port, out):
                 "state": (snap.state_dict(), ref_snap.state_dict()),
             }
         out[rank] = results
-    finally:
-        dist.destroy_process_group()
 
 
 def test_sharded_tie_and_reassignment_equal_one_process():
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(_snapper_worker, args=(_free_port(), out), nprocs=2, join=True)
+    out = _two_ranks(_snapper_worker)
     for rank in (0, 1):
         for reassign in (False, True):
             got = out[rank][reassign]
@@ -206,10 +211,7 @@ def _codebook_worker(rank, port, out):
 
     from sq_lightning.callbacks.learned_codebook import LearnedCodebook
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    try:
+    with _process_group(rank, port):
         results = {}
         for temperature in (0.0, 0.05):
             net = _sharded(_uneven_net())
@@ -258,14 +260,10 @@ def _codebook_worker(rank, port, out):
                 "weights": (_full(net), {n: p.detach().clone() for n, p in ref.named_parameters()}),
             }
         out[rank] = results
-    finally:
-        dist.destroy_process_group()
 
 
 def test_sharded_learned_codebook_steps_like_one_process():
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(_codebook_worker, args=(_free_port(), out), nprocs=2, join=True)
+    out = _two_ranks(_codebook_worker)
     for rank in (0, 1):
         for temperature, got in out[rank].items():
             books0, ref_books0 = got["init"]
