@@ -33,7 +33,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, DistributedSampler
 
 from sq_lightning.callbacks import ClusterRefine, SoftQuantCallback
@@ -41,7 +41,7 @@ from sq_lightning.callbacks.learned_codebook import LearnedCodebook
 from sq_lightning.sharding import is_sharded
 from tests.helpers import TinyNet, digits_loaders
 
-MODES = ("soft", "refine", "codebook", "plain")
+MODES = ("soft", "refine", "reassign", "resume", "codebook", "plain")
 DDP_MODES = ("soft", "refine", "reassign", "codebook")
 REFINE_SNAP_EPOCH = 2
 SEED = 0
@@ -87,7 +87,7 @@ class ShardedTinyNet(TinyNet):
         fully_shard(self, mesh=mesh)
 
 
-def make_trainer(devices: int, max_epochs: int, callbacks: list, strategy: str = "ddp") -> pl.Trainer:
+def make_trainer(devices: int, max_epochs: int, callbacks: list, strategy: str = "ddp", checkpoints: bool = False) -> pl.Trainer:
     if devices == 1:
         strategy_obj = "auto"
     elif strategy == "fsdp2":
@@ -103,7 +103,7 @@ def make_trainer(devices: int, max_epochs: int, callbacks: list, strategy: str =
         max_epochs=max_epochs,
         callbacks=callbacks,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=checkpoints,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -138,6 +138,24 @@ def run_mode(
         out["batches"] = recorder.inputs
         out["sigma"] = dict(soft.coupler.sigma)
         out["steps_applied"] = soft.steps_applied
+    elif mode == "resume":
+        # The "reassign" run stopped one epoch after the snap and resumed from its checkpoint
+        # (under FSDP2 a sharded one, written by torch.distributed.checkpoint).
+        ckpt_dir = export_dir / "resume"
+        for max_epochs, ckpt_path in ((REFINE_SNAP_EPOCH + 1, None), (REFINE_SNAP_EPOCH + 2, ckpt_dir / "last.ckpt")):
+            pl.seed_everything(SEED)
+            model = net(bn=True)
+            soft = SoftQuantCallback(h=1e-2, w=0.45, stop_epoch=REFINE_SNAP_EPOCH)
+            refine = ClusterRefine(
+                snap_epoch=REFINE_SNAP_EPOCH, w=0.45, on_unclustered="snap", recalibrate_bn_batches=5,
+                histogram_every_n_epochs=0, reassign=True, max_bits=1,
+            )
+            save = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)
+            trainer = make_trainer(devices, max_epochs, [soft, refine, save], strategy, checkpoints=True)
+            trainer.fit(model, train, ckpt_path=ckpt_path)
+        out["assignments"] = {n: a.long() for n, (_, a) in refine.clusters().items()}
+        out["centroids"] = {n: c for n, (c, _) in refine.clusters().items()}
+        out["latent"] = refine.snapper.state_dict().get("latent", {})
     elif mode in ("refine", "reassign"):
         # BatchNorm so that the snap's statistics re-estimation runs under DDP too. A
         # strong `h` clusters every layer in two epochs; "snap" ties every layer even

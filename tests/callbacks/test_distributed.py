@@ -29,11 +29,11 @@ TIMEOUT_S = 900  # two cores shared with other jobs: a launch normally takes 20-
 _LAUNCHER_VARS = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")
 
 
-def _run_ddp_script(out: Path, strategy: str = "ddp") -> None:
+def _run_ddp_script(out: Path, strategy: str = "ddp", modes: str = "soft,refine,reassign,codebook") -> None:
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, str(SCRIPT), str(out), "--devices", "2", "--batch-size", str(PER_RANK_BATCH), "--strategy", strategy]
+    cmd = [sys.executable, str(SCRIPT), str(out), "--devices", "2", "--batch-size", str(PER_RANK_BATCH), "--strategy", strategy, "--modes", modes]
     # Own session: on a timeout the whole group (rank 0 and the rank 1 it started) goes.
     proc = subprocess.Popen(
         cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -63,7 +63,7 @@ def fsdp2_ranks(tmp_path_factory):
     """As ``ranks``, under ``ModelParallelStrategy`` with every Linear sharded by FSDP2
     (``fully_shard``): each rank holds half of each layer."""
     out = tmp_path_factory.mktemp("fsdp2")
-    _run_ddp_script(out, strategy="fsdp2")
+    _run_ddp_script(out, strategy="fsdp2", modes="soft,refine,reassign,resume,codebook")
     r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     for r in (r0, r1):
         assert all(res["world_size"] == 2 for res in r.values())
@@ -206,6 +206,18 @@ def test_cluster_refine_under_fsdp2_ties_the_whole_layers_alike_on_both_ranks(fs
         assert moved > 0 and set(r0["latent"]) == set(r0["k"])
     else:  # fixed assignments: the ones found at the snap (on the gathered layers, on each rank)
         assert moved == 0 and r0["latent"] == {}
+
+
+def test_reassigned_refinement_under_fsdp2_resumes_from_a_sharded_checkpoint_bit_exact(fsdp2_ranks):
+    # Stopped one epoch after the snap, resumed from the sharded (torch.distributed.checkpoint)
+    # `last.ckpt`: the callbacks' whole-layer state is cut back into slices on each rank.
+    for r in fsdp2_ranks:
+        whole, resumed = r["reassign"], r["resume"]
+        assert resumed["global_step"] == whole["global_step"]
+        _assert_same_tensors(_parameters(resumed["state_dict"]), _parameters(whole["state_dict"]), "resumed vs uninterrupted weights")
+        _assert_same_tensors(resumed["assignments"], whole["assignments"], "assignments")
+        _assert_same_tensors(resumed["centroids"], whole["centroids"], "centroids")
+        _assert_same_tensors(resumed["latent"], whole["latent"], "latent weights")
 
 
 def test_cluster_refine_export_under_fsdp2_holds_the_gathered_model(fsdp2_ranks):
