@@ -77,6 +77,12 @@ class UnclusteredLayerError(RuntimeError):
 class ClusterSnapper:
     """Clusters, snaps and ties the selected layers of a model.
 
+    Layers sharded across ranks as DTensors (FSDP2, ``fully_shard``) are supported:
+    :meth:`find` and :meth:`snap` gather each whole layer once; :meth:`tie` works on
+    each rank's slice with one all-reduce of the per-cluster sums (and sizes) per step;
+    :meth:`state_dict` and :meth:`export_clusters` gather the assignments (and latent
+    weights). On such a model these calls are collectives: every rank makes them.
+
     Args:
         w: range of the well relative to the layer's std (as in soft quantization);
             used for ``w_l = w · σ_l`` when no ``w_l`` is passed to :meth:`find`.
@@ -326,10 +332,10 @@ class ClusterSnapper:
                     latent.add_(local.detach().float() - cl.centroids[cl.assignments])
                     flat = latent.reshape(-1)
                     a = nearest_centroid(flat, cl.centroids)
-                    partial.append(torch.zeros(cl.k, dtype=torch.float64, device=flat.device).index_add_(0, a, torch.ones_like(flat, dtype=torch.float64)))
+                    partial.append(_cluster_sums(torch.ones_like(flat, dtype=torch.float64), a, cl.k))  # sizes
                 else:
                     flat, a = local.detach().reshape(-1).float(), cl.assignments.reshape(-1)
-                partial.append(torch.zeros(cl.k, dtype=torch.float64, device=flat.device).index_add_(0, a, flat.double()))
+                partial.append(_cluster_sums(flat.double(), a, cl.k))
                 assignments.append(a)
             totals = iter(all_reduce_sum(partial, self._shards[items[0][0]].group))
             for (name, cl, local), a in zip(items, assignments):
@@ -435,6 +441,11 @@ class ClusterSnapper:
         for n, r in self.reports.items():
             if r.snapped and "entropy" not in state["reports"][n] and n in self.clusters:
                 r.entropy = self.clusters[n].entropy  # a checkpoint written before the entropy was reported
+
+
+def _cluster_sums(values: Tensor, assignments: Tensor, k: int) -> Tensor:
+    """float64 sum of ``values`` per cluster: one rank's part of a whole layer's sum."""
+    return torch.zeros(k, dtype=torch.float64, device=values.device).index_add_(0, assignments, values)
 
 
 def _quantized_clusters(theta: Tensor, k: int, method: str) -> Clusters:
