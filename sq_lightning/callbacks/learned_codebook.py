@@ -55,6 +55,10 @@ class LearnedCodebook(Callback):
     are thus independent of the user's ``configure_optimizers``, identical on every DDP
     rank (same weights, same gradients) and saved with the checkpoint. Gradient clipping
     (``Trainer(gradient_clip_val=...)``) runs after this hook and so clips the sum.
+    Layers sharded by FSDP2 (``ModelParallelStrategy`` with ``fully_shard``): each rank
+    takes its slice, and one all-reduce per step sums the regularizer's value and
+    codebook gradients, so every rank steps the same codebooks as one process would;
+    the initial codebooks are built from the gathered layers.
 
     The codebooks are initialised from the weights when the active window starts (first
     epoch ``>= start_epoch``) and frozen after ``stop_epoch``. A non-finite weight,

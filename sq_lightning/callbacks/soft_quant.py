@@ -72,7 +72,11 @@ class SoftQuantCallback(Callback):
     optimizer step (also with gradient accumulation), and the coupling gradient goes
     through gradient clipping together with the task gradient. No autograd graph is
     built and ``training_step`` is untouched. With several optimizers each one's
-    parameters get their coupling gradient at that optimizer's step.
+    parameters get their coupling gradient at that optimizer's step. Layers sharded by
+    FSDP2 (``ModelParallelStrategy`` with ``fully_shard``) are binned slice by slice and
+    one all-reduce of the histograms gives every rank the whole layer's coupling field;
+    layers the ``backend`` computes exactly are gathered whole. ``FSDPStrategy`` (FSDP1)
+    is refused at setup.
 
     Args:
         h: coupling strength (dimensionless). With SGD (lr 0.01-0.05, momentum 0.9)
