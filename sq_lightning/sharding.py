@@ -58,11 +58,15 @@ class ShardSpec:
     group: object
 
     def local(self, full: Tensor) -> Tensor:
-        """This rank's slice of ``full`` (the whole layer's shape, or flat): no communication."""
+        """This rank's slice of ``full`` (the whole layer's shape, or flat): no communication
+        (on torch < 2.6 a scatter from rank 0: a collective)."""
         from torch.distributed.tensor import distribute_tensor
 
         whole = full.reshape(self.shape)
-        return distribute_tensor(whole, self.mesh, list(self.placements), src_data_rank=None).to_local()
+        try:
+            return distribute_tensor(whole, self.mesh, list(self.placements), src_data_rank=None).to_local()
+        except TypeError:  # torch < 2.6: no `src_data_rank`; rank 0's copy is scattered (every rank holds the same)
+            return distribute_tensor(whole, self.mesh, list(self.placements)).to_local()
 
     def gather(self, local: Tensor) -> Tensor:
         """The whole layer from every rank's slice ``local`` (collective)."""
