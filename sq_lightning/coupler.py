@@ -217,13 +217,8 @@ class WeightCoupler:
         gradient is added into those tensors in place and they are returned.
         """
         names = [n for n in params if n in self.sigma]
-        if self.backend == "exact":
-            exact_names, hist_names = names, []
-        elif self.backend == "histogram":
-            exact_names, hist_names = [], names
-        else:
-            exact_names = [n for n in names if self.numel[n] < AUTO_EXACT_BELOW]
-            hist_names = [n for n in names if self.numel[n] >= AUTO_EXACT_BELOW]
+        exact_names = [n for n in names if self._exact(n)]
+        hist_names = [n for n in names if not self._exact(n)]
         grads: dict[str, Tensor] = {}
         losses: dict[str, Tensor] = {}
         try:
@@ -319,6 +314,10 @@ class WeightCoupler:
                 ratios[n] = float(g.norm()) / task
         return ratios
 
+    def _exact(self, name: str) -> bool:
+        """Whether the backend computes layer ``name`` exactly (else on the histogram)."""
+        return self.backend == "exact" or (self.backend == "auto" and self.numel[name] < AUTO_EXACT_BELOW)
+
     def _add_sharded(self, params: dict[str, nn.Parameter], compute_loss: bool) -> dict[str, Tensor]:
         """DTensor (FSDP2) layers: each rank bins its shard, one all-reduce of the counts.
 
@@ -326,7 +325,7 @@ class WeightCoupler:
         ``AUTO_EXACT_BELOW`` weights) are gathered whole (collective) so that the result
         is the one of a single process; each rank adds its slice of their gradient.
         """
-        exact = [n for n in params if self.backend == "exact" or (self.backend == "auto" and self.numel[n] < AUTO_EXACT_BELOW)]
+        exact = [n for n in params if self._exact(n)]
         losses: dict[str, Tensor] = {}
         for n in exact:
             res = coupling_exact(params[n].detach().full_tensor(), self.w_l(n), self.h_l(n), compute_loss=compute_loss)
