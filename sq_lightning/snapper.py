@@ -78,8 +78,9 @@ class ClusterSnapper:
     """Clusters, snaps and ties the selected layers of a model.
 
     Layers sharded across ranks as DTensors (FSDP2, ``fully_shard``) are supported:
-    :meth:`find` and :meth:`snap` gather each whole layer once; :meth:`tie` works on
-    each rank's slice with one all-reduce of the per-cluster sums (and sizes) per step;
+    :meth:`find` gathers each whole layer once (the cluster search sorts it);
+    :meth:`snap` works on each rank's slice (one all-reduce for the snap error), and
+    :meth:`tie` too, with one all-reduce of the per-cluster sums (and sizes) per step;
     :meth:`state_dict` and :meth:`export_clusters` gather the assignments (and latent
     weights). On such a model these calls are collectives: every rank makes them.
 
@@ -221,9 +222,17 @@ class ClusterSnapper:
         params = dict(model.named_parameters())
         reports: dict[str, LayerReport] = {}
         keep: dict[str, Clusters] = {}
+        # Sharded layers: this rank's slice of the assignments (the clusters stay untouched
+        # until every layer has passed, so that "raise" leaves everything as it was).
+        sliced: dict[str, tuple[ShardSpec, Tensor]] = {}
         for name, cl in clusters.items():
             theta = params[name]
-            err = cl.snap_error(theta.detach().full_tensor() if is_sharded(theta) else theta)
+            if is_sharded(theta):
+                spec = shard_spec(theta, name)
+                sliced[name] = (spec, spec.local(cl.assignments.to(theta.device)).clone())
+                err = _sharded_snap_error(theta.detach().to_local(), cl.centroids, sliced[name][1], spec)
+            else:
+                err = cl.snap_error(theta)
             ok = err <= self.max_snap_error
             if not ok:
                 msg = (
@@ -244,11 +253,10 @@ class ClusterSnapper:
         self.latent, self._shards = {}, {}
         for name, cl in keep.items():
             p = params[name]
-            if is_sharded(p):
-                spec = self._shards[name] = shard_spec(p, name)
-                values = spec.local(cl.values(p.dtype))
-                cl.assignments = spec.local(cl.assignments).clone()
+            if name in sliced:
+                self._shards[name], cl.assignments = sliced[name]
                 p = p.to_local()
+                values = cl.centroids.to(p.device)[cl.assignments].to(p.dtype)
             else:
                 values = cl.values(p.dtype).reshape(p.shape)
             if self.reassign:
@@ -441,6 +449,15 @@ class ClusterSnapper:
         for n, r in self.reports.items():
             if r.snapped and "entropy" not in state["reports"][n] and n in self.clusters:
                 r.entropy = self.clusters[n].entropy  # a checkpoint written before the entropy was reported
+
+
+def _sharded_snap_error(local: Tensor, centroids: Tensor, assignments: Tensor, spec: ShardSpec) -> float:
+    """:meth:`Clusters.snap_error` of a sharded layer from this rank's slice: both squared
+    norms are sums, so one all-reduce gives the whole layer's (no gather)."""
+    t = local.double()
+    diff = t - centroids.to(t.device).double()[assignments]
+    err2, norm2 = (float(x) for x in all_reduce_sum([diff.square().sum().reshape(1), t.square().sum().reshape(1)], spec.group))
+    return math.sqrt(err2) / math.sqrt(norm2) if norm2 > 0 else 0.0
 
 
 def _cluster_sums(values: Tensor, assignments: Tensor, k: int) -> Tensor:

@@ -151,8 +151,7 @@ def _snapper_worker(rank, port, out):
             kwargs = dict(max_bits=2, on_unclustered="snap", reassign=reassign)
             ref, net = _uneven_net(), _sharded(_uneven_net())
             ref_snap, snap = ClusterSnapper(**kwargs), ClusterSnapper(**kwargs)
-            ref_snap.snap(ref)
-            snap.snap(net)
+            errors = ({n: r.snap_error for n, r in snap.snap(net).items()}, {n: r.snap_error for n, r in ref_snap.snap(ref).items()})
             steps = {"snap": (_full(net), {n: p.detach().clone() for n, p in ref.named_parameters()})}
             g = torch.Generator().manual_seed(5)
             with torch.no_grad():
@@ -171,6 +170,7 @@ def _snapper_worker(rank, port, out):
                     steps[step] = (_full(net), {n: p.detach().clone() for n, p in ref.named_parameters()})
             results[reassign] = {
                 "steps": steps,
+                "snap_errors": errors,
                 "clusters": (snap.export_clusters(), ref_snap.export_clusters()),
                 "counts": ({n: c.counts.cpu() for n, c in snap.clusters.items()}, {n: c.counts for n, c in ref_snap.clusters.items()}),
                 "state": (snap.state_dict(), ref_snap.state_dict()),
@@ -186,6 +186,10 @@ def test_sharded_tie_and_reassignment_equal_one_process():
             for step, (sharded, ref) in got["steps"].items():
                 for n in ref:
                     torch.testing.assert_close(sharded[n], ref[n], rtol=1e-6, atol=1e-7, msg=f"{n} at {step}, reassign={reassign}")
+            errors, ref_errors = got["snap_errors"]
+            assert set(errors) == set(ref_errors) and all(e > 0.01 for e in ref_errors.values())
+            for n in ref_errors:  # from the slices with one all-reduce, the whole layer's error
+                assert errors[n] == pytest.approx(ref_errors[n], rel=1e-9), n
             sharded_cl, ref_cl = got["clusters"]
             assert set(sharded_cl) == set(ref_cl) == {"0.weight", "2.weight", "4.weight"}
             for n in ref_cl:
