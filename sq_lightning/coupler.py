@@ -21,7 +21,6 @@ from collections.abc import Iterable
 from typing import Literal, Optional
 
 import torch
-import torch.distributed
 from torch import Tensor, nn
 
 from sq_lightning.layers import LayerSelector
@@ -32,7 +31,7 @@ from sq_lightning.ops.coupling import (
     coupling_grad_batched,
     layer_strength,
 )
-from sq_lightning.sharding import is_sharded, shard_group, shard_spec
+from sq_lightning.sharding import all_reduce_sum, is_sharded, shard_group, shard_spec
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +59,7 @@ def _std(t: Tensor) -> float:
         return float(t.float().std())
     local = t.to_local().double().reshape(-1)
     moments = torch.stack([local.new_tensor(float(local.numel())), local.sum(), (local * local).sum()])
-    torch.distributed.all_reduce(moments, group=shard_group(t))
-    n, s, ss = moments.tolist()
+    n, s, ss = all_reduce_sum([moments], shard_group(t))[0].tolist()
     return math.sqrt(max(ss - s * s / n, 0.0) / (n - 1)) if n > 1 else 0.0
 
 

@@ -500,7 +500,8 @@ class LearnedCodebook(Callback):
         finite = torch.stack([torch.isfinite(t).all().to(local[0][1].device) for _, t in checks])
         sharded = [p for _, p in layers if is_sharded(p)]
         if sharded:  # every rank must take the same decision, or the next collective hangs
-            finite = all_reduce_sum([finite.double()], shard_group(sharded[0]))[0] == shard_group(sharded[0]).size()
+            group = shard_group(sharded[0])
+            finite = all_reduce_sum([finite.double()], group)[0] == group.size()
         if bool(finite.all()):
             return False
         what, _ = checks[int((~finite).nonzero()[0])]
