@@ -120,6 +120,26 @@ def train_loader(devices: int, batch_size: int) -> DataLoader:
     return DataLoader(train.dataset, batch_size=batch_size, sampler=sampler)
 
 
+def _soft_then_refine(**refine_kwargs) -> tuple[SoftQuantCallback, ClusterRefine]:
+    """The coupling, then the snap at ``REFINE_SNAP_EPOCH`` and refinement, of the refine modes."""
+    soft = SoftQuantCallback(h=1e-2, w=0.45, stop_epoch=REFINE_SNAP_EPOCH)
+    refine = ClusterRefine(
+        snap_epoch=REFINE_SNAP_EPOCH, w=0.45, on_unclustered="snap", recalibrate_bn_batches=5, histogram_every_n_epochs=0,
+        **refine_kwargs,
+    )
+    return soft, refine
+
+
+def _clusters_of(refine: ClusterRefine) -> dict:
+    """Whole-layer assignments, centroids and latent weights (gathered under FSDP2)."""
+    clusters = refine.clusters()
+    return {
+        "assignments": {n: a.long() for n, (_, a) in clusters.items()},
+        "centroids": {n: c for n, (c, _) in clusters.items()},
+        "latent": refine.snapper.state_dict().get("latent", {}),
+    }
+
+
 def run_mode(
     mode: str, devices: int, batch_size: int, export_dir: Path | None = None, strategy: str = "ddp"
 ) -> tuple[pl.Trainer, dict]:
@@ -145,38 +165,25 @@ def run_mode(
         for max_epochs, ckpt_path in ((REFINE_SNAP_EPOCH + 1, None), (REFINE_SNAP_EPOCH + 2, ckpt_dir / "last.ckpt")):
             pl.seed_everything(SEED)
             model = net(bn=True)
-            soft = SoftQuantCallback(h=1e-2, w=0.45, stop_epoch=REFINE_SNAP_EPOCH)
-            refine = ClusterRefine(
-                snap_epoch=REFINE_SNAP_EPOCH, w=0.45, on_unclustered="snap", recalibrate_bn_batches=5,
-                histogram_every_n_epochs=0, reassign=True, max_bits=1,
-            )
+            soft, refine = _soft_then_refine(reassign=True, max_bits=1)
             save = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)
             trainer = make_trainer(devices, max_epochs, [soft, refine, save], strategy, checkpoints=True)
             trainer.fit(model, train, ckpt_path=ckpt_path)
-        out["assignments"] = {n: a.long() for n, (_, a) in refine.clusters().items()}
-        out["centroids"] = {n: c for n, (c, _) in refine.clusters().items()}
-        out["latent"] = refine.snapper.state_dict().get("latent", {})
+        out.update(_clusters_of(refine))
     elif mode in ("refine", "reassign"):
         # BatchNorm so that the snap's statistics re-estimation runs under DDP too. A
         # strong `h` clusters every layer in two epochs; "snap" ties every layer even
         # if one is not quite clustered, so that all three are refined. "reassign":
         # moving assignments, a 2-level budget so that weights sit near the boundaries.
         model = net(bn=True)
-        soft = SoftQuantCallback(h=1e-2, w=0.45, stop_epoch=REFINE_SNAP_EPOCH)
         export = dict(export_path=str(export_dir / "refine.sq.safetensors"), export_coding="ans") if export_dir else {}
-        extra = dict(reassign=True, max_bits=1) if mode == "reassign" else export
-        refine = ClusterRefine(
-            snap_epoch=REFINE_SNAP_EPOCH, w=0.45, on_unclustered="snap", recalibrate_bn_batches=5, histogram_every_n_epochs=0,
-            **extra,
-        )
+        soft, refine = _soft_then_refine(**(dict(reassign=True, max_bits=1) if mode == "reassign" else export))
         local = LocalClusters(refine, soft)
         trainer = make_trainer(devices, REFINE_SNAP_EPOCH + 2, [soft, local, refine], strategy)
         trainer.fit(model, train)
-        out["assignments"] = {n: a.long() for n, (_, a) in refine.clusters().items()}
-        out["centroids"] = {n: c for n, (c, _) in refine.clusters().items()}
+        out.update(_clusters_of(refine))
         out["local_assignments"] = local.assignments
         out["k"] = {n: r.k for n, r in refine.snapper.reports.items()}
-        out["latent"] = refine.snapper.state_dict().get("latent", {})  # whole layers
         out["exported"] = refine.exported
         size = trainer.callback_metrics.get("sq/export_bytes")
         out["export_bytes"] = float(size) if size is not None else None
