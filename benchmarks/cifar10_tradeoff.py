@@ -21,6 +21,10 @@ The other training-time methods, same start, same lr and the same number of epoc
   conv/linear weight) for all ``couple + refine`` epochs, then ``finalize()``.
   Needs ``pip install coremltools``.
 
+With ``--distill WEIGHT`` every training-time run (and the full-precision control) is also
+distilled from the full-precision checkpoint (``ImageClassifier(distill_from=...)``,
+loss ``(1 - WEIGHT) CE + WEIGHT T^2 KL``); such rows are labelled and compared among themselves.
+
 Every row records the median training-step time (forward, backward, optimizer step
 and the method's own work) measured inside its own run, and the size of the trained
 model exported by ``save_compressed`` with bit-packed and with entropy-coded (rANS)
@@ -201,7 +205,7 @@ def _row(args, method: str, module, dm, ks: dict, timer: StepTimer, t0: float, *
         ent = {n: entropy_bits(value_counts[n]) for n in ks}
         extra["entropy_weighted"] = sum(ent[n] * params[n].numel() for n in ks) / sum(params[n].numel() for n in ks)
     return {
-        "method": method, **extra,
+        "method": method, **_distill(args), **extra,
         "distinct_per_layer": distinct,
         "file_bytes": _export_sizes(module.model, {n: (u[0], u[1]) for n, u in uniques.items()}) if ks else None,
         "acc": acc, "baselines": rows, "couple_epochs": args.couple_epochs, "refine_epochs": args.refine_epochs,
@@ -248,8 +252,19 @@ def _module(args, restart_at_snap: bool = False) -> ImageClassifier:
         if args.schedule != "cosine" or not args.refine_epochs:
             raise SystemExit("--restart-at-snap needs --schedule cosine and --refine-epochs >= 1")
         restarts = [args.couple_epochs]
+    kd = dict(distill_from=args.pretrained, distill_weight=args.distill,
+              distill_temperature=args.distill_temperature) if args.distill else {}
     return ImageClassifier(arch="resnet20", lr=args.lr, schedule=args.schedule, init_from=args.pretrained,
-                           restarts=restarts)
+                           restarts=restarts, **kd)
+
+
+def _distill(args) -> dict:
+    """The row fields of a run distilled from the full-precision checkpoint (none otherwise)."""
+    return {"distill": args.distill, "distill_temperature": args.distill_temperature} if args.distill else {}
+
+
+def _distill_key(r: dict) -> tuple:
+    return (r.get("distill"), r.get("distill_temperature"))
 
 
 def _ramp(args) -> dict:
@@ -265,13 +280,13 @@ def _soft_key(r: dict) -> tuple:
     """What, besides h, w and the schedule, tells soft quantization rows apart."""
     return (r.get("target_step"), r.get("placement", "mean"), r.get("alpha", 0.66), r.get("ramp_steps", 0),
             r.get("ramp_from") if r.get("ramp_steps") else None, r.get("max_bits"), r.get("restart_at_snap", False),
-            r.get("reassign", False))
+            r.get("reassign", False), *_distill_key(r))
 
 
 def _args_key(args, target_step=None, placement="mean") -> tuple:
     """``_soft_key`` of the row these arguments would write (or, for a control, read)."""
     return (target_step, placement, args.alpha, args.ramp_steps, args.ramp_from if args.ramp_steps else None,
-            args.max_bits, args.restart_at_snap, args.reassign)
+            args.max_bits, args.restart_at_snap, args.reassign, *_distill_key(_distill(args)))
 
 
 def run_codebook(args, bits: int, dm: CIFAR10DataModule) -> dict:
@@ -338,7 +353,8 @@ def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFA
                 entropy_weighted=sum(ent[n] * sizes[n] for n in sizes) / sum(sizes.values()),
                 bits_mean=sum(bits.values()) / len(bits),
                 kept_fp32=list(source["kept_fp32"]), acc_snapped=acc_snapped, source_acc=source["acc"],
-                source_alpha=source.get("alpha", 0.66), **{f"source_{k}": v for k, v in _ramp(args).items()},
+                source_alpha=source.get("alpha", 0.66),
+                **{f"source_{k}": v for k, v in {**_ramp(args), **_distill(args)}.items()},
                 **({"reassign": True} if args.reassign else {}))
 
 
@@ -386,7 +402,8 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         ", lr restarted at the snap" if r.get("restart_at_snap") else "") + (
         ", reassigned refinement" if r.get("reassign") else "") + (
         f", lam {r['lam']:g}" if r.get("lam", 30.0) != 30.0 else "") + (
-        ", source lr restarted at the snap" if r.get("source_restart_at_snap") else "")
+        ", source lr restarted at the snap" if r.get("source_restart_at_snap") else "") + (
+        f", distilled from full precision (weight {r['distill']:g}, T {r['distill_temperature']:g})" if r.get("distill") else "")
     phase = lambda r, key: f"{r[key]:.4f}" if r.get(key) is not None else "-"  # noqa: E731
     ent = lambda r: f"{r['entropy_weighted']:.2f}" if r.get("entropy_weighted") is not None else "-"  # noqa: E731
     out = [
@@ -507,7 +524,8 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
     out += _targets(fp, soft, controls, others, sched)
     out += _relation([r for r in soft if not r.get("target_step") and not r.get("seed")
                       and r.get("placement", "mean") == "mean" and r.get("alpha", 0.66) == 0.66 and not r.get("ramp_steps")
-                      and not r.get("max_bits") and not r.get("restart_at_snap") and not r.get("reassign")])
+                      and not r.get("max_bits") and not r.get("restart_at_snap") and not r.get("reassign")
+                      and not r.get("distill")])
     cmds = sorted({r.get("command", LEGACY_COMMAND) for r in lines})
     out += ["", "## Commands", "", *[f"- `{c}`" for c in cmds]]
     (directory / "cifar10_tradeoff.md").write_text("\n".join(out) + "\n")
@@ -520,7 +538,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         return
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.4), dpi=100)
     # The HEQ placement is a diagnostic of the partition (see ClusterSnapper), not a way to quantize: not plotted.
-    pts = sorted((r for r in soft if r.get("placement") != "heq"), key=lambda r: r["bits_weighted"])
+    pts = sorted((r for r in soft if r.get("placement") != "heq" and len(r["baselines"]) > 1), key=lambda r: r["bits_weighted"])
     x = [r["bits_weighted"] for r in pts]
     # The training-time methods and the controls, one series each, on both panels.
     series = (
@@ -566,13 +584,14 @@ def _config(r: dict) -> tuple:
 def _peer_config(r: dict) -> tuple:
     """What a method B or DKM row ran, but its seed."""
     return (_method(r), r["n_bits"], r.get("lam"), r.get("reassign", False), r["couple_epochs"], r["refine_epochs"],
-            r.get("schedule", "constant"), r.get("lr"), r["device"])
+            r.get("schedule", "constant"), r.get("lr"), r["device"], *_distill_key(r))
 
 
 def _targets(fp: float, soft: list[dict], controls: list[dict], others: list[dict], sched) -> list[str]:
     """The issue's targets against the rows: margin over HEQ at the same K_l, degradation at 2 and 1 bits."""
     out = ["", "## Where the targets stand", ""]
-    rows = [r for r in soft if r.get("placement") != "heq"]  # the HEQ placement is a diagnostic, not a method
+    # The HEQ placement is a diagnostic, not a method; a run that kept every layer fp32 has no baselines.
+    rows = [r for r in soft if r.get("placement") != "heq" and any(b["method"].startswith("heq") for b in r["baselines"])]
     heq_bn = lambda r: next(b["acc_bn"] for b in r["baselines"] if b["method"].startswith("heq"))  # noqa: E731
     wins = [r for r in rows if r["acc"] > heq_bn(r)]
     losses = ", ".join(f"{r['bits_weighted']:.2f} bits ({r['acc']:.4f} vs {heq_bn(r):.4f})" for r in rows if r not in wins)
@@ -707,6 +726,10 @@ def main() -> None:
     ap.add_argument("--reassign", action="store_true",
                     help="refinement with moving assignments (ClusterRefine(reassign=True)): latent weights take the "
                          "updates and join their nearest centroid after each step (soft quantization, method B, controls)")
+    ap.add_argument("--distill", type=float, default=0.0, metavar="WEIGHT",
+                    help="distil every training-time run from the full-precision checkpoint with this weight in (0, 1] "
+                         "(ImageClassifier(distill_from=...)); 0: labels only")
+    ap.add_argument("--distill-temperature", type=float, default=1.0, help="softmax temperature of --distill")
     ap.add_argument("--seed", type=int, default=0, help="seed of the run and of the data order/augmentation")
     ap.add_argument("--couple-epochs", type=int, default=1)
     ap.add_argument("--refine-epochs", type=int, default=1)
@@ -753,7 +776,7 @@ def main() -> None:
                                  f"epochs and schedule in {out}; run --points {h:g}:{w:g} first")
 
         def same(r: dict) -> bool:
-            if _method(r) != method or not schedule(r):
+            if _method(r) != method or not schedule(r) or _distill_key(r) != _distill_key(_distill(args)):
                 return False
             if method == "softquant":
                 return ((r["h"], r["w"]) == tuple(float(v) for v in spec.split(":"))

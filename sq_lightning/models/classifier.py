@@ -37,6 +37,33 @@ _SCHEDULES = ("cosine", "step", "constant")
 _MAX_KEYS_SHOWN = 8
 
 
+_ARCH_ARGS = ("arch", "num_classes", "in_channels", "mlp_hidden", "in_features", "shortcut")
+
+
+def _read_network_state(path: str, arg: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The bare network's tensors in checkpoint ``path`` (the ``model.`` prefix of a Lightning
+    checkpoint removed) and the checkpoint's saved hyperparameters (empty for a plain
+    ``state_dict``). ``arg`` names the argument in the errors."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"`{arg}` checkpoint {path!r} does not exist (working directory {os.getcwd()!r}). "
+            "Point it at the previous stage's checkpoint, e.g. "
+            "`runs/cifar10_resnet20/pretrain/checkpoints/best.ckpt`."
+        )
+    try:
+        # weights_only: a checkpoint is data; never execute code found in one.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise RuntimeError(f"`{arg}` checkpoint {path!r} could not be read: {err}") from err
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RuntimeError(f"`{arg}` file {path!r} holds neither a Lightning checkpoint nor a state_dict of tensors.")
+    if any(k.startswith("model.") for k in state):
+        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    saved = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, Mapping) else {}
+    return dict(state), dict(saved) if isinstance(saved, Mapping) else {}
+
+
 def build_model(
     arch: str,
     num_classes: int = 10,
@@ -134,6 +161,17 @@ class ImageClassifier(LightningModule):
             ``state_dict`` file, whose weights are loaded when the module is built.
             The architecture must match exactly (strict loading). Optimizer and
             schedule start fresh; to resume an interrupted run use ``ckpt_path``.
+        distill_from: checkpoint of a teacher network (a Lightning ``.ckpt`` of an
+            ``ImageClassifier``, whose saved architecture arguments are used, or a plain
+            ``state_dict`` of this architecture). Training then minimises
+            ``(1 - distill_weight) * CE + distill_weight * T^2 * KL(teacher_T || student_T)``
+            over softened class probabilities (knowledge distillation, Hinton et al. 2015,
+            arXiv:1503.02531); the usual choice when quantizing is the full-precision
+            model the run starts from. The teacher is frozen, kept in eval mode and outside
+            the module's parameters, ``state_dict`` and the quantization callbacks; it is
+            read when fitting starts, so loading a trained checkpoint does not need it.
+        distill_weight: weight of the distillation term, in [0, 1] (1: soft targets only).
+        distill_temperature: softmax temperature ``T`` of the distillation term, > 0.
 
     Raises:
         ValueError: an argument is out of range.
@@ -164,15 +202,25 @@ class ImageClassifier(LightningModule):
         warmup_epochs: int = 0,
         restarts: list[int] = [],  # noqa: B006 - never mutated
         init_from: Optional[str] = None,
+        distill_from: Optional[str] = None,
+        distill_weight: float = 0.5,
+        distill_temperature: float = 4.0,
     ) -> None:
         super().__init__()
         self._check_args(arch, num_classes, lr, momentum, weight_decay, nesterov, schedule, milestones, gamma,
                          warmup_epochs, restarts)
+        if not 0 <= distill_weight <= 1:
+            raise ValueError(f"`distill_weight` must be in [0, 1], got {distill_weight}.")
+        if not distill_temperature > 0:
+            raise ValueError(f"`distill_temperature` must be > 0, got {distill_temperature}.")
         self.save_hyperparameters()
         self.model = build_model(arch, num_classes, in_channels, mlp_hidden, in_features, shortcut)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        # The teacher lives outside nn.Module's registry (object.__setattr__): not a parameter,
+        # not in state_dict, not seen by the optimizer or by the callbacks that quantize.
+        object.__setattr__(self, "_teacher", None)
         if init_from is not None:
             # At construction rather than in `setup`: callbacks run their `setup` before
             # the module's, and a quantization callback must see the loaded weights.
@@ -224,25 +272,15 @@ class ImageClassifier(LightningModule):
             FileNotFoundError: ``path`` does not exist.
             RuntimeError: the file cannot be read, or its keys/shapes differ from the model's.
         """
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"`init_from` checkpoint {path!r} does not exist (working directory {os.getcwd()!r}). "
-                "Point it at the previous stage's checkpoint, e.g. "
-                "`runs/cifar10_resnet20/pretrain/checkpoints/best.ckpt`."
-            )
-        try:
-            # weights_only: a checkpoint is data; never execute code found in one.
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise RuntimeError(f"`init_from` checkpoint {path!r} could not be read: {err}") from err
-        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
-        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise RuntimeError(
-                f"`init_from` file {path!r} holds neither a Lightning checkpoint nor a state_dict of tensors."
-            )
-        if any(k.startswith("model.") for k in state):
-            state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-        own = self.model.state_dict()
+        state, saved = _read_network_state(path, "init_from")
+        self._check_match(path, "init_from", self.model, state, saved, dict(self.hparams))
+        self.model.load_state_dict(state, strict=True)
+        rank_zero_info(f"Loaded {len(state)} tensors of {type(self.model).__name__} from {path}.")
+
+    @staticmethod
+    def _check_match(path: str, arg: str, model: nn.Module, state: Mapping, saved: Mapping, arch: Mapping) -> None:
+        """Raises a RuntimeError naming ``arg`` if ``state`` does not fit ``model`` (built with ``arch``)."""
+        own = model.state_dict()
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         shapes = [
@@ -251,13 +289,11 @@ class ImageClassifier(LightningModule):
             if k in state and state[k].shape != v.shape
         ]
         if missing or unexpected or shapes:
-            saved = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, Mapping) else {}
-            arch_args = ("arch", "num_classes", "in_channels", "mlp_hidden", "in_features", "shortcut")
-            differ = [k for k in arch_args if k in saved and saved[k] != self.hparams[k]]
-            parts = [f"`init_from` checkpoint {path!r} does not match this model (arch={self.hparams.arch!r})."]
+            differ = [k for k in _ARCH_ARGS if k in saved and saved[k] != arch[k]]
+            parts = [f"`{arg}` checkpoint {path!r} does not match this model (arch={arch['arch']!r})."]
             if differ:
                 theirs = ", ".join(f"{k}={saved[k]!r}" for k in differ)
-                ours = ", ".join(f"{k}={self.hparams[k]!r}" for k in differ)
+                ours = ", ".join(f"{k}={arch[k]!r}" for k in differ)
                 parts.append(f"The checkpoint was trained with {theirs}; this model has {ours}.")
             if shapes:
                 parts.append(f"Shape mismatches: {_show(shapes)}.")
@@ -267,8 +303,43 @@ class ImageClassifier(LightningModule):
                 parts.append(f"Unexpected in checkpoint: {_show(unexpected)}.")
             parts.append("Build the model with the checkpoint's architecture arguments. The model was not changed.")
             raise RuntimeError(" ".join(parts))
-        self.model.load_state_dict(state, strict=True)
-        rank_zero_info(f"Loaded {len(state)} tensors of {type(self.model).__name__} from {path}.")
+
+    @property
+    def teacher(self) -> Optional[nn.Module]:
+        """The frozen distillation teacher once fitting has started (``None`` without ``distill_from``)."""
+        return self._teacher
+
+    def load_teacher(self) -> nn.Module:
+        """Builds the teacher of ``distill_from`` (its own saved architecture when the file is a
+        Lightning checkpoint of an ``ImageClassifier``, else this module's), loads it strictly,
+        freezes it and keeps it in eval mode. Called when fitting starts.
+
+        Raises:
+            FileNotFoundError: ``distill_from`` does not exist.
+            RuntimeError: the file cannot be read or does not fit the architecture.
+        """
+        path = self.hparams.distill_from
+        state, saved = _read_network_state(path, "distill_from")
+        arch = {k: saved.get(k, self.hparams[k]) for k in _ARCH_ARGS}
+        if arch["num_classes"] != self.hparams.num_classes:
+            raise RuntimeError(
+                f"`distill_from` teacher {path!r} predicts {arch['num_classes']} classes, this model "
+                f"{self.hparams.num_classes}. Distil from a teacher trained on the same classes."
+            )
+        teacher = build_model(**arch)
+        self._check_match(path, "distill_from", teacher, state, {}, arch)
+        teacher.load_state_dict(state, strict=True)
+        teacher.requires_grad_(False).eval()
+        object.__setattr__(self, "_teacher", teacher)
+        rank_zero_info(f"Distilling from {type(teacher).__name__} ({arch['arch']}) of {path}.")
+        return teacher
+
+    @override
+    def on_fit_start(self) -> None:
+        if self.hparams.get("distill_from") is not None and self._teacher is None:
+            self.load_teacher()
+        if self._teacher is not None:
+            self._teacher.to(self.device).eval()
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -284,12 +355,26 @@ class ImageClassifier(LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def distillation_loss(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``T^2 * KL(softmax(teacher(x)/T) || softmax(logits/T))``, averaged over the batch."""
+        t = self.hparams.distill_temperature
+        with torch.no_grad():
+            target = F.log_softmax(self._teacher(x).float() / t, dim=-1)
+        return F.kl_div(F.log_softmax(logits.float() / t, dim=-1), target, reduction="batchmean", log_target=True) * t * t
+
     def _shared_step(self, batch: Any, stage: str, metric: MulticlassAccuracy) -> torch.Tensor:
         x, y = batch[0], batch[1]
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         metric(logits, y)
         on_step = stage == "train"
+        if on_step and self._teacher is not None:
+            kd = self.distillation_loss(logits, x)
+            self.log("train/distill_loss", kd, on_step=True, on_epoch=False, batch_size=len(y))
+            a = self.hparams.distill_weight
+            loss = (1 - a) * loss + a * kd
+            self.log("train/ce_loss", F.cross_entropy(logits.detach(), y), on_step=True, on_epoch=False,
+                     batch_size=len(y))
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=not on_step, prog_bar=True,
                  batch_size=len(y), sync_dist=not on_step)
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=stage != "train")
