@@ -166,11 +166,14 @@ class ImageClassifier(LightningModule):
             ``state_dict`` of this architecture). Training then minimises
             ``(1 - distill_weight) * CE + distill_weight * T^2 * KL(teacher_T || student_T)``
             over softened class probabilities (knowledge distillation, Hinton et al. 2015,
-            arXiv:1503.02531); the usual choice when quantizing is the full-precision
-            model the run starts from. The teacher is frozen, kept in eval mode and outside
+            arXiv:1503.02531). When quantizing, the usual teacher is the full-precision
+            model the run starts from, and the defaults (weight 1, T 1: match the
+            teacher's class distribution, no labels) are the distributional loss used
+            for low-bit training by Liu et al. 2020 (ReActNet, arXiv:2003.03488). The teacher is frozen, kept in eval mode and outside
             the module's parameters, ``state_dict`` and the quantization callbacks; it is
             read when fitting starts, so loading a trained checkpoint does not need it.
-        distill_weight: weight of the distillation term, in [0, 1] (1: soft targets only).
+        distill_weight: weight of the distillation term, in [0, 1] (1: soft targets only;
+            Hinton et al. mix in the labels, e.g. 0.5 with ``distill_temperature`` 4).
         distill_temperature: softmax temperature ``T`` of the distillation term, > 0.
 
     Raises:
@@ -203,8 +206,8 @@ class ImageClassifier(LightningModule):
         restarts: list[int] = [],  # noqa: B006 - never mutated
         init_from: Optional[str] = None,
         distill_from: Optional[str] = None,
-        distill_weight: float = 0.5,
-        distill_temperature: float = 4.0,
+        distill_weight: float = 1.0,
+        distill_temperature: float = 1.0,
     ) -> None:
         super().__init__()
         self._check_args(arch, num_classes, lr, momentum, weight_decay, nesterov, schedule, milestones, gamma,
