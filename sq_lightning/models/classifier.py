@@ -337,12 +337,17 @@ class ImageClassifier(LightningModule):
         rank_zero_info(f"Distilling from {type(teacher).__name__} ({arch['arch']}) of {path}.")
         return teacher
 
+    def _active_teacher(self, device: torch.device) -> Optional[nn.Module]:
+        """The teacher on ``device`` in eval mode, read on first use (``None`` without ``distill_from``)."""
+        if self.hparams.get("distill_from") is None:
+            return None
+        if self._teacher is None:
+            self.load_teacher()
+        return self._teacher.to(device).eval()
+
     @override
     def on_fit_start(self) -> None:
-        if self.hparams.get("distill_from") is not None and self._teacher is None:
-            self.load_teacher()
-        if self._teacher is not None:
-            self._teacher.to(self.device).eval()
+        self._active_teacher(self.device)  # a missing or wrong teacher fails before the first step
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -362,7 +367,7 @@ class ImageClassifier(LightningModule):
         """``T^2 * KL(softmax(teacher(x)/T) || softmax(logits/T))``, averaged over the batch."""
         t = self.hparams.distill_temperature
         with torch.no_grad():
-            target = F.log_softmax(self._teacher(x).float() / t, dim=-1)
+            target = F.log_softmax(self._active_teacher(x.device)(x).float() / t, dim=-1)
         return F.kl_div(F.log_softmax(logits.float() / t, dim=-1), target, reduction="batchmean", log_target=True) * t * t
 
     def _shared_step(self, batch: Any, stage: str, metric: MulticlassAccuracy) -> torch.Tensor:
@@ -371,7 +376,7 @@ class ImageClassifier(LightningModule):
         loss = F.cross_entropy(logits, y)
         metric(logits, y)
         on_step = stage == "train"
-        if on_step and self._teacher is not None:
+        if on_step and self.hparams.get("distill_from") is not None:
             kd = self.distillation_loss(logits, x)
             self.log("train/distill_loss", kd, on_step=True, on_epoch=False, batch_size=len(y))
             a = self.hparams.distill_weight

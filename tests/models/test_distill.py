@@ -149,3 +149,16 @@ def test_teacher_with_other_classes_or_shapes_raises(teacher_ckpt, tmp_path):
     torch.save(build_model("mlp", mlp_hidden=[16]).state_dict(), tmp_path / "plain.pt")  # no saved architecture
     with pytest.raises(RuntimeError, match=r"`distill_from` checkpoint .*plain.pt' does not match .*Shape mismatches"):
         ImageClassifier(arch="mlp", distill_from=str(tmp_path / "plain.pt")).load_teacher()
+
+
+def test_subclass_that_overrides_on_fit_start_still_distils(teacher_ckpt, tmp_path):
+    path, _ = teacher_ckpt
+
+    class Mine(ImageClassifier):
+        def on_fit_start(self) -> None:  # no super(): the teacher is read at the first step instead
+            pass
+
+    student = Mine(arch="mlp", lr=0.05, distill_from=str(path))
+    trainer = _trainer(tmp_path, limit_train_batches=1)
+    trainer.fit(student, DigitsDataModule(batch_size=32))
+    assert student.teacher is not None and "train/distill_loss" in trainer.callback_metrics
