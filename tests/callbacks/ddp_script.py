@@ -38,11 +38,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from sq_lightning.callbacks import ClusterRefine, SoftQuantCallback
 from sq_lightning.callbacks.learned_codebook import LearnedCodebook
+from sq_lightning.models import ImageClassifier
+from sq_lightning.models.classifier import build_model
 from sq_lightning.sharding import is_sharded
 from tests.helpers import TinyNet, digits_loaders
 
-MODES = ("soft", "refine", "reassign", "resume", "codebook", "plain")
-DDP_MODES = ("soft", "refine", "reassign", "codebook")
+MODES = ("soft", "refine", "reassign", "resume", "codebook", "distill", "plain")
+DDP_MODES = ("soft", "refine", "reassign", "codebook", "distill")
 REFINE_SNAP_EPOCH = 2
 SEED = 0
 
@@ -194,6 +196,20 @@ def run_mode(
         trainer.fit(model, train)
         out["codebooks"] = codebook.codebooks()
         out["codebook_steps"] = codebook._steps
+    elif mode == "distill":
+        # ImageClassifier distilled from a teacher checkpoint (each rank reads its own copy),
+        # soft quantization on the student: the teacher's loss term under DDP.
+        torch.manual_seed(SEED + 1)
+        teacher = export_dir / f"teacher{torch.distributed.get_rank() if torch.distributed.is_initialized() else 0}.pt"
+        torch.save(build_model("mlp", mlp_hidden=[32]).state_dict(), teacher)
+        torch.manual_seed(SEED)
+        model = ImageClassifier(arch="mlp", mlp_hidden=[32], lr=0.05, schedule="constant", weight_decay=0.0,
+                                distill_from=str(teacher), distill_weight=0.5, distill_temperature=2.0)
+        soft = SoftQuantCallback(h=2e-3, w=0.3)
+        trainer = make_trainer(devices, 3, [soft], strategy)
+        trainer.fit(model, train)
+        out["teacher"] = {k: v.detach().cpu().clone() for k, v in model.teacher.state_dict().items()}
+        out["distill_loss"] = float(trainer.callback_metrics["train/distill_loss"])
     elif mode == "plain":  # the "soft" run without coupling: how far coupling moves the weights
         model = net()
         trainer = make_trainer(devices, 3, [], strategy)

@@ -29,7 +29,7 @@ TIMEOUT_S = 900  # two cores shared with other jobs: a launch normally takes 20-
 _LAUNCHER_VARS = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")
 
 
-def _run_ddp_script(out: Path, strategy: str = "ddp", modes: str = "soft,refine,reassign,codebook") -> None:
+def _run_ddp_script(out: Path, strategy: str = "ddp", modes: str = "soft,refine,reassign,codebook,distill") -> None:
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"
@@ -71,9 +71,10 @@ def fsdp2_ranks(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def soft_reference():
+def soft_reference(tmp_path_factory):
     """The same coupled training in 1 process, batch ``2 · PER_RANK_BATCH``, same samples."""
-    return {mode: run_mode(mode, devices=1, batch_size=2 * PER_RANK_BATCH)[1] for mode in ("soft", "plain")}
+    return {mode: run_mode(mode, devices=1, batch_size=2 * PER_RANK_BATCH, export_dir=tmp_path_factory.mktemp(mode))[1]
+            for mode in ("soft", "plain", "distill")}
 
 
 def _assert_same_tensors(a: dict, b: dict, what: str) -> None:
@@ -118,6 +119,20 @@ def test_soft_quant_under_ddp_matches_one_process_with_the_global_batch(ranks, s
         torch.testing.assert_close(ddp["state_dict"][name], expected, rtol=0, atol=2e-4, msg=lambda m: f"{name}: {m}")
     moved = max(float((ref["state_dict"][n] - plain["state_dict"][n]).abs().max()) for n in ref["state_dict"])
     assert moved > 50 * 2e-4, f"coupling moved the weights by only {moved:.2e}: the comparison proves nothing"
+
+
+def test_distillation_under_ddp_matches_one_process_with_the_global_batch(ranks, soft_reference):
+    """ImageClassifier(distill_from=...) with soft quantization: each rank builds the same
+    teacher and the distilled, coupled weights match one process (the same bound as above)."""
+    r0, r1 = (r["distill"] for r in ranks)
+    ref = soft_reference["distill"]
+    _assert_same_tensors(r0["state_dict"], r1["state_dict"], "weights")
+    _assert_same_tensors(r0["teacher"], ref["teacher"], "teacher of rank 0")
+    _assert_same_tensors(r1["teacher"], ref["teacher"], "teacher of rank 1")
+    for name, expected in ref["state_dict"].items():
+        torch.testing.assert_close(r0["state_dict"][name], expected, rtol=0, atol=2e-4, msg=lambda m: f"{name}: {m}")
+    assert r0["global_step"] == ref["global_step"] == 3 * 14
+    assert all(r["distill_loss"] > 0 for r in (r0, r1, ref))  # the teacher term was computed on every rank
 
 
 def test_cluster_refine_assignments_and_weights_are_identical_on_both_ranks(ranks):
