@@ -132,9 +132,15 @@ def peer_loop(args) -> list[str]:
     """Step time of each training-time method on its own copy of ResNet-20, alternately.
 
     Arms: plain SGD step; the same + soft quantization (``WeightCoupler``, auto);
-    the same + method B (``LearnedCodebook``, 2 bits); coremltools' DKM palettization
+    the same + method B (``LearnedCodebook``, 2 bits); the plain step with the loss of
+    ``ImageClassifier(distill_from=...)`` instead of cross-entropy (a frozen ResNet-20
+    teacher's forward + KL, weight 1, T 1); coremltools' DKM palettization
     (``DKMPalettizer`` prepared model + ``palettizer.step()``) at each ``--dkm-bits``.
     """
+    import tempfile
+
+    from sq_lightning.models import ImageClassifier
+
     from coremltools.optimize.torch.palettization import DKMPalettizer, DKMPalettizerConfig
 
     warnings.filterwarnings("ignore")
@@ -144,9 +150,9 @@ def peer_loop(args) -> list[str]:
     y = torch.randint(0, 10, (args.batch,))
     arms: dict[str, dict] = {}
 
-    def add(name: str, model, extra=None, after=None) -> None:
+    def add(name: str, model, extra=None, after=None, loss=None) -> None:
         arms[name] = {"model": model, "opt": torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
-                      "extra": extra, "after": after}
+                      "extra": extra, "after": after, "loss": loss or (lambda logits: F.cross_entropy(logits, y))}
 
     import copy
 
@@ -159,6 +165,13 @@ def peer_loop(args) -> list[str]:
     cb = _CodebookArm(m)
     cb.prepare(m)
     add("+ method B (2 bits)", m, extra=lambda mm: cb.add_gradients(mm))
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(base.state_dict(), f"{d}/teacher.pt")
+        student = ImageClassifier(arch="resnet20", distill_from=f"{d}/teacher.pt", distill_weight=1.0,
+                                  distill_temperature=1.0)
+        student.load_teacher()
+    student.model.load_state_dict(base.state_dict())
+    add("distillation loss (teacher forward + KL)", student.model, loss=lambda logits: student.distillation_loss(logits, x))
     for bits in args.dkm_bits:
         cfg = DKMPalettizerConfig.from_dict({"global_config": {"n_bits": bits, "weight_threshold": 0, "milestone": 0}})
         pal = DKMPalettizer(copy.deepcopy(base), cfg)
@@ -168,7 +181,7 @@ def peer_loop(args) -> list[str]:
         a = arms[name]
         start = time.perf_counter()
         a["opt"].zero_grad(set_to_none=True)
-        F.cross_entropy(a["model"](x), y).backward()
+        a["loss"](a["model"](x)).backward()
         if a["extra"] is not None:
             a["extra"](a["model"])
         a["opt"].step()
