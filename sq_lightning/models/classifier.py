@@ -169,9 +169,12 @@ class ImageClassifier(LightningModule):
             arXiv:1503.02531). When quantizing, the usual teacher is the full-precision
             model the run starts from, and the defaults (weight 1, T 1: match the
             teacher's class distribution, no labels) are the distributional loss used
-            for low-bit training by Liu et al. 2020 (ReActNet, arXiv:2003.03488). The teacher is frozen, kept in eval mode and outside
-            the module's parameters, ``state_dict`` and the quantization callbacks; it is
-            read when fitting starts, so loading a trained checkpoint does not need it.
+            for low-bit training by Liu et al. 2020 (ReActNet, arXiv:2003.03488). The
+            teacher is frozen, kept in eval mode and outside the module's parameters,
+            ``state_dict`` and the quantization callbacks; it is read when fitting
+            starts, so loading a trained checkpoint does not need it. On ResNet-20 /
+            CIFAR-10 it did not improve the quantized runs of
+            ``benchmarks/results/cifar10_tradeoff.md`` (see the README's results).
         distill_weight: weight of the distillation term, in [0, 1] (1: soft targets only;
             Hinton et al. mix in the labels, e.g. 0.5 with ``distill_temperature`` 4).
         distill_temperature: softmax temperature ``T`` of the distillation term, > 0.
@@ -379,10 +382,9 @@ class ImageClassifier(LightningModule):
         if on_step and self.hparams.get("distill_from") is not None:
             kd = self.distillation_loss(logits, x)
             self.log("train/distill_loss", kd, on_step=True, on_epoch=False, batch_size=len(y))
+            self.log("train/ce_loss", loss.detach(), on_step=True, on_epoch=False, batch_size=len(y))
             a = self.hparams.distill_weight
             loss = (1 - a) * loss + a * kd
-            self.log("train/ce_loss", F.cross_entropy(logits.detach(), y), on_step=True, on_epoch=False,
-                     batch_size=len(y))
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=not on_step, prog_bar=True,
                  batch_size=len(y), sync_dist=not on_step)
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=stage != "train")
