@@ -47,27 +47,26 @@ def _run_ddp_script(out: Path, strategy: str = "ddp", modes: str = "soft,refine,
     assert proc.returncode == 0, f"the DDP script failed (exit {proc.returncode}):\n{output[-5000:]}"
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    """``(rank 0 results, rank 1 results)``, each ``{mode: {...}}``, from one DDP launch."""
-    out = tmp_path_factory.mktemp("ddp")
-    _run_ddp_script(out)
+def _launch(out: Path, **kwargs) -> tuple[dict, dict]:
+    """Runs the script on 2 processes into ``out``; each rank's ``{mode: {...}}``."""
+    _run_ddp_script(out, **kwargs)
     r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     for r in (r0, r1):
         assert all(res["world_size"] == 2 for res in r.values())
     return r0, r1
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """``(rank 0 results, rank 1 results)``, each ``{mode: {...}}``, from one DDP launch."""
+    return _launch(tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.fixture(scope="module")
 def fsdp2_ranks(tmp_path_factory):
     """As ``ranks``, under ``ModelParallelStrategy`` with every Linear sharded by FSDP2
     (``fully_shard``): each rank holds half of each layer."""
-    out = tmp_path_factory.mktemp("fsdp2")
-    _run_ddp_script(out, strategy="fsdp2", modes="soft,refine,reassign,resume,codebook")
-    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
-    for r in (r0, r1):
-        assert all(res["world_size"] == 2 for res in r.values())
-    return r0, r1
+    return _launch(tmp_path_factory.mktemp("fsdp2"), strategy="fsdp2", modes="soft,refine,reassign,resume,codebook")
 
 
 @pytest.fixture(scope="module")
