@@ -28,6 +28,7 @@ shuffle=True, seed=0)`` with batch ``2B``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -197,10 +198,10 @@ def run_mode(
         out["codebooks"] = codebook.codebooks()
         out["codebook_steps"] = codebook._steps
     elif mode == "distill":
-        # ImageClassifier distilled from a teacher checkpoint (each rank reads its own copy),
-        # soft quantization on the student: the teacher's loss term under DDP.
+        # ImageClassifier distilled from a teacher checkpoint (each process writes and reads
+        # its own copy: the group may not exist yet), soft quantization on the student.
         torch.manual_seed(SEED + 1)
-        teacher = export_dir / f"teacher{torch.distributed.get_rank() if torch.distributed.is_initialized() else 0}.pt"
+        teacher = export_dir / f"teacher_{os.getpid()}.pt"
         torch.save(build_model("mlp", mlp_hidden=[32]).state_dict(), teacher)
         torch.manual_seed(SEED)
         model = ImageClassifier(arch="mlp", mlp_hidden=[32], lr=0.05, schedule="constant", weight_decay=0.0,
