@@ -601,9 +601,10 @@ def _peer_config(r: dict) -> tuple:
 
 
 def _label(r: dict, names: dict) -> tuple[str, str]:
-    """A row's method name and what it ran (h and w, or the bits)."""
+    """A row's method name and what it ran (h and w, or the bits; the epochs)."""
     m = _method(r)
     what = f"h={r['h']:g}, w={r['w']:g}" if m == "softquant" or m.startswith("refined-") else f"n_bits={r.get('n_bits')}"
+    what += f", {r['couple_epochs']}/{r['refine_epochs']} epochs"
     return (f"{m.removeprefix('refined-')} + same tied refinement" if m.startswith("refined-") else names.get(m, m)), what
 
 
@@ -612,7 +613,7 @@ def _pareto(sized: list[dict], names: dict, sched) -> list[str]:
     fmt = max(r["file_bytes"].get("format", 2) for r in sized)
     # The HEQ placement is a diagnostic of the partition, not a way to quantize.
     rows = [r for r in sized if r["file_bytes"].get("format", 2) == fmt and r.get("placement") != "heq"]
-    size = lambda r: r["file_bytes"]["ans"]  # noqa: E731
+    size = lambda r: round(r["file_bytes"]["ans"], -2)  # noqa: E731  (the 0.1 kB shown: a few bytes decide nothing)
     front = [r for r in rows if not any(size(s) <= size(r) and s["acc"] >= r["acc"]
                                         and (size(s), s["acc"]) != (size(r), r["acc"]) for s in rows)]
     out = [
@@ -621,7 +622,8 @@ def _pareto(sized: list[dict], names: dict, sched) -> list[str]:
         "",
         f"Among the format-{fmt} rows above, those for which no other row is both as small entropy-coded (ans) and as "
         "accurate: where each method sits on the trade-off between the shipped file and its accuracy, whatever its "
-        "nominal bits.",
+        "nominal bits. Single rows, whatever their epochs: a configuration run over several seeds shows its best one "
+        "here (the means over seeds are in the next section).",
         "",
         "| ans kB | accuracy | method | row | bits (weighted) | entropy (weighted) |",
         "| --- | --- | --- | --- | --- | --- |",
