@@ -534,7 +534,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
                 f"{fb['fp32'] / 1000:.1f} | {r['date']}, {r['device']} |"
             )
         out += _pareto(sized, names, sched)
-    out += _targets(fp, soft, controls, others, sched)
+    out += _targets(fp, soft, controls, others, fps, sched)
     out += _relation([r for r in soft if not r.get("target_step") and not r.get("seed")
                       and r.get("placement", "mean") == "mean" and r.get("alpha", 0.66) == 0.66 and not r.get("ramp_steps")
                       and not r.get("max_bits") and not r.get("restart_at_snap") and not r.get("reassign")
@@ -635,8 +635,19 @@ def _pareto(sized: list[dict], names: dict, sched) -> list[str]:
     return out
 
 
-def _targets(fp: float, soft: list[dict], controls: list[dict], others: list[dict], sched) -> list[str]:
-    """The issue's targets against the rows: margin over HEQ at the same K_l, degradation at 2 and 1 bits."""
+def _targets(fp: float, soft: list[dict], controls: list[dict], others: list[dict], fps: list[dict], sched) -> list[str]:
+    """The issue's targets against the rows: margin over HEQ at the same K_l, degradation at 2 and 1 bits
+    (against the starting checkpoint, and against ``fps``, the full-precision model trained on for the
+    same epochs, where such a row exists)."""
+
+    def budget(r: dict, mean: float) -> str:
+        same = [f for f in fps if (f["couple_epochs"] + f["refine_epochs"], f.get("schedule"), f.get("lr"), f["device"])
+                == (r["couple_epochs"] + r["refine_epochs"], r.get("schedule"), r.get("lr"), r["device"])
+                and not f.get("distill")]
+        n = r["couple_epochs"] + r["refine_epochs"]
+        return (f", {(same[0]['acc'] - mean) * 100:.2f} below the full-precision model trained on for the same "
+                f"{n} epochs ({same[0]['acc']:.4f})" if same else "")
+
     out = ["", "## Where the targets stand", ""]
     # The HEQ placement is a diagnostic, not a method; a run that kept every layer fp32 has no baselines.
     rows = [r for r in soft if r.get("placement") != "heq" and any(b["method"].startswith("heq") for b in r["baselines"])]
@@ -686,9 +697,10 @@ def _targets(fp: float, soft: list[dict], controls: list[dict], others: list[dic
             f"- Degradation at <= {bits} {'bits (weighted' if measure == 'bits_weighted' else 'entropy-coded bit(s) per weight (weighted entropy of the cluster populations, a size view beside the log2 K_l count of the issue'}, +0.05), target under {goal * 100:g} point(s): best soft quantization "
             f"configuration h={r0['h']:g}, w={r0['w']:g}{sched(r0)} ({r0['couple_epochs']}/{r0['refine_epochs']} epochs, "
             f"{r0['device']}): {mean:.4f} over {len(best)} seed(s), "
-            f"{(fp - mean) * 100:.2f} points below full precision ({'met' if fp - mean < goal else 'not met'})"
-            + (f"; best other training-time configuration: {_method(peer)} {peer['n_bits']} bit(s){sched(peer)}: "
-               f"{peer_mean:.4f} over {len(peer_best)} seed(s), {(fp - peer_mean) * 100:.2f} points below" if peer else "") + "."
+            f"{(fp - mean) * 100:.2f} points below full precision ({'met' if fp - mean < goal else 'not met'}){budget(r0, mean)}"
+            + (f"; best other training-time configuration: {_method(peer)} {peer['n_bits']} bit(s){sched(peer)} "
+               f"({peer['couple_epochs']}/{peer['refine_epochs']} epochs, {peer['device']}): {peer_mean:.4f} over "
+               f"{len(peer_best)} seed(s), {(fp - peer_mean) * 100:.2f} points below{budget(peer, peer_mean)}" if peer else "") + "."
         )
     out.append("- The h -> bits relation and the N_l exponent: see the next section and `strength_scaling.md`.")
     return out
