@@ -211,7 +211,7 @@ def _row(args, method: str, module, dm, ks: dict, timer: StepTimer, t0: float, *
         ent = {n: entropy_bits(value_counts[n]) for n in ks}
         extra["entropy_weighted"] = sum(ent[n] * params[n].numel() for n in ks) / sum(params[n].numel() for n in ks)
     return {
-        "method": method, **_distill(args), **extra,
+        "method": method, **_options(args), **extra,
         "distinct_per_layer": distinct,
         "file_bytes": _export_sizes(module.model, {n: (u[0], u[1]) for n, u in uniques.items()}) if ks else None,
         "acc": acc, "baselines": rows, "couple_epochs": args.couple_epochs, "refine_epochs": args.refine_epochs,
@@ -264,14 +264,14 @@ def _module(args, restart_at_snap: bool = False) -> ImageClassifier:
                            restarts=restarts, **kd)
 
 
-def _distill(args) -> dict:
-    """The row fields of a run distilled from the full-precision checkpoint, or whose first and
-    last layers have their own bits (none otherwise)."""
+def _options(args) -> dict:
+    """The row fields of the options any training-time run may take: distillation from the
+    full-precision checkpoint, the first and last layers at their own bits (none when unused)."""
     out = {"distill": args.distill, "distill_temperature": args.distill_temperature} if args.distill else {}
     return {**out, "edge_bits": args.edge_bits} if args.edge_bits else out
 
 
-def _distill_key(r: dict) -> tuple:
+def _options_key(r: dict) -> tuple:
     return (r.get("distill"), r.get("distill_temperature"), r.get("edge_bits"))
 
 
@@ -291,13 +291,13 @@ def _soft_key(r: dict) -> tuple:
     """What, besides h, w and the schedule, tells soft quantization rows apart."""
     return (r.get("target_step"), r.get("placement", "mean"), r.get("alpha", 0.66), r.get("ramp_steps", 0),
             r.get("ramp_from") if r.get("ramp_steps") else None, r.get("max_bits"), r.get("restart_at_snap", False),
-            r.get("reassign", False), *_distill_key(r))
+            r.get("reassign", False), *_options_key(r))
 
 
 def _args_key(args, target_step=None, placement="mean") -> tuple:
     """``_soft_key`` of the row these arguments would write (or, for a control, read)."""
     return (target_step, placement, args.alpha, args.ramp_steps, args.ramp_from if args.ramp_steps else None,
-            args.max_bits, args.restart_at_snap, args.reassign, *_distill_key(_distill(args)))
+            args.max_bits, args.restart_at_snap, args.reassign, *_options_key(_options(args)))
 
 
 def run_codebook(args, bits: int, dm: CIFAR10DataModule) -> dict:
@@ -366,7 +366,7 @@ def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFA
                 bits_mean=sum(bits.values()) / len(bits),
                 kept_fp32=list(source["kept_fp32"]), acc_snapped=acc_snapped, source_acc=source["acc"],
                 source_alpha=source.get("alpha", 0.66),
-                **{f"source_{k}": v for k, v in {**_ramp(args), **_distill(args)}.items()},
+                **{f"source_{k}": v for k, v in {**_ramp(args), **_options(args)}.items()},
                 **({"reassign": True} if args.reassign else {}))
 
 
@@ -597,7 +597,7 @@ def _config(r: dict) -> tuple:
 def _peer_config(r: dict) -> tuple:
     """What a method B or DKM row ran, but its seed."""
     return (_method(r), r["n_bits"], r.get("lam"), r.get("reassign", False), r["couple_epochs"], r["refine_epochs"],
-            r.get("schedule", "constant"), r.get("lr"), r["device"], *_distill_key(r))
+            r.get("schedule", "constant"), r.get("lr"), r["device"], *_options_key(r))
 
 
 def _label(r: dict, names: dict) -> tuple[str, str]:
@@ -644,9 +644,11 @@ def _targets(fp: float, soft: list[dict], controls: list[dict], others: list[dic
         same = [f for f in fps if (f["couple_epochs"] + f["refine_epochs"], f.get("schedule"), f.get("lr"), f["device"])
                 == (r["couple_epochs"] + r["refine_epochs"], r.get("schedule"), r.get("lr"), r["device"])
                 and not f.get("distill")]
-        n = r["couple_epochs"] + r["refine_epochs"]
-        return (f", {(same[0]['acc'] - mean) * 100:.2f} below the full-precision model trained on for the same "
-                f"{n} epochs ({same[0]['acc']:.4f})" if same else "")
+        if not same:
+            return ""
+        ref = sum(f["acc"] for f in same) / len(same)
+        return (f", {(ref - mean) * 100:.2f} below the full-precision model trained on for the same "
+                f"{r['couple_epochs'] + r['refine_epochs']} epochs ({ref:.4f})")
 
     out = ["", "## Where the targets stand", ""]
     # The HEQ placement is a diagnostic, not a method; a run that kept every layer fp32 has no baselines.
@@ -677,6 +679,8 @@ def _targets(fp: float, soft: list[dict], controls: list[dict], others: list[dic
     # The issue counts bits as log2 K_l; the last line counts what an entropy-coded file stores.
     for measure, bits, goal in (("bits_weighted", 2, 0.01), ("bits_weighted", 1, 0.02), ("entropy_weighted", 1, 0.02)):
         fits = lambda r: r.get(measure) is not None and r[measure] <= bits + 0.05  # noqa: E731
+        unit = ("bits (weighted" if measure == "bits_weighted" else "entropy-coded bit(s) per weight (weighted entropy of "
+                "the cluster populations, a size view beside the log2 K_l count of the issue")
         near = [r for r in rows if fits(r)]
         if not near:
             continue
@@ -694,7 +698,7 @@ def _targets(fp: float, soft: list[dict], controls: list[dict], others: list[dic
         peer = min(peer_best, key=lambda r: r.get("seed", 0)) if peer_best else None
         peer_mean = sum(r["acc"] for r in peer_best) / len(peer_best) if peer_best else None
         out.append(
-            f"- Degradation at <= {bits} {'bits (weighted' if measure == 'bits_weighted' else 'entropy-coded bit(s) per weight (weighted entropy of the cluster populations, a size view beside the log2 K_l count of the issue'}, +0.05), target under {goal * 100:g} point(s): best soft quantization "
+            f"- Degradation at <= {bits} {unit}, +0.05), target under {goal * 100:g} point(s): best soft quantization "
             f"configuration h={r0['h']:g}, w={r0['w']:g}{sched(r0)} ({r0['couple_epochs']}/{r0['refine_epochs']} epochs, "
             f"{r0['device']}): {mean:.4f} over {len(best)} seed(s), "
             f"{(fp - mean) * 100:.2f} points below full precision ({'met' if fp - mean < goal else 'not met'}){budget(r0, mean)}"
@@ -844,7 +848,7 @@ def main() -> None:
                                  f"epochs and schedule in {out}; run --points {h:g}:{w:g} first")
 
         def same(r: dict) -> bool:
-            if _method(r) != method or not schedule(r) or _distill_key(r) != _distill_key(_distill(args)):
+            if _method(r) != method or not schedule(r) or _options_key(r) != _options_key(_options(args)):
                 return False
             if method == "softquant":
                 return ((r["h"], r["w"]) == tuple(float(v) for v in spec.split(":"))
