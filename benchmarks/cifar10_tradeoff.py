@@ -630,8 +630,8 @@ def _pareto(sized: list[dict], names: dict, sched) -> list[str]:
     ]
     for r in sorted(front, key=size):
         label, what = _label(r, names)
-        out.append(f"| {size(r) / 1000:.1f} | {r['acc']:.4f} | {label} | {what}{sched(r)} | {r['bits_weighted']:.2f} | "
-                   f"{r['entropy_weighted']:.2f} |")
+        ent = f"{r['entropy_weighted']:.2f}" if r.get("entropy_weighted") is not None else "-"
+        out.append(f"| {size(r) / 1000:.1f} | {r['acc']:.4f} | {label} | {what}{sched(r)} | {r['bits_weighted']:.2f} | {ent} |")
     return out
 
 
