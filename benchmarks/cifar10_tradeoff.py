@@ -26,7 +26,9 @@ distilled from the full-precision checkpoint (``ImageClassifier(distill_from=...
 loss ``(1 - WEIGHT) CE + WEIGHT T^2 KL``); such rows are labelled and compared among themselves.
 With ``--edge-bits B`` method B and DKM give the first convolution and the classifier
 (``conv1``, ``fc``: 1,072 of ResNet-20's 270k weights) ``2^B`` values instead of
-``2^n_bits``, the usual exception of low-bit work; the row's bits count them as such.
+``2^n_bits``, the usual exception of low-bit work; soft quantization caps them at ``2^B``
+values instead of ``2^max_bits`` (``ClusterRefine(max_bits_overrides=...)``: they keep the
+clusters they found up to that); the row's bits count them as such.
 
 Every row records the median training-step time (forward, backward, optimizer step
 and the method's own work) measured inside its own run, and the size of the trained
@@ -234,7 +236,7 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule) -> dict:
     # With a bit budget every layer is snapped to it (as the controls are), whatever its snap error.
     refine = ClusterRefine(snap_epoch=e2, w=w, recalibrate_bn_batches=100, placement=args.placement,
                            max_bits=args.max_bits, on_unclustered="snap" if args.max_bits else "keep",
-                           reassign=args.reassign)
+                           reassign=args.reassign, max_bits_overrides=_edge_patterns(args, args.edge_bits))
     timer = StepTimer()
     phases, before, after = _phases(dm, e2, refine)
     _trainer(e2 + args.refine_epochs, [soft, *phases, timer], args.limit).fit(module, datamodule=dm)
@@ -278,6 +280,11 @@ def _options_key(r: dict) -> tuple:
 EDGE_LAYERS = ("conv1", "fc")  # ResNet-20's first convolution and classifier (module names)
 
 
+def _edge_patterns(args, value) -> dict:
+    """``{regex of an edge layer's weight: value}`` for the runs with ``--edge-bits`` (else empty)."""
+    return {rf"^model\.{m}\.weight$": value for m in EDGE_LAYERS} if args.edge_bits else {}
+
+
 def _ramp(args) -> dict:
     """The row fields of the options that only some runs use (the h ramp, a bit budget, moving
     assignments in refinement, the lr restart)."""
@@ -306,8 +313,8 @@ def run_codebook(args, bits: int, dm: CIFAR10DataModule) -> dict:
     pl.seed_everything(args.seed)
     module = _module(args, restart_at_snap=True)
     e2 = args.couple_epochs
-    edges = {rf"^model\.{m}\.weight$": 2**args.edge_bits for m in EDGE_LAYERS} if args.edge_bits else {}
-    cb = LearnedCodebook(lam=args.codebook_lam, bits=bits, init="kmeans", stop_epoch=e2, k_overrides=edges)
+    cb = LearnedCodebook(lam=args.codebook_lam, bits=bits, init="kmeans", stop_epoch=e2,
+                         k_overrides=_edge_patterns(args, 2 ** (args.edge_bits or 0)))
     refine = ClusterRefine(
         snap_epoch=e2, clusters_from="codebook", recalibrate_bn_batches=100, on_unclustered="snap", reassign=args.reassign
     )  # method B ends by snapping to its representatives, whatever the error
@@ -417,7 +424,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         f", lam {r['lam']:g}" if r.get("lam", 30.0) != 30.0 else "") + (
         ", source lr restarted at the snap" if r.get("source_restart_at_snap") else "") + (
         f", distilled from full precision (weight {r['distill']:g}, T {r['distill_temperature']:g})" if r.get("distill") else "") + (
-        f", first conv and fc at {r['edge_bits']} bits" if r.get("edge_bits") else "")
+        f", first conv and fc at {'most ' if _method(r) == 'softquant' else ''}{r['edge_bits']} bits" if r.get("edge_bits") else "")
     phase = lambda r, key: f"{r[key]:.4f}" if r.get(key) is not None else "-"  # noqa: E731
     ent = lambda r: f"{r['entropy_weighted']:.2f}" if r.get("entropy_weighted") is not None else "-"  # noqa: E731
     out = [
@@ -797,8 +804,8 @@ def main() -> None:
                          "(ImageClassifier(distill_from=...)); 0: labels only")
     ap.add_argument("--distill-temperature", type=float, default=1.0, help="softmax temperature of --distill")
     ap.add_argument("--edge-bits", type=int, default=None, metavar="B",
-                    help="method B and DKM: the first convolution and the classifier at B bits (2^B values), "
-                         "the other layers at their --codebook-bits / --dkm-bits")
+                    help="the first convolution and the classifier at B bits (2^B values), the other layers at "
+                         "their --codebook-bits / --dkm-bits; soft quantization: at most B bits there, --max-bits elsewhere")
     ap.add_argument("--seed", type=int, default=0, help="seed of the run and of the data order/augmentation")
     ap.add_argument("--couple-epochs", type=int, default=1)
     ap.add_argument("--refine-epochs", type=int, default=1)
@@ -822,9 +829,9 @@ def main() -> None:
     if args.report_only:
         write_reports(read(), out.parent)
         return
-    if args.edge_bits is not None and (args.edge_bits < 1 or args.points or args.controls or args.fp_control):
-        raise SystemExit("--edge-bits: an integer >= 1, for --codebook-bits and --dkm-bits runs only "
-                         "(soft quantization finds its own K_l; use --max-bits)")
+    if args.edge_bits is not None and (not 1 <= args.edge_bits <= 16 or args.controls or args.fp_control):
+        raise SystemExit("--edge-bits: an integer in [1, 16], for --points, --codebook-bits and --dkm-bits runs "
+                         "(a control takes the K_l of its source row; the full-precision control has no bits)")
     dm = CIFAR10DataModule(archive=args.archive, download=args.download, batch_size=128, seed=args.seed)
     jobs = [("softquant", p) for p in args.points] + [("codebook", b) for b in args.codebook_bits]
     jobs += [("dkm", b) for b in args.dkm_bits] + [("control", c) for c in args.controls]

@@ -99,3 +99,30 @@ class LayerSelector:
                 "Widen `module_types`/`include`, or lower `min_size`."
             )
         return selected
+
+
+def check_overrides(arg: str, overrides: object, what: str, low: int, high: Optional[int] = None) -> dict[str, int]:
+    """Validates a per-layer override table (regex on the full parameter name -> int).
+
+    Returns a copy; raises ``ValueError`` naming ``arg`` for a non-dict, a bad regex or
+    a value outside ``[low, high]`` (``high=None``: no upper bound).
+    """
+    if not isinstance(overrides, dict):
+        raise ValueError(f"`{arg}` must be a dict of regex -> {what}, got {type(overrides).__name__}.")
+    bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+    for pattern, value in overrides.items():
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as err:
+            raise ValueError(f"`{arg}` pattern {pattern!r} is not a valid regex: {err}.") from err
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            raise ValueError(f"`{arg}[{pattern!r}]` must be an int {bound}, got {value!r}.")
+    return dict(overrides)
+
+
+def first_override(overrides: dict[str, int], name: str, default: Optional[int]) -> Optional[int]:
+    """The value of the first pattern of ``overrides`` found in ``name`` (``re.search``), else ``default``."""
+    for pattern, value in overrides.items():
+        if re.search(pattern, name):
+            return value
+    return default

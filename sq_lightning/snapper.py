@@ -18,7 +18,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor, nn
 
-from sq_lightning.layers import LayerSelector
+from sq_lightning.layers import LayerSelector, check_overrides, first_override
 from sq_lightning.ops.baselines import quantize
 from sq_lightning.ops.codebook import nearest_centroid
 from sq_lightning.ops.clustering import Clusters, MergePolicy, assign_to_centroids, bits_summary, find_clusters, tie_to_clusters
@@ -122,6 +122,13 @@ class ClusterSnapper:
             produced). The snap error is then checked against ``max_snap_error`` as
             usual (a tight budget may need ``on_unclustered="snap"``). Layers with given
             representatives are not affected.
+        max_bits_overrides: per-layer bit budgets: regex (``re.search`` on the full
+            parameter name) to bits in ``[1, 16]``; the first matching entry wins over
+            ``max_bits``, e.g. ``{"^conv1\\.": 4, "^fc\\.": 4}`` to keep a network's first
+            convolution and classifier at up to 16 values while the rest get
+            ``max_bits`` (the usual exception of low-bit work: small layers that cost
+            little storage and much accuracy). A layer matched here is capped even when
+            ``max_bits`` is ``None``.
         reassign: refinement with moving assignments. ``False`` (the paper's refinement):
             assignments stay fixed and each centroid moves by the mean update of its
             members. ``True``: each snapped weight keeps a full-precision latent copy
@@ -146,11 +153,13 @@ class ClusterSnapper:
         placement: Placement = "mean",
         max_bits: Optional[int] = None,
         reassign: bool = False,
+        max_bits_overrides: Optional[dict[str, int]] = None,
     ) -> None:
         check_snap_args(w, gap, min_cluster_frac, merge, max_snap_error, on_unclustered, placement, max_bits)
         if not isinstance(reassign, bool):
             raise ValueError(f"`reassign` must be True or False, got {reassign!r}.")
         self.placement, self.max_bits, self.reassign = placement, max_bits, reassign
+        self.max_bits_overrides = check_overrides("max_bits_overrides", max_bits_overrides or {}, "bits", 1, 16)
         self.w, self.gap, self.min_cluster_frac, self.merge = w, gap, min_cluster_frac, merge
         self.max_snap_error, self.on_unclustered = max_snap_error, on_unclustered
         self.selector = selector or LayerSelector()
@@ -165,6 +174,10 @@ class ClusterSnapper:
     @property
     def snapped(self) -> bool:
         return bool(self.reports)
+
+    def max_bits_for(self, name: str) -> Optional[int]:
+        """Bit budget of the parameter ``name``: first matching ``max_bits_overrides``, else ``max_bits``."""
+        return first_override(self.max_bits_overrides, name, self.max_bits)
 
     @torch.no_grad()
     def find(
@@ -196,7 +209,8 @@ class ClusterSnapper:
                 wl = 1.0  # a constant layer: one cluster whatever the threshold
             min_size = max(1, int(self.min_cluster_frac * theta.numel()))
             cl = find_clusters(theta, self.gap * wl, min_size=min_size, merge=self.merge)
-            cap = None if self.max_bits is None else 1 << self.max_bits
+            bits = self.max_bits_for(name)
+            cap = None if bits is None else 1 << bits
             if cap is not None and (cl.k > cap or (cl.k < cap and cl.snap_error(theta) > self.max_snap_error)):
                 cl = _quantized_clusters(theta, cap, "heq" if self.placement == "heq" else "kmeans")
             elif self.placement != "mean" and cl.k > 1:

@@ -94,6 +94,9 @@ class ClusterRefine(Callback):
             discovered clusters (or one that did not cluster) is snapped to exactly
             ``2^max_bits`` values placed by optimal 1-D k-means of its coupled weights
             (``None``: no cap); see :class:`~sq_lightning.snapper.ClusterSnapper`.
+        max_bits_overrides: per-layer bit budgets, regex on the full parameter name to
+            bits; the first match wins over ``max_bits`` (e.g. ``{"conv1\\.weight$": 4}``
+            keeps a first convolution at up to 16 values under ``max_bits: 1``).
         export_path: write the LightningModule's ``state_dict`` with the snapped layers as
             codebook + indices to this file at the end of fit (``None``: no export). A
             relative path is taken inside the run's log directory
@@ -137,6 +140,7 @@ class ClusterRefine(Callback):
         exclude: Optional[list[str]] = None,
         min_size: int = 0,
         max_bits: Optional[int] = None,
+        max_bits_overrides: Optional[dict[str, int]] = None,
         export_path: Optional[str] = None,
         export_coding: Literal["packed", "ans"] = "packed",
     ) -> None:
@@ -160,7 +164,7 @@ class ClusterRefine(Callback):
         self.selector = LayerSelector(module_types, include, exclude, min_size)
         self.snapper = ClusterSnapper(
             w, gap, min_cluster_frac, merge, max_snap_error, on_unclustered, self.selector, placement=placement,
-            max_bits=max_bits, reassign=reassign,
+            max_bits=max_bits, reassign=reassign, max_bits_overrides=max_bits_overrides,
         )
         self.snap_epoch = snap_epoch
         self.clusters_from = clusters_from

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from typing import Any, Literal, Optional
 
 import torch
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from sq_lightning.callbacks._strategy import check_strategy
-from sq_lightning.layers import LayerSelector
+from sq_lightning.layers import LayerSelector, check_overrides, first_override
 from sq_lightning.ops.codebook import INIT_METHODS, codebook_regularizer, init_centroids, nearest_centroid
 from sq_lightning.sharding import all_reduce_sum, is_sharded, shard_group, shard_spec
 
@@ -189,10 +188,7 @@ class LearnedCodebook(Callback):
 
     def k_for(self, name: str) -> int:
         """Codebook size of the parameter ``name``: first matching ``k_overrides``, else ``K``."""
-        for pattern, k in self.k_overrides.items():
-            if re.search(pattern, name):
-                return k
-        return self.k
+        return first_override(self.k_overrides, name, self.k)
 
     def prepare(self, model: nn.Module) -> None:
         """Chooses the layers and their ``K``; codebooks come with :meth:`init_codebooks`.
@@ -564,13 +560,4 @@ def _resolve_k(bits: Optional[int], k: Optional[int]) -> int:
 
 
 def _check_k_overrides(k_overrides: Any) -> dict[str, int]:
-    if not isinstance(k_overrides, dict):
-        raise ValueError(f"`k_overrides` must be a dict of regex -> K, got {type(k_overrides).__name__}.")
-    for pattern, k in k_overrides.items():
-        try:
-            re.compile(pattern)
-        except (re.error, TypeError) as err:
-            raise ValueError(f"`k_overrides` pattern {pattern!r} is not a valid regex: {err}.") from err
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"`k_overrides[{pattern!r}]` must be an int >= 1, got {k!r}.")
-    return dict(k_overrides)
+    return check_overrides("k_overrides", k_overrides, "K", 1)

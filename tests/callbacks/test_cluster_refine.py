@@ -594,6 +594,37 @@ def test_max_bits_caps_k_with_the_least_error_partition():
     assert sse == pytest.approx(_best_partition_sse(blob.flatten().tolist(), 4), rel=1e-5)
 
 
+def test_max_bits_overrides_give_matched_layers_their_own_budget():
+    # Two layers with the same five well-separated clusters: the override's layer keeps
+    # up to 2^3 (all five, as without a cap), the other is cut to 2^1 by the least-error
+    # partition; an override alone (max_bits None) caps only the layer it names.
+    torch.manual_seed(2)
+    centers = torch.tensor([-0.4, -0.2, 0.0, 0.15, 0.35])
+    weights = centers[torch.arange(24) % 5].reshape(4, 6) + 1e-3 * torch.randn(4, 6)
+
+    def net():
+        n = torch.nn.Sequential(torch.nn.Linear(6, 4, bias=False), torch.nn.Linear(6, 4, bias=False))
+        with torch.no_grad():
+            n[0].weight.copy_(weights)
+            n[1].weight.copy_(weights)
+        return n
+
+    snapper = ClusterSnapper(w=0.3, on_unclustered="snap", merge="none", max_bits=1, max_bits_overrides={r"^1\.": 3})
+    assert snapper.max_bits_for("0.weight") == 1 and snapper.max_bits_for("1.weight") == 3
+    model = net()
+    reps = snapper.snap(model)
+    assert (reps["0.weight"].k, reps["1.weight"].k) == (2, 5)
+    assert torch.unique(model[0].weight.detach()).numel() == 2 and torch.unique(model[1].weight.detach()).numel() == 5
+    sse = float(((model[0].weight.detach() - weights) ** 2).sum())
+    assert sse == pytest.approx(_best_partition_sse(weights.flatten().tolist(), 2), rel=1e-5)
+
+    model = net()
+    reps = ClusterSnapper(w=0.3, on_unclustered="snap", merge="none", max_bits_overrides={r"^0\.": 2}).snap(model)
+    assert (reps["0.weight"].k, reps["1.weight"].k) == (4, 5)
+    sse = float(((model[0].weight.detach() - weights) ** 2).sum())
+    assert sse == pytest.approx(_best_partition_sse(weights.flatten().tolist(), 4), rel=1e-5)
+
+
 def test_max_bits_through_the_refine_callback(tmp_path):
     model, refine, _, _ = _pipeline(tmp_path, logger=False, max_bits=1, on_unclustered="snap")
     params = dict(model.named_parameters())
@@ -617,6 +648,9 @@ def test_max_bits_through_the_refine_callback(tmp_path):
         ({"placement": "median"}, "`placement` must be 'mean'"),
         ({"max_bits": 0}, "`max_bits` must be None"),
         ({"max_bits": 2.0}, "`max_bits` must be None"),
+        ({"max_bits_overrides": {"fc(": 2}}, r"`max_bits_overrides` pattern 'fc\(' is not a valid regex"),
+        ({"max_bits_overrides": {"fc": 17}}, r"`max_bits_overrides\['fc'\]` must be an int in \[1, 16\], got 17\."),
+        ({"max_bits_overrides": [("fc", 4)]}, r"`max_bits_overrides` must be a dict of regex -> bits, got list\."),
         ({"recalibrate_bn_batches": -1}, "`recalibrate_bn_batches` must be an int >= 0"),
         ({"reassign": "yes"}, "`reassign` must be True or False"),
     ],
