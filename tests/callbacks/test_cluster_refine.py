@@ -625,13 +625,22 @@ def test_max_bits_overrides_give_matched_layers_their_own_budget():
     assert sse == pytest.approx(_best_partition_sse(weights.flatten().tolist(), 4), rel=1e-5)
 
 
-def test_max_bits_through_the_refine_callback(tmp_path):
-    model, refine, _, _ = _pipeline(tmp_path, logger=False, max_bits=1, on_unclustered="snap")
+def test_max_bits_through_the_refine_callback(tmp_path, pipeline):
+    # The last layer gets its own budget (3 bits): it found more clusters than that
+    # uncapped (the fixture's run, same seed and schedule) and is cut to 8 values, the
+    # others to 2.
+    uncapped = pipeline[2].snapper.reports["net.4.weight"].k
+    assert uncapped > 8
+    model, refine, _, _ = _pipeline(tmp_path, logger=False, max_bits=1, on_unclustered="snap",
+                                    max_bits_overrides={r"^net\.4\.weight$": 3})
     params = dict(model.named_parameters())
     for name in WEIGHTS:
         rep = refine.snapper.reports[name]
-        assert rep.snapped and rep.k <= 2 and rep.bits <= 1
-        assert torch.unique(params[name].detach()).numel() == rep.k
+        assert rep.snapped and torch.unique(params[name].detach()).numel() == rep.k
+        if name == "net.4.weight":
+            assert rep.k == 8 and rep.bits == 3
+        else:
+            assert rep.k <= 2 and rep.bits <= 1
 
 
 @pytest.mark.parametrize(
