@@ -159,7 +159,9 @@ class ClusterSnapper:
         if not isinstance(reassign, bool):
             raise ValueError(f"`reassign` must be True or False, got {reassign!r}.")
         self.placement, self.max_bits, self.reassign = placement, max_bits, reassign
-        self.max_bits_overrides = check_overrides("max_bits_overrides", max_bits_overrides or {}, "bits", 1, 16)
+        self.max_bits_overrides = check_overrides(
+            "max_bits_overrides", {} if max_bits_overrides is None else max_bits_overrides, "bits", 1, 16
+        )
         self.w, self.gap, self.min_cluster_frac, self.merge = w, gap, min_cluster_frac, merge
         self.max_snap_error, self.on_unclustered = max_snap_error, on_unclustered
         self.selector = selector or LayerSelector()

@@ -660,6 +660,7 @@ def test_max_bits_through_the_refine_callback(tmp_path, pipeline):
         ({"max_bits_overrides": {"fc(": 2}}, r"`max_bits_overrides` pattern 'fc\(' is not a valid regex"),
         ({"max_bits_overrides": {"fc": 17}}, r"`max_bits_overrides\['fc'\]` must be an int in \[1, 16\], got 17\."),
         ({"max_bits_overrides": [("fc", 4)]}, r"`max_bits_overrides` must be a dict of regex -> bits, got list\."),
+        ({"max_bits_overrides": []}, r"`max_bits_overrides` must be a dict of regex -> bits, got list\."),
         ({"recalibrate_bn_batches": -1}, "`recalibrate_bn_batches` must be an int >= 0"),
         ({"reassign": "yes"}, "`reassign` must be True or False"),
     ],
