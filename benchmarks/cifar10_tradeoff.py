@@ -829,9 +829,10 @@ def main() -> None:
     if args.report_only:
         write_reports(read(), out.parent)
         return
-    if args.edge_bits is not None and (not 1 <= args.edge_bits <= 16 or args.controls or args.fp_control):
-        raise SystemExit("--edge-bits: an integer in [1, 16], for --points, --codebook-bits and --dkm-bits runs "
-                         "(a control takes the K_l of its source row; the full-precision control has no bits)")
+    if args.edge_bits is not None and (not 1 <= args.edge_bits <= 16 or args.fp_control):
+        raise SystemExit("--edge-bits: an integer in [1, 16], for --points, --codebook-bits, --dkm-bits and --controls "
+                         "runs (a control reads the K_l of the soft quantization row run with the same --edge-bits); "
+                         "the full-precision control has no bits")
     dm = CIFAR10DataModule(archive=args.archive, download=args.download, batch_size=128, seed=args.seed)
     jobs = [("softquant", p) for p in args.points] + [("codebook", b) for b in args.codebook_bits]
     jobs += [("dkm", b) for b in args.dkm_bits] + [("control", c) for c in args.controls]
