@@ -236,7 +236,7 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule) -> dict:
     # With a bit budget every layer is snapped to it (as the controls are), whatever its snap error.
     refine = ClusterRefine(snap_epoch=e2, w=w, recalibrate_bn_batches=100, placement=args.placement,
                            max_bits=args.max_bits, on_unclustered="snap" if args.max_bits else "keep",
-                           reassign=args.reassign, max_bits_overrides=_edge_patterns(args, args.edge_bits))
+                           reassign=args.reassign, max_bits_overrides=_edge_patterns(args))
     timer = StepTimer()
     phases, before, after = _phases(dm, e2, refine)
     _trainer(e2 + args.refine_epochs, [soft, *phases, timer], args.limit).fit(module, datamodule=dm)
@@ -280,9 +280,11 @@ def _options_key(r: dict) -> tuple:
 EDGE_LAYERS = ("conv1", "fc")  # ResNet-20's first convolution and classifier (module names)
 
 
-def _edge_patterns(args, value) -> dict:
-    """``{regex of an edge layer's weight: value}`` for the runs with ``--edge-bits`` (else empty)."""
-    return {rf"^model\.{m}\.weight$": value for m in EDGE_LAYERS} if args.edge_bits else {}
+def _edge_patterns(args, as_k: bool = False) -> dict:
+    """``{regex of an edge layer's weight: --edge-bits (or 2^it with as_k)}``; empty without ``--edge-bits``."""
+    if not args.edge_bits:
+        return {}
+    return {rf"^model\.{m}\.weight$": 2**args.edge_bits if as_k else args.edge_bits for m in EDGE_LAYERS}
 
 
 def _ramp(args) -> dict:
@@ -314,7 +316,7 @@ def run_codebook(args, bits: int, dm: CIFAR10DataModule) -> dict:
     module = _module(args, restart_at_snap=True)
     e2 = args.couple_epochs
     cb = LearnedCodebook(lam=args.codebook_lam, bits=bits, init="kmeans", stop_epoch=e2,
-                         k_overrides=_edge_patterns(args, 2 ** (args.edge_bits or 0)))
+                         k_overrides=_edge_patterns(args, as_k=True))
     refine = ClusterRefine(
         snap_epoch=e2, clusters_from="codebook", recalibrate_bn_batches=100, on_unclustered="snap", reassign=args.reassign
     )  # method B ends by snapping to its representatives, whatever the error
@@ -424,7 +426,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         f", lam {r['lam']:g}" if r.get("lam", 30.0) != 30.0 else "") + (
         ", source lr restarted at the snap" if r.get("source_restart_at_snap") else "") + (
         f", distilled from full precision (weight {r['distill']:g}, T {r['distill_temperature']:g})" if r.get("distill") else "") + (
-        f", first conv and fc at {'most ' if _method(r) == 'softquant' else ''}{r['edge_bits']} bits" if r.get("edge_bits") else "")
+        f", first conv and fc at {'most ' if r.get('h') is not None else ''}{r['edge_bits']} bits" if r.get("edge_bits") else "")
     phase = lambda r, key: f"{r[key]:.4f}" if r.get(key) is not None else "-"  # noqa: E731
     ent = lambda r: f"{r['entropy_weighted']:.2f}" if r.get("entropy_weighted") is not None else "-"  # noqa: E731
     out = [
