@@ -35,7 +35,9 @@ and the method's own work) measured inside its own run, and the size of the trai
 model exported by ``save_compressed`` with bit-packed and with entropy-coded (rANS)
 indices, each file read back and checked bit-exact against the trained weights.
 
-Resumable: every finished point is appended as one JSON line to
+Resumable: every run writes its last epoch's checkpoint (model, optimizer, lr schedule and
+the callbacks' state) under ``--resume-dir`` and a killed run continues from there; every
+finished point is appended as one JSON line to
 ``benchmarks/results/cifar10_tradeoff.jsonl`` and skipped on the next run; the
 markdown table ``cifar10_tradeoff.md`` and the plot ``cifar10_tradeoff.png`` are
 rebuilt from all lines after each point. Data: the offline archive (see
@@ -46,11 +48,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import logging
 import math
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -61,6 +65,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sq_lightning.callbacks import ClusterRefine, LearnedCodebook, SoftQuantCallback
 from sq_lightning.data import CIFAR10DataModule
@@ -77,12 +82,27 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _trainer(epochs: int, callbacks: list, limit: float | int) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-        enable_model_summary=False, enable_progress_bar=False, callbacks=[*callbacks, EpochClock()],
+def _fit(module, dm, epochs: int, callbacks: list, limit: float | int, run_dir: Path | None) -> int:
+    """Train ``module`` for ``epochs``; returns the epoch it started from.
+
+    With ``run_dir`` the trainer writes ``last.ckpt`` there after every epoch (model,
+    optimizer, lr schedule and every callback's state: the coupling ramp, the snapped
+    clusters, the step times) and a run killed part-way resumes from it instead of
+    starting over.
+    """
+    # One file, overwritten every epoch (Lightning writes it through a temporary file).
+    ckpt = [ModelCheckpoint(dirpath=run_dir, filename="last", enable_version_counter=False)] if run_dir else []
+    last = run_dir / "last.ckpt" if run_dir else None
+    resume = last if last is not None and last.exists() else None
+    start = int(torch.load(resume, map_location="cpu", weights_only=False)["epoch"]) + 1 if resume else 0
+    if resume:
+        print(f"resuming from {resume} (epoch {start} of {epochs} done)", flush=True)
+    pl.Trainer(
+        max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=bool(ckpt),
+        enable_model_summary=False, enable_progress_bar=False, callbacks=[*callbacks, EpochClock(), *ckpt],
         limit_train_batches=limit, limit_val_batches=0, num_sanity_val_steps=0,
-    )
+    ).fit(module, datamodule=dm, ckpt_path=resume)
+    return start
 
 
 class EpochClock(Callback):
@@ -103,6 +123,17 @@ class StepTimer(Callback):
     def __init__(self) -> None:
         self.times: list[float] = []
         self._t = 0.0
+        self._fit_start = time.perf_counter()
+        self.seconds_before = 0.0  # wall time of the fit before a resume
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._fit_start = time.perf_counter()
+
+    def state_dict(self) -> dict:
+        return {"times": self.times, "seconds": self.seconds_before + time.perf_counter() - self._fit_start}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.times, self.seconds_before = list(state_dict["times"]), float(state_dict["seconds"])
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._t = time.perf_counter()
@@ -141,6 +172,19 @@ class DKMPalettize(Callback):
             self.palettizer = self._cls(pl_module.model, self._cfg)
             pl_module.model = self.palettizer.prepare()
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # A resumed run: coremltools' state dict restores each palettized layer's partitions and
+        # centroids but not the per-partition lists create_partitions() makes with them; rebuilt
+        # here as it builds them (the first forward of a fresh run does this itself).
+        for m in pl_module.model.modules():
+            parts = getattr(m, "partitions", None)
+            if parts and len(getattr(m, "enable_partition", ())) != len(parts):
+                n = len(parts)
+                enabled = max(1, int(m.percentage_palett_enable * n))
+                m.enable_partition = [True] * enabled + [False] * (n - enabled)
+                m.enforce_zero = m.enforce_zero[:1] * n
+                m.cum_inertia = [1e9] * n
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.palettizer.step()
 
@@ -156,17 +200,27 @@ class PhaseAccuracy(Callback):
     before any refinement step.
     """
 
-    def __init__(self, epoch: int, loader) -> None:
-        self.epoch, self.loader, self.acc = epoch, loader, None
+    def __init__(self, epoch: int, loader, name: str) -> None:
+        self.epoch, self.loader, self.name, self.acc = epoch, loader, name, None
+
+    @property
+    def state_key(self) -> str:  # two of them in one trainer: each its own entry in a checkpoint
+        return self._generate_state_key(name=self.name)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch == self.epoch and self.acc is None:
             self.acc = accuracy(pl_module.model, self.loader)
 
+    def state_dict(self) -> dict:
+        return {"acc": self.acc}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.acc = state_dict["acc"]
+
 
 def _phases(dm, epoch: int, refine: Callback) -> tuple[list[Callback], PhaseAccuracy, PhaseAccuracy]:
     """``[before, refine, after]``: accuracy of the coupled model and of the snapped one."""
-    before, after = PhaseAccuracy(epoch, dm.val_dataloader()), PhaseAccuracy(epoch, dm.val_dataloader())
+    before, after = PhaseAccuracy(epoch, dm.val_dataloader(), "coupled"), PhaseAccuracy(epoch, dm.val_dataloader(), "snapped")
     return [before, refine, after], before, after
 
 
@@ -191,7 +245,7 @@ def _export_sizes(model: torch.nn.Module, clusters: dict) -> dict:
     return sizes
 
 
-def _row(args, method: str, module, dm, ks: dict, timer: StepTimer, t0: float, **extra) -> dict:
+def _row(args, method: str, module, dm, ks: dict, timer: StepTimer, t0: float, start: int = 0, **extra) -> dict:
     """Accuracy, bits, the post-training baselines at the same K_l and the run's facts."""
     val = dm.val_dataloader()
     acc = accuracy(module.model.to(_device()), val)
@@ -217,15 +271,16 @@ def _row(args, method: str, module, dm, ks: dict, timer: StepTimer, t0: float, *
         "distinct_per_layer": distinct,
         "file_bytes": _export_sizes(module.model, {n: (u[0], u[1]) for n, u in uniques.items()}) if ks else None,
         "acc": acc, "baselines": rows, "couple_epochs": args.couple_epochs, "refine_epochs": args.refine_epochs,
-        "lr": args.lr, "schedule": args.schedule, "seed": args.seed, "limit_train_batches": args.limit, "seconds": time.time() - t0,
+        "lr": args.lr, "schedule": args.schedule, "seed": args.seed, "limit_train_batches": args.limit, "seconds": timer.seconds_before + time.time() - t0,
         "step_ms_median": timer.median_ms(), "threads": torch.get_num_threads(),
+        **({"resumed_at_epoch": start} if start else {}),
         "date": str(datetime.date.today()), "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
         "torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
         "command": args.command,
     }
 
 
-def run_point(args, h: float, w: float, dm: CIFAR10DataModule) -> dict:
+def run_point(args, h: float, w: float, dm: CIFAR10DataModule, run_dir: Path | None = None) -> dict:
     """Stages 2 and 3 in one fit (epoch windows), then the baselines at the same K_l."""
     t0 = time.time()
     pl.seed_everything(args.seed)
@@ -239,11 +294,11 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule) -> dict:
                            reassign=args.reassign, max_bits_overrides=_edge_patterns(args))
     timer = StepTimer()
     phases, before, after = _phases(dm, e2, refine)
-    _trainer(e2 + args.refine_epochs, [soft, *phases, timer], args.limit).fit(module, datamodule=dm)
+    start = _fit(module, dm, e2 + args.refine_epochs, [soft, *phases, timer], args.limit, run_dir)
     ks = {n.removeprefix("model."): r.k for n, r in refine.snapper.reports.items() if r.snapped}
     summary = refine.snapper.summary()
     return _row(
-        args, "softquant", module, dm, ks, timer, t0, h=h, w=w, target_step=args.target_step,
+        args, "softquant", module, dm, ks, timer, t0, start, h=h, w=w, target_step=args.target_step,
         bits_weighted=summary["bits_weighted"], bits_mean=summary["bits_mean"], entropy_weighted=summary["entropy_weighted"],
         k_per_layer={n: r.k for n, r in refine.snapper.reports.items()},
         kept_fp32=[n for n, r in refine.snapper.reports.items() if not r.snapped],
@@ -309,7 +364,7 @@ def _args_key(args, target_step=None, placement="mean") -> tuple:
             args.max_bits, args.restart_at_snap, args.reassign, *_options_key(_options(args)))
 
 
-def run_codebook(args, bits: int, dm: CIFAR10DataModule) -> dict:
+def run_codebook(args, bits: int, dm: CIFAR10DataModule, run_dir: Path | None = None) -> dict:
     """Method B for the coupling epochs, then snap to its representatives and refine."""
     t0 = time.time()
     pl.seed_everything(args.seed)
@@ -322,15 +377,16 @@ def run_codebook(args, bits: int, dm: CIFAR10DataModule) -> dict:
     )  # method B ends by snapping to its representatives, whatever the error
     timer = StepTimer()
     phases, before, after = _phases(dm, e2, refine)
-    _trainer(e2 + args.refine_epochs, [cb, *phases, timer], args.limit).fit(module, datamodule=dm)
+    start = _fit(module, dm, e2 + args.refine_epochs, [cb, *phases, timer], args.limit, run_dir)
     ks = {n.removeprefix("model."): r.k for n, r in refine.snapper.reports.items() if r.snapped}
-    return _row(args, "codebook", module, dm, ks, timer, t0, n_bits=bits, lam=args.codebook_lam,
+    return _row(args, "codebook", module, dm, ks, timer, t0, start, n_bits=bits, lam=args.codebook_lam,
                 kept_fp32=[n for n, r in refine.snapper.reports.items() if not r.snapped],
                 acc_coupled=before.acc, acc_snapped=after.acc,
                 **({"restart_at_snap": True} if args.restart_at_snap else {}), **({"reassign": True} if args.reassign else {}))
 
 
-def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFAR10DataModule) -> dict:
+def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFAR10DataModule,
+                run_dir: Path | None = None) -> dict:
     """A post-training quantizer given the same tied refinement and the same budget.
 
     The full-precision model is quantized by ``quantizer`` (HEQ, optimal k-means or uniform) at
@@ -363,13 +419,13 @@ def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFA
     recalibrate_batchnorm(module, dm.train_dataloader(), 100)
     acc_snapped = accuracy(module.model, dm.val_dataloader())
     timer = StepTimer()
-    _trainer(args.couple_epochs + args.refine_epochs, [refine, timer], args.limit).fit(module, datamodule=dm)
+    start = _fit(module, dm, args.couple_epochs + args.refine_epochs, [refine, timer], args.limit, run_dir)
     ks = {n.removeprefix("model."): r.k for n, r in refine.snapper.reports.items()}
     # The same accounting as the soft quantization row: its fp32 layers count as 32 bits.
     sizes = {n: params[n].numel() for n in source["k_per_layer"]}
     bits = {n: 32.0 if n in source["kept_fp32"] else refine.snapper.reports[n].bits for n in sizes}
     ent = {n: 32.0 if n in source["kept_fp32"] else refine.snapper.reports[n].entropy for n in sizes}
-    return _row(args, f"refined-{quantizer}", module, dm, ks, timer, t0, h=h, w=w,
+    return _row(args, f"refined-{quantizer}", module, dm, ks, timer, t0, start, h=h, w=w,
                 bits_weighted=sum(bits[n] * sizes[n] for n in sizes) / sum(sizes.values()),
                 entropy_weighted=sum(ent[n] * sizes[n] for n in sizes) / sum(sizes.values()),
                 bits_mean=sum(bits.values()) / len(bits),
@@ -379,7 +435,7 @@ def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFA
                 **({"reassign": True} if args.reassign else {}))
 
 
-def run_dkm(args, bits: int, dm: CIFAR10DataModule) -> dict:
+def run_dkm(args, bits: int, dm: CIFAR10DataModule, run_dir: Path | None = None) -> dict:
     """coremltools DKM palettization for all the epochs, then finalize."""
     t0 = time.time()
     pl.seed_everything(args.seed)
@@ -387,20 +443,38 @@ def run_dkm(args, bits: int, dm: CIFAR10DataModule) -> dict:
     edges = {m: args.edge_bits for m in EDGE_LAYERS} if args.edge_bits else {}
     dkm = DKMPalettize(bits, edges)
     timer = StepTimer()
-    _trainer(args.couple_epochs + args.refine_epochs, [dkm, timer], args.limit).fit(module, datamodule=dm)
+    start = _fit(module, dm, args.couple_epochs + args.refine_epochs, [dkm, timer], args.limit, run_dir)
     ks = {n: 2 ** edges.get(n.removesuffix(".weight"), bits) for n, p in module.model.named_parameters() if p.dim() > 1}
-    return _row(args, "dkm", module, dm, ks, timer, t0, n_bits=bits, kept_fp32=[])
+    return _row(args, "dkm", module, dm, ks, timer, t0, start, n_bits=bits, kept_fp32=[])
 
 
-def run_fp(args, dm: CIFAR10DataModule) -> dict:
+def run_fp(args, dm: CIFAR10DataModule, run_dir: Path | None = None) -> dict:
     """The full-precision model trained on for the same epochs, lr and schedule: how much of a
     quantized run's accuracy the extra training alone would give."""
     t0 = time.time()
     pl.seed_everything(args.seed)
     module = _module(args)
     timer = StepTimer()
-    _trainer(args.couple_epochs + args.refine_epochs, [timer], args.limit).fit(module, datamodule=dm)
-    return _row(args, "fp-finetuned", module, dm, {}, timer, t0, bits_weighted=32.0, bits_mean=32.0, kept_fp32=[])
+    start = _fit(module, dm, args.couple_epochs + args.refine_epochs, [timer], args.limit, run_dir)
+    return _row(args, "fp-finetuned", module, dm, {}, timer, t0, start, bits_weighted=32.0, bits_mean=32.0, kept_fp32=[])
+
+
+# Arguments that select which runs to do or where results go, not what a run is.
+_NOT_THE_RUN = {"points", "codebook_bits", "dkm_bits", "controls", "fp_control", "out", "report_only", "archive",
+                "download", "command", "resume_dir"}
+
+
+def _run_dir(args, method: str, spec) -> Path | None:
+    """The directory of one run's resume checkpoint, named by a hash of everything that
+    defines the run (so a changed argument never resumes another run's weights)."""
+    if not args.resume_dir:
+        return None
+    what = {"method": method, "spec": spec, **{k: v for k, v in vars(args).items() if k not in _NOT_THE_RUN}}
+    text = json.dumps(what, sort_keys=True)
+    run_dir = Path(args.resume_dir) / f"{method}-{hashlib.sha1(text.encode()).hexdigest()[:16]}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run.json").write_text(text + "\n")
+    return run_dir
 
 
 def _method(r: dict) -> str:
@@ -818,12 +892,16 @@ def main() -> None:
     ap.add_argument("--archive", default=None)
     ap.add_argument("--download", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "cifar10_tradeoff.jsonl"))
+    ap.add_argument("--resume-dir", default=str(Path(__file__).resolve().parent / "checkpoints" / "runs"),
+                    help="each run writes its last epoch's checkpoint under here and a killed run resumes from it "
+                         "(removed once its row is written); '' to train every run from the start")
     ap.add_argument("--report-only", action="store_true", help="rebuild the table and plot from --out, train nothing")
     args = ap.parse_args()
     if args.limit >= 1:
         args.limit = 1.0 if args.limit == 1 else int(args.limit)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")  # its run.json
     args.command = "python " + " ".join(sys.argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -876,19 +954,22 @@ def main() -> None:
         if any(same(r) for r in done):
             print(f"skip {method} {spec}: already in {out}")
             continue
+        run_dir = _run_dir(args, method, spec)
         if method == "softquant":
             h, w = (float(v) for v in spec.split(":"))
-            row = run_point(args, h, w, dm)
+            row = run_point(args, h, w, dm, run_dir)
         elif method == "codebook":
-            row = run_codebook(args, spec, dm)
+            row = run_codebook(args, spec, dm, run_dir)
         elif method == "fp-finetuned":
-            row = run_fp(args, dm)
+            row = run_fp(args, dm, run_dir)
         elif method.startswith("refined-"):
-            row = run_control(args, method.removeprefix("refined-"), h, w, source[0], dm)
+            row = run_control(args, method.removeprefix("refined-"), h, w, source[0], dm, run_dir)
         else:
-            row = run_dkm(args, spec, dm)
+            row = run_dkm(args, spec, dm, run_dir)
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        if run_dir is not None:  # the row holds the result; the run's own checkpoint is spent
+            shutil.rmtree(run_dir)
         print(json.dumps({k: row.get(k) for k in ("method", "h", "w", "n_bits", "bits_weighted", "acc", "step_ms_median")}), flush=True)
         write_reports(read(), out.parent)
 
