@@ -290,7 +290,8 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule, run_dir: Path | N
                              ramp_steps=args.ramp_steps, ramp_from=args.ramp_from)
     # With a bit budget every layer is snapped to it (as the controls are), whatever its snap error.
     refine = ClusterRefine(snap_epoch=e2, w=w, recalibrate_bn_batches=100, placement=args.placement,
-                           max_bits=args.max_bits, on_unclustered="snap" if args.max_bits else "keep",
+                           max_bits=args.max_bits, max_clusters=args.max_clusters,
+                           on_unclustered="snap" if args.max_bits or args.max_clusters else "keep",
                            reassign=args.reassign, max_bits_overrides=_edge_patterns(args))
     timer = StepTimer()
     phases, before, after = _phases(dm, e2, refine)
@@ -347,6 +348,7 @@ def _ramp(args) -> dict:
     assignments in refinement, the lr restart)."""
     out = {"ramp_steps": args.ramp_steps, "ramp_from": args.ramp_from} if args.ramp_steps else {}
     out = {**out, "max_bits": args.max_bits} if args.max_bits else out
+    out = {**out, "max_clusters": args.max_clusters} if args.max_clusters else out
     out = {**out, "reassign": True} if args.reassign else out
     return {**out, "restart_at_snap": True} if args.restart_at_snap else out
 
@@ -354,14 +356,14 @@ def _ramp(args) -> dict:
 def _soft_key(r: dict) -> tuple:
     """What, besides h, w and the schedule, tells soft quantization rows apart."""
     return (r.get("target_step"), r.get("placement", "mean"), r.get("alpha", 0.66), r.get("ramp_steps", 0),
-            r.get("ramp_from") if r.get("ramp_steps") else None, r.get("max_bits"), r.get("restart_at_snap", False),
+            r.get("ramp_from") if r.get("ramp_steps") else None, r.get("max_bits"), r.get("max_clusters"), r.get("restart_at_snap", False),
             r.get("reassign", False), *_options_key(r))
 
 
 def _args_key(args, target_step=None, placement="mean") -> tuple:
     """``_soft_key`` of the row these arguments would write (or, for a control, read)."""
     return (target_step, placement, args.alpha, args.ramp_steps, args.ramp_from if args.ramp_steps else None,
-            args.max_bits, args.restart_at_snap, args.reassign, *_options_key(_options(args)))
+            args.max_bits, args.max_clusters, args.restart_at_snap, args.reassign, *_options_key(_options(args)))
 
 
 def run_codebook(args, bits: int, dm: CIFAR10DataModule, run_dir: Path | None = None) -> dict:
@@ -494,6 +496,8 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         f", h ramp x{r['ramp_from']:g} over {r['ramp_steps']} steps" if r.get("ramp_steps") else "") + (
         f", source h ramp x{r['source_ramp_from']:g} over {r['source_ramp_steps']} steps" if r.get("source_ramp_steps") else "") + (
         f", at most {r['max_bits']} bit(s) a layer" if r.get("max_bits") else "") + (
+        f", at most {r['max_clusters']} values a layer" if r.get("max_clusters") else "") + (
+        f", source at most {r['source_max_clusters']} values a layer" if r.get("source_max_clusters") else "") + (
         f", source at most {r['source_max_bits']} bit(s) a layer" if r.get("source_max_bits") else "") + (
         ", lr restarted at the snap" if r.get("restart_at_snap") else "") + (
         ", reassigned refinement" if r.get("reassign") else "") + (
@@ -620,7 +624,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
     out += _targets(fp, soft, controls, others, fps, sched)
     out += _relation([r for r in soft if not r.get("target_step") and not r.get("seed")
                       and r.get("placement", "mean") == "mean" and r.get("alpha", 0.66) == 0.66 and not r.get("ramp_steps")
-                      and not r.get("max_bits") and not r.get("restart_at_snap") and not r.get("reassign")
+                      and not r.get("max_bits") and not r.get("max_clusters") and not r.get("restart_at_snap") and not r.get("reassign")
                       and not r.get("distill")])
     cmds = sorted({r.get("command", LEGACY_COMMAND) for r in lines})
     out += ["", "## Commands", "", *[f"- `{c}`" for c in cmds]]
@@ -870,6 +874,9 @@ def main() -> None:
                     help="soft quantization snap: at most 2^max_bits values a layer (optimal k-means of the coupled "
                          "weights where more clusters were found; every layer snapped); --controls then take their "
                          "K_l from such a row")
+    ap.add_argument("--max-clusters", type=int, default=None,
+                    help="soft quantization snap: the budget in values instead of bits (3: ternary layers, "
+                         "ClusterRefine(max_clusters=...)); exclusive with --max-bits")
     ap.add_argument("--restart-at-snap", action="store_true",
                     help="cosine lr restarted at the snap (soft quantization, method B): refinement at a real lr")
     ap.add_argument("--reassign", action="store_true",

@@ -45,7 +45,7 @@ class LayerReport:
 
 def check_snap_args(
     w: float, gap: float, min_cluster_frac: float, merge: str, max_snap_error: float, on_unclustered: str,
-    placement: str = "mean", max_bits: Optional[int] = None,
+    placement: str = "mean", max_bits: Optional[int] = None, max_clusters: Optional[int] = None,
 ) -> None:
     for name, value in (("w", w), ("gap", gap), ("min_cluster_frac", min_cluster_frac), ("max_snap_error", max_snap_error)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -68,6 +68,14 @@ def check_snap_args(
     if max_bits is not None and (isinstance(max_bits, bool) or not isinstance(max_bits, int) or not 1 <= max_bits <= 16):
         raise ValueError(f"`max_bits` must be None (no cap) or an int in [1, 16] (at most 2^max_bits values per "
                          f"layer), got {max_bits!r}.")
+    if max_clusters is not None and (
+        isinstance(max_clusters, bool) or not isinstance(max_clusters, int) or not 2 <= max_clusters <= 1 << 16
+    ):
+        raise ValueError(f"`max_clusters` must be None (no cap) or an int in [2, 65536] (at most that many values per "
+                         f"layer, e.g. 3 for ternary layers), got {max_clusters!r}.")
+    if max_bits is not None and max_clusters is not None:
+        raise ValueError(f"`max_bits` ({max_bits}) and `max_clusters` ({max_clusters}) are the same budget, in bits and "
+                         f"in values: give one of them (max_bits=b is max_clusters=2**b).")
 
 
 class UnclusteredLayerError(RuntimeError):
@@ -122,13 +130,18 @@ class ClusterSnapper:
             produced). The snap error is then checked against ``max_snap_error`` as
             usual (a tight budget may need ``on_unclustered="snap"``). Layers with given
             representatives are not affected.
+        max_clusters: the same budget counted in values instead of bits, for budgets that
+            are not a power of two: ``3`` gives ternary layers (a centre value and one on
+            each side, the low end of a coupling that keeps a cluster at zero), ``log2 3``
+            = 1.58 bits. Exclusive with ``max_bits`` (``max_bits=b`` is
+            ``max_clusters=2**b``).
         max_bits_overrides: per-layer bit budgets: regex (``re.search`` on the full
             parameter name) to bits in ``[1, 16]``; the first matching entry wins over
             ``max_bits``, e.g. ``{"^conv1\\.": 4, "^fc\\.": 4}`` to keep a network's first
             convolution and classifier at up to 16 values while the rest get
             ``max_bits`` (the usual exception of low-bit work: small layers that cost
             little storage and much accuracy). A layer matched here is capped even when
-            ``max_bits`` is ``None``.
+            ``max_bits`` is ``None``; it wins over ``max_clusters`` too.
         reassign: refinement with moving assignments. ``False`` (the paper's refinement):
             assignments stay fixed and each centroid moves by the mean update of its
             members. ``True``: each snapped weight keeps a full-precision latent copy
@@ -154,11 +167,12 @@ class ClusterSnapper:
         max_bits: Optional[int] = None,
         reassign: bool = False,
         max_bits_overrides: Optional[dict[str, int]] = None,
+        max_clusters: Optional[int] = None,
     ) -> None:
-        check_snap_args(w, gap, min_cluster_frac, merge, max_snap_error, on_unclustered, placement, max_bits)
+        check_snap_args(w, gap, min_cluster_frac, merge, max_snap_error, on_unclustered, placement, max_bits, max_clusters)
         if not isinstance(reassign, bool):
             raise ValueError(f"`reassign` must be True or False, got {reassign!r}.")
-        self.placement, self.max_bits, self.reassign = placement, max_bits, reassign
+        self.placement, self.max_bits, self.max_clusters, self.reassign = placement, max_bits, max_clusters, reassign
         self.max_bits_overrides = check_overrides(
             "max_bits_overrides", {} if max_bits_overrides is None else max_bits_overrides, "bits", 1, 16
         )
@@ -180,6 +194,14 @@ class ClusterSnapper:
     def max_bits_for(self, name: str) -> Optional[int]:
         """Bit budget of the parameter ``name``: first matching ``max_bits_overrides``, else ``max_bits``."""
         return first_override(self.max_bits_overrides, name, self.max_bits)
+
+    def max_clusters_for(self, name: str) -> Optional[int]:
+        """Most values the parameter ``name`` may keep: ``2**bits`` of its first matching
+        ``max_bits_overrides``, else ``max_clusters`` or ``2**max_bits``; ``None``: no cap."""
+        bits = first_override(self.max_bits_overrides, name, None)
+        if bits is not None:
+            return 1 << bits
+        return self.max_clusters if self.max_bits is None else 1 << self.max_bits
 
     @torch.no_grad()
     def find(
@@ -211,8 +233,7 @@ class ClusterSnapper:
                 wl = 1.0  # a constant layer: one cluster whatever the threshold
             min_size = max(1, int(self.min_cluster_frac * theta.numel()))
             cl = find_clusters(theta, self.gap * wl, min_size=min_size, merge=self.merge)
-            bits = self.max_bits_for(name)
-            cap = None if bits is None else 1 << bits
+            cap = self.max_clusters_for(name)
             if cap is not None and (cl.k > cap or (cl.k < cap and cl.snap_error(theta) > self.max_snap_error)):
                 cl = _quantized_clusters(theta, cap, "heq" if self.placement == "heq" else "kmeans")
             elif self.placement != "mean" and cl.k > 1:

@@ -97,6 +97,8 @@ class ClusterRefine(Callback):
         max_bits_overrides: per-layer bit budgets, regex on the full parameter name to
             bits; the first match wins over ``max_bits`` (e.g. ``{"conv1\\.weight$": 4}``
             keeps a first convolution at up to 16 values under ``max_bits: 1``).
+        max_clusters: the budget in values instead of bits, for one that is not a
+            power of two (``3``: ternary layers, 1.58 bits); exclusive with ``max_bits``.
         export_path: write the LightningModule's ``state_dict`` with the snapped layers as
             codebook + indices to this file at the end of fit (``None``: no export). A
             relative path is taken inside the run's log directory
@@ -141,6 +143,7 @@ class ClusterRefine(Callback):
         min_size: int = 0,
         max_bits: Optional[int] = None,
         max_bits_overrides: Optional[dict[str, int]] = None,
+        max_clusters: Optional[int] = None,
         export_path: Optional[str] = None,
         export_coding: Literal["packed", "ans"] = "packed",
     ) -> None:
@@ -164,7 +167,7 @@ class ClusterRefine(Callback):
         self.selector = LayerSelector(module_types, include, exclude, min_size)
         self.snapper = ClusterSnapper(
             w, gap, min_cluster_frac, merge, max_snap_error, on_unclustered, self.selector, placement=placement,
-            max_bits=max_bits, reassign=reassign, max_bits_overrides=max_bits_overrides,
+            max_bits=max_bits, reassign=reassign, max_bits_overrides=max_bits_overrides, max_clusters=max_clusters,
         )
         self.snap_epoch = snap_epoch
         self.clusters_from = clusters_from

@@ -625,6 +625,36 @@ def test_max_bits_overrides_give_matched_layers_their_own_budget():
     assert sse == pytest.approx(_best_partition_sse(weights.flatten().tolist(), 4), rel=1e-5)
 
 
+def test_max_clusters_gives_a_budget_that_is_not_a_power_of_two():
+    # Five well-separated clusters with a cap of 3 values (ternary): the least-squared-error
+    # 3-level partition (exhaustive reference), log2(3) bits; a cap the layer fits (5)
+    # keeps the discovered clusters; a max_bits_overrides entry wins over max_clusters.
+    torch.manual_seed(3)
+    centers = torch.tensor([-0.4, -0.2, 0.0, 0.15, 0.35])
+    weights = centers[torch.arange(24) % 5].reshape(4, 6) + 1e-3 * torch.randn(4, 6)
+
+    def net():
+        n = torch.nn.Sequential(torch.nn.Linear(6, 4, bias=False), torch.nn.Linear(6, 4, bias=False))
+        with torch.no_grad():
+            n[0].weight.copy_(weights)
+            n[1].weight.copy_(weights)
+        return n
+
+    model = net()
+    snapper = ClusterSnapper(w=0.3, on_unclustered="snap", merge="none", max_clusters=3, max_bits_overrides={r"^1\.": 1})
+    assert (snapper.max_clusters_for("0.weight"), snapper.max_clusters_for("1.weight")) == (3, 2)
+    reps = snapper.snap(model)
+    assert (reps["0.weight"].k, reps["1.weight"].k) == (3, 2)
+    assert reps["0.weight"].bits == pytest.approx(math.log2(3))
+    assert torch.unique(model[0].weight.detach()).numel() == 3
+    for i, k in ((0, 3), (1, 2)):
+        sse = float(((model[i].weight.detach() - weights) ** 2).sum())
+        assert sse == pytest.approx(_best_partition_sse(weights.flatten().tolist(), k), rel=1e-5)
+    model = net()
+    assert ClusterSnapper(w=0.3, on_unclustered="snap", merge="none", max_clusters=5).snap(model)["0.weight"].k == 5
+    assert ClusterSnapper(max_bits=2).max_clusters_for("x") == 4 and ClusterSnapper().max_clusters_for("x") is None
+
+
 def test_max_bits_through_the_refine_callback(tmp_path, pipeline):
     # The last layer gets its own budget (3 bits): it found more clusters than that
     # uncapped (the fixture's run, same seed and schedule) and is cut to 8 values, the
@@ -643,6 +673,24 @@ def test_max_bits_through_the_refine_callback(tmp_path, pipeline):
             assert rep.k <= 2 and rep.bits <= 1
 
 
+def test_max_clusters_through_the_refine_callback(tmp_path):
+    # Ternary layers from a Trainer run, the last layer at its own 3-bit budget; the logged
+    # bit-widths are log2 K_l (1.58 for a ternary layer) and the export reads back exactly.
+    model, refine, _, _ = _pipeline(tmp_path, max_clusters=3, on_unclustered="snap",
+                                    max_bits_overrides={r"^net\.4\.weight$": 3}, export_path=str(tmp_path / "t.safetensors"))
+    params = dict(model.named_parameters())
+    acc = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"scalars": 0})
+    acc.Reload()
+    for name in WEIGHTS:
+        rep = refine.snapper.reports[name]
+        assert rep.snapped and torch.unique(params[name].detach()).numel() == rep.k
+        assert rep.k == (8 if name == "net.4.weight" else 3)
+        assert acc.Scalars(f"sq/bits/{name}")[-1].value == pytest.approx(math.log2(rep.k))
+    state = load_compressed(refine.exported)
+    for name in WEIGHTS:
+        torch.testing.assert_close(state[name], params[name].detach(), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -657,6 +705,10 @@ def test_max_bits_through_the_refine_callback(tmp_path, pipeline):
         ({"placement": "median"}, "`placement` must be 'mean'"),
         ({"max_bits": 0}, "`max_bits` must be None"),
         ({"max_bits": 2.0}, "`max_bits` must be None"),
+        ({"max_clusters": 1}, r"`max_clusters` must be None \(no cap\) or an int in \[2, 65536\]"),
+        ({"max_clusters": 3.0}, "`max_clusters` must be None"),
+        ({"max_clusters": True}, "`max_clusters` must be None"),
+        ({"max_bits": 2, "max_clusters": 3}, r"`max_bits` \(2\) and `max_clusters` \(3\) are the same budget"),
         ({"max_bits_overrides": {"fc(": 2}}, r"`max_bits_overrides` pattern 'fc\(' is not a valid regex"),
         ({"max_bits_overrides": {"fc": 17}}, r"`max_bits_overrides\['fc'\]` must be an int in \[1, 16\], got 17\."),
         ({"max_bits_overrides": [("fc", 4)]}, r"`max_bits_overrides` must be a dict of regex -> bits, got list\."),
