@@ -594,20 +594,28 @@ def test_max_bits_caps_k_with_the_least_error_partition():
     assert sse == pytest.approx(_best_partition_sse(blob.flatten().tolist(), 4), rel=1e-5)
 
 
+def _five_clusters(seed: int) -> torch.Tensor:
+    """A [4, 6] weight with five well-separated clusters (spread 1e-3)."""
+    torch.manual_seed(seed)
+    centers = torch.tensor([-0.4, -0.2, 0.0, 0.15, 0.35])
+    return centers[torch.arange(24) % 5].reshape(4, 6) + 1e-3 * torch.randn(4, 6)
+
+
+def _two_layers(weights: torch.Tensor) -> torch.nn.Sequential:
+    """Two bias-free linear layers holding the same ``weights``."""
+    n = torch.nn.Sequential(torch.nn.Linear(6, 4, bias=False), torch.nn.Linear(6, 4, bias=False))
+    with torch.no_grad():
+        n[0].weight.copy_(weights)
+        n[1].weight.copy_(weights)
+    return n
+
+
 def test_max_bits_overrides_give_matched_layers_their_own_budget():
     # Two layers with the same five well-separated clusters: the override's layer keeps
     # up to 2^3 (all five, as without a cap), the other is cut to 2^1 by the least-error
     # partition; an override alone (max_bits None) caps only the layer it names.
-    torch.manual_seed(2)
-    centers = torch.tensor([-0.4, -0.2, 0.0, 0.15, 0.35])
-    weights = centers[torch.arange(24) % 5].reshape(4, 6) + 1e-3 * torch.randn(4, 6)
-
-    def net():
-        n = torch.nn.Sequential(torch.nn.Linear(6, 4, bias=False), torch.nn.Linear(6, 4, bias=False))
-        with torch.no_grad():
-            n[0].weight.copy_(weights)
-            n[1].weight.copy_(weights)
-        return n
+    weights = _five_clusters(seed=2)
+    net = lambda: _two_layers(weights)  # noqa: E731
 
     snapper = ClusterSnapper(w=0.3, on_unclustered="snap", merge="none", max_bits=1, max_bits_overrides={r"^1\.": 3})
     assert snapper.max_bits_for("0.weight") == 1 and snapper.max_bits_for("1.weight") == 3
@@ -629,16 +637,8 @@ def test_max_clusters_gives_a_budget_that_is_not_a_power_of_two():
     # Five well-separated clusters with a cap of 3 values (ternary): the least-squared-error
     # 3-level partition (exhaustive reference), log2(3) bits; a cap the layer fits (5)
     # keeps the discovered clusters; a max_bits_overrides entry wins over max_clusters.
-    torch.manual_seed(3)
-    centers = torch.tensor([-0.4, -0.2, 0.0, 0.15, 0.35])
-    weights = centers[torch.arange(24) % 5].reshape(4, 6) + 1e-3 * torch.randn(4, 6)
-
-    def net():
-        n = torch.nn.Sequential(torch.nn.Linear(6, 4, bias=False), torch.nn.Linear(6, 4, bias=False))
-        with torch.no_grad():
-            n[0].weight.copy_(weights)
-            n[1].weight.copy_(weights)
-        return n
+    weights = _five_clusters(seed=3)
+    net = lambda: _two_layers(weights)  # noqa: E731
 
     model = net()
     snapper = ClusterSnapper(w=0.3, on_unclustered="snap", merge="none", max_clusters=3, max_bits_overrides={r"^1\.": 1})
