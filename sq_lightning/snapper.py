@@ -198,10 +198,8 @@ class ClusterSnapper:
     def max_clusters_for(self, name: str) -> Optional[int]:
         """Most values the parameter ``name`` may keep: ``2**bits`` of its first matching
         ``max_bits_overrides``, else ``max_clusters`` or ``2**max_bits``; ``None``: no cap."""
-        bits = first_override(self.max_bits_overrides, name, None)
-        if bits is not None:
-            return 1 << bits
-        return self.max_clusters if self.max_bits is None else 1 << self.max_bits
+        bits = self.max_bits_for(name)  # max_bits and max_clusters are never both set
+        return self.max_clusters if bits is None else 1 << bits
 
     @torch.no_grad()
     def find(
