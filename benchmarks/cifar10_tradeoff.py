@@ -94,19 +94,25 @@ def _fit(module, dm, epochs: int, callbacks: list, limit: float | int, run_dir: 
     ckpt = [ModelCheckpoint(dirpath=run_dir, filename="last", enable_version_counter=False)] if run_dir else []
     last = run_dir / "last.ckpt" if run_dir else None
     resume = last if last is not None and last.exists() else None
-    start = int(torch.load(resume, map_location="cpu", weights_only=False)["epoch"]) + 1 if resume else 0
-    if resume:
-        print(f"resuming from {resume} (epoch {start} of {epochs} done)", flush=True)
+    clock = EpochClock()
     pl.Trainer(
         max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=bool(ckpt),
-        enable_model_summary=False, enable_progress_bar=False, callbacks=[*callbacks, EpochClock(), *ckpt],
+        enable_model_summary=False, enable_progress_bar=False, callbacks=[*callbacks, clock, *ckpt],
         limit_train_batches=limit, limit_val_batches=0, num_sanity_val_steps=0,
     ).fit(module, datamodule=dm, ckpt_path=resume)
-    return start
+    return clock.start
 
 
 class EpochClock(Callback):
-    """Prints each epoch's wall time: the progress of a long run, read from its log."""
+    """Prints each epoch's wall time: the progress of a long run, read from its log; ``start``
+    is the epoch training began at (after a resume, the first one not in the checkpoint)."""
+
+    start = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = trainer.current_epoch  # the checkpoint, if any, is restored by now
+        if self.start:
+            print(f"resumed from {trainer.ckpt_path} ({self.start} of {trainer.max_epochs} epochs done)", flush=True)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._t = time.perf_counter()
