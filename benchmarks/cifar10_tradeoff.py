@@ -298,7 +298,8 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule, run_dir: Path | N
     refine = ClusterRefine(snap_epoch=e2, w=w, recalibrate_bn_batches=100, placement=args.placement,
                            max_bits=args.max_bits, max_clusters=args.max_clusters,
                            on_unclustered="snap" if args.max_bits or args.max_clusters else "keep",
-                           reassign=args.reassign, max_bits_overrides=_edge_patterns(args))
+                           reassign=args.reassign, max_bits_overrides=_edge_patterns(args),
+                           snap_ramp_steps=args.snap_ramp_steps, snap_ramp_from=args.snap_ramp_from)
     timer = StepTimer()
     phases, before, after = _phases(dm, e2, refine)
     start = _fit(module, dm, e2 + args.refine_epochs, [soft, *phases, timer], args.limit, run_dir)
@@ -309,7 +310,8 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule, run_dir: Path | N
         bits_weighted=summary["bits_weighted"], bits_mean=summary["bits_mean"], entropy_weighted=summary["entropy_weighted"],
         k_per_layer={n: r.k for n, r in refine.snapper.reports.items()},
         kept_fp32=[n for n, r in refine.snapper.reports.items() if not r.snapped],
-        acc_coupled=before.acc, acc_snapped=after.acc, placement=args.placement, alpha=args.alpha,
+        # A gradual snap leaves the weights as they were at the snap: no "snapped" accuracy.
+        acc_coupled=before.acc, acc_snapped=None if args.snap_ramp_steps else after.acc, placement=args.placement, alpha=args.alpha,
         **_ramp(args),
     )
 
@@ -356,6 +358,7 @@ def _ramp(args) -> dict:
     out = {**out, "max_bits": args.max_bits} if args.max_bits else out
     out = {**out, "max_clusters": args.max_clusters} if args.max_clusters else out
     out = {**out, "reassign": True} if args.reassign else out
+    out = {**out, "snap_ramp_steps": args.snap_ramp_steps, "snap_ramp_from": args.snap_ramp_from} if args.snap_ramp_steps else out
     return {**out, "restart_at_snap": True} if args.restart_at_snap else out
 
 
@@ -363,13 +366,14 @@ def _soft_key(r: dict) -> tuple:
     """What, besides h, w and the schedule, tells soft quantization rows apart."""
     return (r.get("target_step"), r.get("placement", "mean"), r.get("alpha", 0.66), r.get("ramp_steps", 0),
             r.get("ramp_from") if r.get("ramp_steps") else None, r.get("max_bits"), r.get("max_clusters"), r.get("restart_at_snap", False),
-            r.get("reassign", False), *_options_key(r))
+            r.get("reassign", False), r.get("snap_ramp_steps", 0), r.get("snap_ramp_from"), *_options_key(r))
 
 
 def _args_key(args, target_step=None, placement="mean") -> tuple:
     """``_soft_key`` of the row these arguments would write (or, for a control, read)."""
     return (target_step, placement, args.alpha, args.ramp_steps, args.ramp_from if args.ramp_steps else None,
-            args.max_bits, args.max_clusters, args.restart_at_snap, args.reassign, *_options_key(_options(args)))
+            args.max_bits, args.max_clusters, args.restart_at_snap, args.reassign, args.snap_ramp_steps,
+            args.snap_ramp_from if args.snap_ramp_steps else None, *_options_key(_options(args)))
 
 
 def run_codebook(args, bits: int, dm: CIFAR10DataModule, run_dir: Path | None = None) -> dict:
@@ -420,12 +424,15 @@ def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFA
     if not clusters:
         raise SystemExit(f"--controls: the soft quantization row h={h:g} w={w:g} kept every layer fp32; nothing to quantize")
     # Every layer the soft quantization row snapped is snapped here, whatever its error.
-    refine = ClusterRefine(snap_epoch=None, recalibrate_bn_batches=100, on_unclustered="snap", reassign=args.reassign)
+    # A gradual snap (--snap-ramp-steps) is given to the control too: snapped before the fit,
+    # so snap_epoch 0 never snaps again, the weights reach their values over the ramp.
+    refine = ClusterRefine(snap_epoch=0 if args.snap_ramp_steps else None, recalibrate_bn_batches=100, on_unclustered="snap",
+                           reassign=args.reassign, snap_ramp_steps=args.snap_ramp_steps, snap_ramp_from=args.snap_ramp_from)
     refine.snapper.snap(module, clusters=clusters)  # ClusterRefine then ties from the first step
     dm.setup("fit")
     module.to(_device())  # the fit moves it there anyway; the stored clusters follow the weights
     recalibrate_batchnorm(module, dm.train_dataloader(), 100)
-    acc_snapped = accuracy(module.model, dm.val_dataloader())
+    acc_snapped = None if args.snap_ramp_steps else accuracy(module.model, dm.val_dataloader())
     timer = StepTimer()
     start = _fit(module, dm, args.couple_epochs + args.refine_epochs, [refine, timer], args.limit, run_dir)
     ks = {n.removeprefix("model."): r.k for n, r in refine.snapper.reports.items()}
@@ -440,7 +447,8 @@ def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFA
                 kept_fp32=list(source["kept_fp32"]), acc_snapped=acc_snapped, source_acc=source["acc"],
                 source_alpha=source.get("alpha", 0.66),
                 **{f"source_{k}": v for k, v in {**_ramp(args), **_options(args)}.items()},
-                **({"reassign": True} if args.reassign else {}))
+                **({"reassign": True} if args.reassign else {}),
+                **({"snap_ramp_steps": args.snap_ramp_steps, "snap_ramp_from": args.snap_ramp_from} if args.snap_ramp_steps else {}))
 
 
 def run_dkm(args, bits: int, dm: CIFAR10DataModule, run_dir: Path | None = None) -> dict:
@@ -472,12 +480,29 @@ _NOT_THE_RUN = {"points", "codebook_bits", "dkm_bits", "controls", "fp_control",
                 "download", "command", "resume_dir"}
 
 
+# Arguments added after runs became resumable, at the value that runs started before them
+# used: left out of a run's identity at that value, so those runs still resume.
+_LATER_ARGS = {"max_clusters": None, "snap_ramp_steps": 0, "snap_ramp_from": 1e-3}
+
+
+def _identity(what: dict) -> dict:
+    return {k: v for k, v in what.items() if k not in _LATER_ARGS or v != _LATER_ARGS[k]}
+
+
 def _run_dir(args, method: str, spec) -> Path | None:
     """The directory of one run's resume checkpoint, named by a hash of everything that
-    defines the run (so a changed argument never resumes another run's weights)."""
+    defines the run (so a changed argument never resumes another run's weights). A
+    directory whose ``run.json`` describes the same run is reused whatever its name (one
+    written before an argument of ``_LATER_ARGS`` existed)."""
     if not args.resume_dir:
         return None
-    what = {"method": method, "spec": spec, **{k: v for k, v in vars(args).items() if k not in _NOT_THE_RUN}}
+    what = _identity({"method": method, "spec": spec, **{k: v for k, v in vars(args).items() if k not in _NOT_THE_RUN}})
+    for saved in sorted(Path(args.resume_dir).glob(f"{method}-*/run.json")):
+        try:
+            if _identity(json.loads(saved.read_text())) == what:
+                return saved.parent
+        except (OSError, ValueError):
+            continue
     text = json.dumps(what, sort_keys=True)
     run_dir = Path(args.resume_dir) / f"{method}-{hashlib.sha1(text.encode()).hexdigest()[:16]}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -507,6 +532,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         f", source at most {r['source_max_bits']} bit(s) a layer" if r.get("source_max_bits") else "") + (
         ", lr restarted at the snap" if r.get("restart_at_snap") else "") + (
         ", reassigned refinement" if r.get("reassign") else "") + (
+        f", snap spread over {r['snap_ramp_steps']} steps from x{r['snap_ramp_from']:g}" if r.get("snap_ramp_steps") else "") + (
         f", lam {r['lam']:g}" if r.get("lam", 30.0) != 30.0 else "") + (
         ", source lr restarted at the snap" if r.get("source_restart_at_snap") else "") + (
         f", distilled from full precision (weight {r['distill']:g}, T {r['distill_temperature']:g})" if r.get("distill") else "") + (
@@ -888,6 +914,11 @@ def main() -> None:
     ap.add_argument("--reassign", action="store_true",
                     help="refinement with moving assignments (ClusterRefine(reassign=True)): latent weights take the "
                          "updates and join their nearest centroid after each step (soft quantization, method B, controls)")
+    ap.add_argument("--snap-ramp-steps", type=int, default=0,
+                    help="gradual snap (ClusterRefine(snap_ramp_steps=...)): after the snap each weight moves a growing "
+                         "fraction of the way to its cluster's mean per step, reaching the exact tie after this many "
+                         "steps (soft quantization, controls); 0: snap at once")
+    ap.add_argument("--snap-ramp-from", type=float, default=1e-3, help="the first step's fraction of --snap-ramp-steps")
     ap.add_argument("--distill", type=float, default=0.0, metavar="WEIGHT",
                     help="distil every training-time run from the full-precision checkpoint with this weight in (0, 1] "
                          "(ImageClassifier(distill_from=...)); 0: labels only")

@@ -78,6 +78,19 @@ def check_snap_args(
                          f"in values: give one of them (max_bits=b is max_clusters=2**b).")
 
 
+def check_ramp_args(ramp_steps: int, ramp_from: float, reassign: bool, prefix: str = "") -> None:
+    """``prefix``: how the caller names the arguments (``"snap_"`` in :class:`ClusterRefine`)."""
+    steps, start = f"`{prefix}ramp_steps`", f"`{prefix}ramp_from`"
+    if isinstance(ramp_steps, bool) or not isinstance(ramp_steps, int) or ramp_steps < 0:
+        raise ValueError(f"{steps} must be an int >= 0 (0: snap at once), got {ramp_steps!r}.")
+    if isinstance(ramp_from, bool) or not isinstance(ramp_from, (int, float)) or not 0 < ramp_from <= 1:
+        raise ValueError(f"{start} must be a number in (0, 1] (the first step's pull toward the cluster "
+                         f"means; 1e-3 is a good start), got {ramp_from!r}.")
+    if ramp_steps and reassign:
+        raise ValueError(f"{steps} > 0 needs `reassign=False`: the gradual snap pulls each weight toward a "
+                         f"fixed cluster. Set {steps}=0 to refine with moving assignments.")
+
+
 class UnclusteredLayerError(RuntimeError):
     """A layer would be destroyed by snapping and ``on_unclustered="raise"``."""
 
@@ -152,6 +165,18 @@ class ClusterSnapper:
             this is the fixed-assignment refinement; near a boundary, a weight whose
             gradient keeps pushing it across changes cluster. ``K_l`` never grows (a
             cluster that empties keeps its value); costs one copy of the snapped weights.
+        ramp_steps: a gradual snap. ``0`` (default): :meth:`snap` sets every weight to its
+            cluster's value at once. ``> 0``: :meth:`snap` only fixes the partition and the
+            weights stay where they are; each :meth:`tie` (one per optimizer step) then moves
+            every weight a fraction ``β_k`` of the way to the current mean of its cluster,
+            ``β_k = ramp_from ** (1 - min(k / ramp_steps, 1))`` at the k-th tie (k = 0, 1,
+            ...): a pull that grows geometrically to the exact tie (``β = 1``) at tie
+            ``ramp_steps``, so the network follows its weights into the clusters instead of
+            meeting the whole snap error in one step (progressive quantization, as in
+            incremental network quantization, arXiv:1702.03044, but continuous and by
+            distance rather than in weight groups). Fixed assignments only
+            (``reassign=False``). The count of ties is saved in :meth:`state_dict`.
+        ramp_from: ``β_0``, the first tie's pull, in (0, 1].
     """
 
     def __init__(
@@ -168,10 +193,15 @@ class ClusterSnapper:
         reassign: bool = False,
         max_bits_overrides: Optional[dict[str, int]] = None,
         max_clusters: Optional[int] = None,
+        ramp_steps: int = 0,
+        ramp_from: float = 1e-3,
     ) -> None:
         check_snap_args(w, gap, min_cluster_frac, merge, max_snap_error, on_unclustered, placement, max_bits, max_clusters)
         if not isinstance(reassign, bool):
             raise ValueError(f"`reassign` must be True or False, got {reassign!r}.")
+        check_ramp_args(ramp_steps, ramp_from, reassign)
+        self.ramp_steps, self.ramp_from = ramp_steps, float(ramp_from)
+        self.ties = 0  # ties since the snap: the position in the ramp
         self.placement, self.max_bits, self.max_clusters, self.reassign = placement, max_bits, max_clusters, reassign
         self.max_bits_overrides = check_overrides(
             "max_bits_overrides", {} if max_bits_overrides is None else max_bits_overrides, "bits", 1, 16
@@ -190,6 +220,19 @@ class ClusterSnapper:
     @property
     def snapped(self) -> bool:
         return bool(self.reports)
+
+    def pull(self) -> float:
+        """``β`` of the next :meth:`tie`: the fraction of the way to its cluster's mean that
+        each weight moves (1: the exact tie; always 1 without a ramp)."""
+        if self.ties >= self.ramp_steps:
+            return 1.0
+        return self.ramp_from ** (1.0 - self.ties / self.ramp_steps)
+
+    @property
+    def exact(self) -> bool:
+        """Whether the snapped layers hold exactly their cluster values (no ramp, or the
+        ramp has reached its exact tie)."""
+        return self.ties > self.ramp_steps or self.ramp_steps == 0
 
     def max_bits_for(self, name: str) -> Optional[int]:
         """Bit budget of the parameter ``name``: first matching ``max_bits_overrides``, else ``max_bits``."""
@@ -296,8 +339,9 @@ class ClusterSnapper:
                 values = cl.values(p.dtype).reshape(p.shape)
             if self.reassign:
                 self.latent[name] = p.detach().float().clone()
-            p.copy_(values)
-        self.clusters, self.reports = keep, reports
+            if not self.ramp_steps:
+                p.copy_(values)  # with a ramp the weights reach their values over the ties
+        self.clusters, self.reports, self.ties = keep, reports, 0
         return reports
 
     @torch.no_grad()
@@ -309,9 +353,12 @@ class ClusterSnapper:
         the mean update of its members: weight sharing. The clusters move to their
         weights' device on the first call (after a resume they are loaded on the
         CPU) and stay there, and the cluster sizes are not counted again: on a GPU
-        the tie is queued without a single host sync.
+        the tie is queued without a single host sync. With ``ramp_steps`` the weights
+        move only the fraction :meth:`pull` of the way to the means, until the ramp ends.
         """
         params = dict(model.named_parameters())
+        beta = self.pull()
+        self.ties += 1
         sharded: list[tuple[str, Clusters, Tensor]] = []
         for name, cl in self.clusters.items():
             p = params[name]
@@ -326,9 +373,16 @@ class ClusterSnapper:
                 continue
             a = cl.assignments
             cl.centroids = tie_to_clusters(p, a, cl.k, cl.counts)
-            p.copy_(cl.centroids[a].to(p.dtype).reshape(p.shape))
+            _pull_to(p, cl.centroids[a].reshape(p.shape), beta)
         if sharded:
-            self._tie_sharded(sharded)
+            self._tie_sharded(sharded, beta)
+
+    def finish(self, model: nn.Module) -> None:
+        """Ends a gradual snap that has not reached its exact tie: one exact :meth:`tie`,
+        after which every snapped layer holds its ``K_l`` values. Nothing to do otherwise."""
+        if self.clusters and not self.exact:
+            self.ties = self.ramp_steps
+            self.tie(model)
 
     def _reassign(self, name: str, cl: Clusters, p: Tensor) -> None:
         """One refinement step with moving assignments (see ``reassign``); no host sync."""
@@ -361,7 +415,7 @@ class ClusterSnapper:
             cl.centroids = cl.centroids.to(local.device)
         return local
 
-    def _tie_sharded(self, layers: list[tuple[str, Clusters, Tensor]]) -> None:
+    def _tie_sharded(self, layers: list[tuple[str, Clusters, Tensor]], beta: float = 1.0) -> None:
         """:meth:`tie` for layers sharded across ranks: the same arithmetic as one process,
         each rank summing its slice per cluster and one all-reduce per shard group."""
         groups: dict[int, list[tuple[str, Clusters, Tensor]]] = {}
@@ -389,7 +443,7 @@ class ClusterSnapper:
                     cl.assignments, cl.counts = a.reshape(local.shape), counts
                 else:
                     cl.centroids = (next(totals) / cl.counts.clamp_min(1).double()).float()
-                local.copy_(cl.centroids[cl.assignments].to(local.dtype))
+                _pull_to(local, cl.centroids[cl.assignments], beta)
 
     def _latent_of(self, name: str) -> Tensor:
         latent = self.latent.get(name)
@@ -464,6 +518,7 @@ class ClusterSnapper:
                 for n, c in self.clusters.items()
             },
             "reports": {n: vars(r).copy() for n, r in self.reports.items()},
+            "ties": self.ties,
             **({"latent": {n: self._whole(n, t).cpu() for n, t in self.latent.items()}} if self.latent else {}),
         }
 
@@ -473,6 +528,8 @@ class ClusterSnapper:
         }
         self.reports = {n: LayerReport(**r) for n, r in state.get("reports", {}).items()}
         self.latent = {n: t.float() for n, t in state.get("latent", {}).items()}
+        # A state written before the gradual snap existed was snapped at once: no ramp left.
+        self.ties = int(state.get("ties", self.ramp_steps + 1))
         self._shards = {}  # whole-layer state: sharded layers are cut to their slice at the next tie
         missing = sorted(set(self.clusters) - set(self.latent))
         if self.reassign and self.clusters and missing:
@@ -493,6 +550,14 @@ def _sharded_snap_error(local: Tensor, centroids: Tensor, assignments: Tensor, s
     diff = t - centroids.to(t.device).double()[assignments]
     err2, norm2 = (float(x) for x in all_reduce_sum([diff.square().sum().reshape(1), t.square().sum().reshape(1)], spec.group))
     return math.sqrt(err2) / math.sqrt(norm2) if norm2 > 0 else 0.0
+
+
+def _pull_to(p: Tensor, values: Tensor, beta: float) -> None:
+    """Moves ``p`` a fraction ``beta`` of the way to ``values`` (``beta=1``: copies them exactly)."""
+    if beta >= 1.0:
+        p.copy_(values.to(p.dtype))
+    else:
+        p.lerp_(values.to(p.dtype), beta)
 
 
 def _cluster_sums(values: Tensor, assignments: Tensor, k: int) -> Tensor:

@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -26,7 +26,7 @@ from sq_lightning.export import _write as write_state
 from sq_lightning.layers import LayerSelector
 from sq_lightning.ops.clustering import MergePolicy
 from sq_lightning.sharding import is_sharded
-from sq_lightning.snapper import ClusterSnapper, OnUnclustered, Placement
+from sq_lightning.snapper import ClusterSnapper, OnUnclustered, Placement, check_ramp_args
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,19 @@ class ClusterRefine(Callback):
             keeps a first convolution at up to 16 values under ``max_bits: 1``).
         max_clusters: the budget in values instead of bits, for one that is not a
             power of two (``3``: ternary layers, 1.58 bits); exclusive with ``max_bits``.
+        snap_ramp_steps: spread the snap over this many training batches (the tie runs
+            after each one; optimizer steps without gradient accumulation); ``0``: at once.
+            The snap then fixes the clusters (``K_l``, assignments; the reported bits and
+            snap errors are those of this partition) but leaves the weights where they are,
+            and after each batch every weight moves a fraction ``β`` of the way to
+            its cluster's current mean, ``β`` growing geometrically from
+            ``snap_ramp_from`` to 1 over ``snap_ramp_steps`` batches; from then on the tie is
+            exact. BatchNorm statistics follow the weights during the ramp (no
+            re-estimation at the snap). A ramp that has not ended when fit ends is finished
+            there with one exact tie (and a re-estimation, and a warning). Logged as
+            ``sq/snap_pull``. Needs ``refine=True``, ``reassign=False`` and a ``snap_epoch``;
+            see :class:`~sq_lightning.snapper.ClusterSnapper` (``ramp_steps``).
+        snap_ramp_from: ``β`` of the first step after the snap, in (0, 1].
         export_path: write the LightningModule's ``state_dict`` with the snapped layers as
             codebook + indices to this file at the end of fit (``None``: no export). A
             relative path is taken inside the run's log directory
@@ -144,10 +157,18 @@ class ClusterRefine(Callback):
         max_bits: Optional[int] = None,
         max_bits_overrides: Optional[dict[str, int]] = None,
         max_clusters: Optional[int] = None,
+        snap_ramp_steps: int = 0,
+        snap_ramp_from: float = 1e-3,
         export_path: Optional[str] = None,
         export_coding: Literal["packed", "ans"] = "packed",
     ) -> None:
         super().__init__()
+        check_ramp_args(snap_ramp_steps, snap_ramp_from, reassign, prefix="snap_")
+        if snap_ramp_steps and (not refine or snap_epoch is None):
+            raise ValueError(
+                f"`snap_ramp_steps` > 0 spreads the snap over the training steps after it: it needs `refine=True` and "
+                f"a `snap_epoch` (got refine={refine!r}, snap_epoch={snap_epoch!r}). Set `snap_ramp_steps=0` to snap at once."
+            )
         if snap_epoch is not None and (isinstance(snap_epoch, bool) or not isinstance(snap_epoch, int) or snap_epoch < 0):
             raise ValueError(f"`snap_epoch` must be an int >= 0 or None (snap at fit end), got {snap_epoch!r}.")
         if clusters_from not in ("gaps", "codebook"):
@@ -168,6 +189,7 @@ class ClusterRefine(Callback):
         self.snapper = ClusterSnapper(
             w, gap, min_cluster_frac, merge, max_snap_error, on_unclustered, self.selector, placement=placement,
             max_bits=max_bits, reassign=reassign, max_bits_overrides=max_bits_overrides, max_clusters=max_clusters,
+            ramp_steps=snap_ramp_steps, ramp_from=snap_ramp_from,
         )
         self.snap_epoch = snap_epoch
         self.clusters_from = clusters_from
@@ -215,6 +237,14 @@ class ClusterRefine(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.snapped:
             self._run_snap(trainer, pl_module, recalibrate=True)
+        elif not self.snapper.exact:
+            rank_zero_warn(
+                f"ClusterRefine: fit ended {self.snapper.ramp_steps - self.snapper.ties + 1} steps before the gradual "
+                "snap reached its exact tie: finishing it now, at once (and re-estimating BatchNorm). Lower "
+                "`snap_ramp_steps` below the steps left after `snap_epoch` to let the network follow the whole ramp."
+            )
+            self.snapper.finish(pl_module)
+            self._recalibrate(trainer, pl_module)
         self.snapper.refresh_reports()
         scores = "  ".join(f"{k}={float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/"))
         rank_zero_info("ClusterRefine: final per-layer bit-widths\n" + self.snapper.table() + (f"\nlast validation: {scores}" if scores else ""))
@@ -294,17 +324,21 @@ class ClusterRefine(Callback):
         # makes that a guarantee rather than a property of floating-point determinism.
         clusters = trainer.strategy.broadcast(clusters, src=0)
         self.snapper.snap(pl_module, clusters=clusters)
-        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules())
-        if recalibrate and has_bn and self.recalibrate_bn_batches and trainer.train_dataloader is not None:
-            from sq_lightning.models.batchnorm import recalibrate_batchnorm
-
-            recalibrate_batchnorm(pl_module, trainer.train_dataloader, self.recalibrate_bn_batches, device=pl_module.device)
+        if recalibrate and self.snapper.exact:  # a gradual snap has not moved the weights yet
+            self._recalibrate(trainer, pl_module)
         log_histograms(trainer, self._weights(pl_module), "sq/weights_snapped")
         log_scalars(trainer, self._metrics())
         rank_zero_info(f"ClusterRefine: snapped at epoch {trainer.current_epoch}\n" + self.snapper.table())
 
+    def _recalibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules())
+        if has_bn and self.recalibrate_bn_batches and trainer.train_dataloader is not None:
+            from sq_lightning.models.batchnorm import recalibrate_batchnorm
+
+            recalibrate_batchnorm(pl_module, trainer.train_dataloader, self.recalibrate_bn_batches, device=pl_module.device)
+
     def _metrics(self) -> dict[str, float]:
-        out: dict[str, float] = {}
+        out: dict[str, float] = {"sq/snap_pull": self.snapper.pull()} if self.snapper.ramp_steps else {}
         for name, r in self.snapper.reports.items():
             out[f"sq/bits/{name}"] = r.bits
             out[f"sq/clusters/{name}"] = float(r.k)

@@ -691,6 +691,135 @@ def test_max_clusters_through_the_refine_callback(tmp_path):
         torch.testing.assert_close(state[name], params[name].detach(), rtol=0, atol=0)
 
 
+def _pull_reference(w: torch.Tensor, centers: torch.Tensor, beta: float) -> torch.Tensor:
+    """Independent of the snapper, in float64: each weight of ``w`` moves ``beta`` of the way
+    to the mean of the weights that share its nearest entry of ``centers``."""
+    w = w.double()
+    labels = (w.reshape(-1, 1) - centers.double()).abs().argmin(1).reshape(w.shape)
+    means = torch.stack([w[labels == j].mean() for j in range(len(centers))])
+    return w + beta * (means[labels] - w)
+
+
+def test_gradual_snap_follows_its_ramp_to_the_exact_tie():
+    # The snap leaves the weights alone and fixes the same partition as an immediate snap;
+    # tie k moves every weight ramp_from**(1 - k/steps) of the way to its cluster's current
+    # mean (checked against a float64 reference at every tie, with an optimizer-like step
+    # between ties); tie `steps` is exact (K values). A state saved mid-ramp resumes at the
+    # same point of the ramp.
+    torch.manual_seed(0)
+    centers = torch.tensor([-0.4, -0.2, 0.0, 0.15, 0.35])
+    weights = centers[torch.arange(24) % 5].reshape(4, 6) + 0.02 * torch.randn(4, 6)
+    model, at_once = _two_layers(weights), _two_layers(weights)
+    kw = dict(w=0.3, on_unclustered="snap", merge="none")
+    snapper = ClusterSnapper(**kw, ramp_steps=4, ramp_from=0.01)
+    immediate = ClusterSnapper(**kw)
+    reps, reps_now = snapper.snap(model), immediate.snap(at_once)
+    assert torch.equal(model[0].weight.detach(), weights) and not snapper.exact  # not moved yet
+    assert {n: r.k for n, r in reps.items()} == {n: r.k for n, r in reps_now.items()} == {"0.weight": 5, "1.weight": 5}
+    for n in reps:
+        assert torch.equal(snapper.clusters[n].assignments, immediate.clusters[n].assignments)
+    assert torch.unique(at_once[0].weight.detach()).numel() == 5
+    saved = None
+    for k in range(6):
+        with torch.no_grad():  # a step: every weight moves on its own
+            for p in model.parameters():
+                p.add_(1e-3 * torch.randn_like(p))
+        if k == 2:
+            saved = (copy.deepcopy(snapper.state_dict()), [p.detach().clone() for p in model.parameters()])
+        beta = 0.01 ** (1 - k / 4) if k < 4 else 1.0
+        assert snapper.pull() == pytest.approx(beta, rel=1e-12)
+        expect = [_pull_reference(p.detach(), centers, beta) for p in model.parameters()]
+        snapper.tie(model)
+        for p, e in zip(model.parameters(), expect):
+            torch.testing.assert_close(p.detach().double(), e, rtol=0, atol=1e-7)
+        assert snapper.exact == (k >= 4)
+        assert (torch.unique(model[0].weight.detach()).numel() == 5) == (k >= 4)
+
+    resumed, model2 = ClusterSnapper(**kw, ramp_steps=4, ramp_from=0.01), _two_layers(weights)
+    resumed.load_state_dict(saved[0])
+    with torch.no_grad():
+        for p, v in zip(model2.parameters(), saved[1]):
+            p.copy_(v)
+    assert resumed.pull() == pytest.approx(0.01 ** 0.5, rel=1e-12)
+    expect = [_pull_reference(p.detach(), centers, 0.01 ** 0.5) for p in model2.parameters()]
+    resumed.tie(model2)
+    for p, e in zip(model2.parameters(), expect):
+        torch.testing.assert_close(p.detach().double(), e, rtol=0, atol=1e-7)
+    old_state = {k: v for k, v in saved[0].items() if k != "ties"}  # written before the ramp existed
+    legacy = ClusterSnapper(**kw, ramp_steps=4)
+    legacy.load_state_dict(old_state)
+    assert legacy.exact and legacy.pull() == 1.0
+    finished = ClusterSnapper(**kw, ramp_steps=4, ramp_from=0.01)
+    finished.load_state_dict(saved[0])
+    finished.finish(model2)  # the rest of the ramp at once
+    assert finished.exact and all(torch.unique(p.detach()).numel() == 5 for p in model2.parameters())
+
+
+class _UniqueAtSnap(pl.Callback):
+    """Distinct values of the first layer right after the snap epoch starts, and per batch."""
+
+    def __init__(self, snap_epoch: int):
+        self.snap_epoch, self.at_snap, self.per_batch = snap_epoch, None, []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.snap_epoch:
+            self.at_snap = torch.unique(pl_module.net[0].weight.detach()).numel()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch >= self.snap_epoch:
+            self.per_batch.append(torch.unique(pl_module.net[0].weight.detach()).numel())
+
+
+def test_gradual_snap_through_the_refine_callback(tmp_path):
+    # A Trainer run with the snap spread over 30 batches (of the 88 left after the snap):
+    # the snap epoch starts with the coupled weights, the first layer reaches its K values
+    # at batch 31 and keeps them, the pull is logged, and the export reads back exactly.
+    watch = _UniqueAtSnap(snap_epoch=18)
+    model, refine, _, _ = _pipeline(tmp_path, extra=[watch], on_unclustered="snap", snap_ramp_steps=30, snap_ramp_from=0.01,
+                                    export_path=str(tmp_path / "g.safetensors"))
+    k0 = refine.snapper.reports["net.0.weight"].k
+    assert watch.at_snap > 10 * k0  # the snap fixed the clusters, not the weights
+    assert all(u > k0 for u in watch.per_batch[:30]) and all(u == k0 for u in watch.per_batch[30:])
+    assert len(watch.per_batch) == 88
+    params = dict(model.named_parameters())
+    for name in WEIGHTS:
+        assert torch.unique(params[name].detach()).numel() == refine.snapper.reports[name].k
+    acc = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"scalars": 0})
+    acc.Reload()
+    pulls = [e.value for e in acc.Scalars("sq/snap_pull")]
+    assert pulls[0] == pytest.approx(0.01) and pulls[-1] == 1.0
+    state = load_compressed(refine.exported)
+    for name in WEIGHTS:
+        torch.testing.assert_close(state[name], params[name].detach(), rtol=0, atol=0)
+
+
+def test_gradual_snap_longer_than_the_fit_is_finished_at_fit_end(tmp_path):
+    with pytest.warns(UserWarning, match="fit ended 13 steps before the gradual snap reached its exact tie"):
+        model, refine, _, _ = _pipeline(tmp_path, logger=False, on_unclustered="snap", snap_ramp_steps=100)
+    params = dict(model.named_parameters())
+    assert refine.snapper.exact
+    for name in WEIGHTS:
+        assert torch.unique(params[name].detach()).numel() == refine.snapper.reports[name].k
+
+
+def test_resume_during_a_gradual_snap_is_exact(tmp_path):
+    # Snap at epoch 3 spread over 40 batches (22 per epoch): the checkpoint of epoch 3 is
+    # mid-ramp; resuming from it ends where the unbroken run ends, bit for bit.
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    kw = dict(snap_epoch=3, start_epoch=0, logger=False, bn=True, shuffle=False, on_unclustered="snap", snap_ramp_steps=40)
+    full, _, _, _ = _pipeline(tmp_path, epochs=6, **kw)
+    _pipeline(tmp_path, epochs=4, extra=[ckpt], **kw)
+    pl.seed_everything(0)
+    train, val = digits_loaders(shuffle=False)
+    resumed = TinyNet(bn=True)
+    refine = ClusterRefine(snap_epoch=3, w=0.45, recalibrate_bn_batches=20, on_unclustered="snap", snap_ramp_steps=40)
+    cbs = [SoftQuantCallback(h=2e-3, w=0.45, stop_epoch=3), refine]
+    trainer(max_epochs=6, callbacks=cbs).fit(resumed, train, val, ckpt_path=str(tmp_path / "ck" / "epoch=3.ckpt"))
+    assert refine.snapper.exact
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -715,6 +844,13 @@ def test_max_clusters_through_the_refine_callback(tmp_path):
         ({"max_bits_overrides": []}, r"`max_bits_overrides` must be a dict of regex -> bits, got list\."),
         ({"recalibrate_bn_batches": -1}, "`recalibrate_bn_batches` must be an int >= 0"),
         ({"reassign": "yes"}, "`reassign` must be True or False"),
+        ({"snap_ramp_steps": -1}, r"`snap_ramp_steps` must be an int >= 0 \(0: snap at once\)"),
+        ({"snap_ramp_steps": 2.5}, "`snap_ramp_steps` must be an int"),
+        ({"snap_ramp_from": 0.0}, r"`snap_ramp_from` must be a number in \(0, 1\]"),
+        ({"snap_ramp_from": 1.5}, r"`snap_ramp_from` must be a number in \(0, 1\]"),
+        ({"snap_ramp_steps": 5, "reassign": True}, "`snap_ramp_steps` > 0 needs `reassign=False`"),
+        ({"snap_ramp_steps": 5, "refine": False}, r"needs `refine=True` and a `snap_epoch` \(got refine=False"),
+        ({"snap_ramp_steps": 5, "snap_epoch": None}, r"needs `refine=True` and a `snap_epoch` \(got refine=True, snap_epoch=None"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -142,13 +142,17 @@ def _full(net):
     return {n: p.detach().full_tensor().clone() for n, p in net.named_parameters()}
 
 
+# Fixed assignments, moving ones, and a gradual snap that reaches its exact tie at the fourth tie.
+_SNAP_MODES = {"fixed": {}, "reassign": {"reassign": True}, "ramp": {"ramp_steps": 3, "ramp_from": 0.1}}
+
+
 def _snapper_worker(rank, port, out):
     from sq_lightning.snapper import ClusterSnapper
 
     with _process_group(rank, port):
         results = {}
-        for reassign in (False, True):
-            kwargs = dict(max_bits=2, on_unclustered="snap", reassign=reassign)
+        for mode, extra in _SNAP_MODES.items():
+            kwargs = dict(max_bits=2, on_unclustered="snap", **extra)
             ref, net = _uneven_net(), _sharded(_uneven_net())
             ref_snap, snap = ClusterSnapper(**kwargs), ClusterSnapper(**kwargs)
             errors = ({n: r.snap_error for n, r in snap.snap(net).items()}, {n: r.snap_error for n, r in ref_snap.snap(ref).items()})
@@ -168,7 +172,7 @@ def _snapper_worker(rank, port, out):
                     ref_snap.tie(ref)
                     snap.tie(net)
                     steps[step] = (_full(net), {n: p.detach().clone() for n, p in ref.named_parameters()})
-            results[reassign] = {
+            results[mode] = {
                 "steps": steps,
                 "snap_errors": errors,
                 "clusters": (snap.export_clusters(), ref_snap.export_clusters()),
@@ -178,14 +182,17 @@ def _snapper_worker(rank, port, out):
         out[rank] = results
 
 
-def test_sharded_tie_and_reassignment_equal_one_process():
+def test_sharded_tie_reassignment_and_gradual_snap_equal_one_process():
     out = _two_ranks(_snapper_worker)
     for rank in (0, 1):
-        for reassign in (False, True):
-            got = out[rank][reassign]
+        for mode in _SNAP_MODES:
+            got = out[rank][mode]
+            reassign = mode == "reassign"
             for step, (sharded, ref) in got["steps"].items():
                 for n in ref:
-                    torch.testing.assert_close(sharded[n], ref[n], rtol=1e-6, atol=1e-7, msg=f"{n} at {step}, reassign={reassign}")
+                    torch.testing.assert_close(sharded[n], ref[n], rtol=1e-6, atol=1e-7, msg=f"{n} at {step}, {mode}")
+                    if mode == "ramp" and n.endswith("weight") and step in ("snap", 0, 1, 2):  # not yet at the cluster values
+                        assert torch.unique(sharded[n]).numel() > 4, (n, step)
             errors, ref_errors = got["snap_errors"]
             assert set(errors) == set(ref_errors) and all(e > 0.01 for e in ref_errors.values())
             for n in ref_errors:  # from the slices with one all-reduce, the whole layer's error
@@ -205,8 +212,8 @@ def test_sharded_tie_and_reassignment_equal_one_process():
                 for n in ref_state["latent"]:
                     torch.testing.assert_close(state["latent"][n], ref_state["latent"][n], rtol=1e-6, atol=1e-7)
     # Weights did change cluster, so the reassigned path was exercised.
-    moved = out[0][True]["clusters"][0]["0.weight"][1]
-    first = out[0][False]["clusters"][0]["0.weight"][1]
+    moved = out[0]["reassign"]["clusters"][0]["0.weight"][1]
+    first = out[0]["fixed"]["clusters"][0]["0.weight"][1]
     assert int((moved != first).sum()) > 50
 
 
