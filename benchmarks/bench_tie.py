@@ -10,6 +10,8 @@ snaps every conv/linear weight of ResNet-20 (``sq_lightning.models.resnet20``) t
 * ``tie, sizes counted each call``: the same arithmetic with a ``bincount`` of the
   assignments on every call (what ``tie`` did before; on CUDA ``bincount`` waits for
   the device to size its output, a host sync per layer per step);
+* ``tie, gradual snap``: ``ClusterRefine(snap_ramp_steps=...)`` during its ramp (each
+  weight moved part of the way to its cluster's mean: a ``lerp`` where the exact tie copies);
 * ``train step``: forward, backward and an SGD step (momentum 0.9) at batch ``--batch``.
 
 Usage::
@@ -51,6 +53,9 @@ def main() -> None:
     snapper.snap(model)
     moving = ClusterSnapper(max_snap_error=10.0, max_bits=bits, on_unclustered="snap", reassign=True)
     moving.snap(moving_model)
+    ramp_model = copy.deepcopy(model)  # a ramp that never ends: every call is a partial pull
+    ramp = ClusterSnapper(max_snap_error=10.0, max_bits=bits, on_unclustered="snap", ramp_steps=10**9)
+    ramp.snap(ramp_model)
     params = dict(model.named_parameters())
     n_weights = sum(params[n].numel() for n in snapper.clusters)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -64,6 +69,10 @@ def main() -> None:
 
     def tie_reassign() -> None:
         moving.tie(moving_model)
+        sync()
+
+    def tie_ramp() -> None:
+        ramp.tie(ramp_model)
         sync()
 
     @torch.no_grad()
@@ -81,7 +90,7 @@ def main() -> None:
         sync()
 
     times = C.alternate({"tie": tie, "tie, sizes counted each call": tie_counting,
-                             "tie, reassign=True": tie_reassign, "train step": step}, args.rounds)
+                             "tie, reassign=True": tie_reassign, "tie, gradual snap": tie_ramp, "train step": step}, args.rounds)
     base = times["train step"]
     lines = C.header(
         "ClusterRefine tie per step, ResNet-20",
