@@ -390,6 +390,11 @@ def export_checkpoint(
             f"`checkpoint` {checkpoint!r} was saved before ClusterRefine snapped (no clusters in its state): "
             "export a checkpoint from after the snap epoch."
         )
+    if not next(iter(states.values()))["snapper"].get("exact", True):
+        raise ValueError(
+            f"`checkpoint` {checkpoint!r} was saved during a gradual snap (ClusterRefine(snap_ramp_steps=...)), before "
+            "its weights reached their cluster values: export a checkpoint from after the ramp; nothing was written."
+        )
     state = ckpt["state_dict"]
     clusters = {}
     for name, c in saved.items():

@@ -519,6 +519,7 @@ class ClusterSnapper:
             },
             "reports": {n: vars(r).copy() for n, r in self.reports.items()},
             "ties": self.ties,
+            "exact": self.exact,  # False: saved during a gradual snap, the weights not yet at their values
             **({"latent": {n: self._whole(n, t).cpu() for n, t in self.latent.items()}} if self.latent else {}),
         }
 

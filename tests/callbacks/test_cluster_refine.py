@@ -818,6 +818,11 @@ def test_resume_during_a_gradual_snap_is_exact(tmp_path):
     assert refine.snapper.exact
     for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n
+    from sq_lightning.export import export_checkpoint
+
+    with pytest.raises(ValueError, match=r"saved during a gradual snap .* export a checkpoint from after the ramp"):
+        export_checkpoint(tmp_path / "ck" / "epoch=3.ckpt", tmp_path / "mid.safetensors")
+    assert not (tmp_path / "mid.safetensors").exists()
 
 
 @pytest.mark.parametrize(
