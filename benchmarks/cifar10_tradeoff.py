@@ -382,7 +382,9 @@ def run_codebook(args, bits: int, dm: CIFAR10DataModule, run_dir: Path | None = 
     pl.seed_everything(args.seed)
     module = _module(args, restart_at_snap=True)
     e2 = args.couple_epochs
-    cb = LearnedCodebook(lam=args.codebook_lam, bits=bits, init="kmeans", stop_epoch=e2,
+    # ``bits`` an int (2^bits representatives) or "k<K>" (K of them, --codebook-k: 3 for ternary layers).
+    k = int(bits[1:]) if isinstance(bits, str) else 2**bits
+    cb = LearnedCodebook(lam=args.codebook_lam, bits=None, k=k, init="kmeans", stop_epoch=e2,
                          k_overrides=_edge_patterns(args, as_k=True))
     refine = ClusterRefine(
         snap_epoch=e2, clusters_from="codebook", recalibrate_bn_batches=100, on_unclustered="snap", reassign=args.reassign
@@ -391,7 +393,8 @@ def run_codebook(args, bits: int, dm: CIFAR10DataModule, run_dir: Path | None = 
     phases, before, after = _phases(dm, e2, refine)
     start = _fit(module, dm, e2 + args.refine_epochs, [cb, *phases, timer], args.limit, run_dir)
     ks = {n.removeprefix("model."): r.k for n, r in refine.snapper.reports.items() if r.snapped}
-    return _row(args, "codebook", module, dm, ks, timer, t0, start, n_bits=bits, lam=args.codebook_lam,
+    return _row(args, "codebook", module, dm, ks, timer, t0, start, n_bits=bits if isinstance(bits, int) else round(math.log2(k), 2),
+                **({"k": k} if isinstance(bits, str) else {}), lam=args.codebook_lam,
                 kept_fp32=[n for n, r in refine.snapper.reports.items() if not r.snapped],
                 acc_coupled=before.acc, acc_snapped=after.acc,
                 **({"restart_at_snap": True} if args.restart_at_snap else {}), **({"reassign": True} if args.reassign else {}))
@@ -476,7 +479,7 @@ def run_fp(args, dm: CIFAR10DataModule, run_dir: Path | None = None) -> dict:
 
 
 # Arguments that select which runs to do or where results go, not what a run is.
-_NOT_THE_RUN = {"points", "codebook_bits", "dkm_bits", "controls", "fp_control", "out", "report_only", "archive",
+_NOT_THE_RUN = {"points", "codebook_bits", "codebook_k", "dkm_bits", "controls", "fp_control", "out", "report_only", "archive",
                 "download", "command", "resume_dir"}
 
 
@@ -722,7 +725,8 @@ def _peer_config(r: dict) -> tuple:
 def _label(r: dict, names: dict) -> tuple[str, str]:
     """A row's method name and what it ran (h and w, or the bits; the epochs)."""
     m = _method(r)
-    what = f"h={r['h']:g}, w={r['w']:g}" if m == "softquant" or m.startswith("refined-") else f"n_bits={r.get('n_bits')}"
+    what = f"h={r['h']:g}, w={r['w']:g}" if m == "softquant" or m.startswith("refined-") else (
+        f"K={r['k']}" if r.get("k") else f"n_bits={r.get('n_bits')}")
     what += f", {r['couple_epochs']}/{r['refine_epochs']} epochs"
     return (f"{m.removeprefix('refined-')} + same tied refinement" if m.startswith("refined-") else names.get(m, m)), what
 
@@ -887,6 +891,8 @@ def main() -> None:
     ap.add_argument("--target-step", type=float, default=None,
                     help="soft quantization: set each h_l from this dimensionless step (h of --points is then unused)")
     ap.add_argument("--codebook-bits", type=int, nargs="*", default=[], help="method B runs at these bits")
+    ap.add_argument("--codebook-k", type=int, nargs="*", default=[],
+                    help="method B runs with this many representatives a layer (3: ternary; LearnedCodebook(k=...))")
     ap.add_argument("--codebook-lam", type=float, default=30.0, help="method B strength")
     ap.add_argument("--dkm-bits", type=int, nargs="*", default=[], help="coremltools DKM runs at these bits")
     ap.add_argument("--controls", nargs="*", default=[], metavar="Q:H:W",
@@ -959,6 +965,7 @@ def main() -> None:
                          "the full-precision control has no bits")
     dm = CIFAR10DataModule(archive=args.archive, download=args.download, batch_size=128, seed=args.seed)
     jobs = [("softquant", p) for p in args.points] + [("codebook", b) for b in args.codebook_bits]
+    jobs += [("codebook", f"k{k}") for k in args.codebook_k]
     jobs += [("dkm", b) for b in args.dkm_bits] + [("control", c) for c in args.controls]
     jobs += [("fp-finetuned", None)] if args.fp_control else []
     for method, spec in jobs:
@@ -991,7 +998,8 @@ def main() -> None:
             if method == "fp-finetuned":
                 return True
             if method == "codebook":
-                return (r["n_bits"] == spec and r.get("restart_at_snap", False) == args.restart_at_snap
+                size = r.get("k") == int(spec[1:]) if isinstance(spec, str) else (r["n_bits"] == spec and "k" not in r)
+                return (size and r.get("restart_at_snap", False) == args.restart_at_snap
                         and r.get("lam", 30.0) == args.codebook_lam and r.get("reassign", False) == args.reassign)
             return r["n_bits"] == spec
 
