@@ -7,7 +7,8 @@ For each ``h:w`` point, starting from the full-precision checkpoint:
 
 1. soft quantization (``SoftQuantCallback``) for ``--couple-epochs`` at a constant lr;
 2. snap + BatchNorm recalibration + refinement (``ClusterRefine``) for ``--refine-epochs``
-   (assignments fixed; with ``--reassign``, latent weights that may change cluster);
+   (assignments fixed; with ``--reassign``, latent weights that may change cluster; with
+   ``--snap-ramp-steps N``, the snap spread over the first ``N`` refinement steps);
 3. post-training baselines of the full-precision model at the same per-layer ``K_l``:
    HEQ, optimal 1-D k-means and uniform, each without and with BatchNorm recalibration.
 
@@ -16,6 +17,7 @@ The other training-time methods, same start, same lr and the same number of epoc
 * ``--codebook-bits B``: method B (``LearnedCodebook``, learned representatives,
   ``K = 2^B`` per layer) for ``--couple-epochs``, then snap to the representatives
   and refine (``ClusterRefine(clusters_from="codebook")``) for ``--refine-epochs``;
+  ``--codebook-k K`` the same with ``K`` representatives (3: ternary layers, 1.58 bits);
 * ``--dkm-bits B``: coremltools' training-time palettization (DKM,
   ``coremltools.optimize.torch.palettization.DKMPalettizer``, ``n_bits=B`` on every
   conv/linear weight) for all ``couple + refine`` epochs, then ``finalize()``.
@@ -376,7 +378,7 @@ def _args_key(args, target_step=None, placement="mean") -> tuple:
             args.snap_ramp_from if args.snap_ramp_steps else None, *_options_key(_options(args)))
 
 
-def run_codebook(args, bits: int, dm: CIFAR10DataModule, run_dir: Path | None = None) -> dict:
+def run_codebook(args, bits: int | str, dm: CIFAR10DataModule, run_dir: Path | None = None) -> dict:
     """Method B for the coupling epochs, then snap to its representatives and refine."""
     t0 = time.time()
     pl.seed_everything(args.seed)
