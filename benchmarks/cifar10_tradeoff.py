@@ -42,7 +42,8 @@ the callbacks' state) under ``--resume-dir`` and a killed run continues from the
 finished point is appended as one JSON line to
 ``benchmarks/results/cifar10_tradeoff.jsonl`` and skipped on the next run; the
 markdown table ``cifar10_tradeoff.md`` and the plot ``cifar10_tradeoff.png`` are
-rebuilt from all lines after each point. Data: the offline archive (see
+rebuilt from all lines after each point; the markdown opens with the best configuration of
+each method (mean over its seeds) under 1, 1.6, 2 and 4 weighted bits. Data: the offline archive (see
 ``CIFAR10DataModule``) or torchvision's download with ``--download``.
 """
 
@@ -564,6 +565,9 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         "| h (or target_step S) | w | bits (weighted) | bits (mean) | entropy (weighted) | layers kept fp32 | coupled | snapped | soft quant + refine | degradation | HEQ | HEQ+BN | k-means | k-means+BN | uniform | uniform+BN | step ms | epochs (couple/refine) | date, device |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    fps = sorted((r for r in lines if _method(r) == "fp-finetuned"), key=lambda r: r["couple_epochs"] + r["refine_epochs"])
+    glance = _summary(fp, lines, fps, sched)
+    out[out.index("## Soft quantization + refinement (SoftQuantCallback, ClusterRefine)"):0] = glance
     soft = sorted((r for r in lines if _method(r) == "softquant"), key=lambda r: (r["w"], r["h"], r["couple_epochs"]))
     for r in soft:
         b = {x["method"].split(" ")[0]: x for x in r["baselines"]}
@@ -595,7 +599,6 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
                 f"{phase(r, 'acc_snapped')} | {r['acc']:.4f} | {r['source_acc']:.4f} | {step(r)} | "
                 f"{r['couple_epochs'] + r['refine_epochs']} tied{sched(r)} | {r['date']}, {r['device']} |"
             )
-    fps = sorted((r for r in lines if _method(r) == "fp-finetuned"), key=lambda r: r["couple_epochs"] + r["refine_epochs"])
     if fps:
         out += [
             "",
@@ -760,18 +763,82 @@ def _pareto(sized: list[dict], names: dict, sched) -> list[str]:
     return out
 
 
+def _same_budget_fp(r: dict, fps: list[dict]) -> float | None:
+    """Mean accuracy of the full-precision model trained on for the epochs, lr, schedule and device of ``r``."""
+    same = [f["acc"] for f in fps if (f["couple_epochs"] + f["refine_epochs"], f.get("schedule"), f.get("lr"), f["device"])
+            == (r["couple_epochs"] + r["refine_epochs"], r.get("schedule"), r.get("lr"), r["device"])
+            and not f.get("distill")]
+    return sum(same) / len(same) if same else None
+
+
+# Budgets of the summary: at most this many parameter-weighted bits (log2 K_l), with the tolerance of the targets.
+SUMMARY_BUDGETS = ((1, "1 bit"), (1.6, "1.6 bits (ternary)"), (2, "2 bits"), (4, "4 bits"))
+
+
+def _summary(fp: float, lines: list[dict], fps: list[dict], sched) -> list[str]:
+    """For each bit budget, the best configuration of each method (mean over its seeds), beside the post-training
+    quantizers at the best K_l any training-time row under that budget found."""
+    names = {"softquant": "soft quantization + refine", "codebook": "method B + refine", "dkm": "coremltools DKM"}
+    # A configuration is what its row shows but the seed: the rows of one configuration over seeds.
+    key = lambda r: (*_label(r, names), sched({**r, "seed": 0}), r["device"], r.get("lr"))  # noqa: E731
+    trained = [r for r in lines if _method(r) in ("softquant", "codebook", "dkm") or _method(r) == "refined-heq"]
+    trained = [r for r in trained if r.get("placement") != "heq"]  # the HEQ placement is a diagnostic, not a method
+    out = [
+        "## At a glance: the best of each method under a bit budget",
+        "",
+        "For each budget (parameter-weighted log2 K_l, +0.05), the configuration of each method with the best mean "
+        "accuracy over its seeds; 'below FP' is against the starting checkpoint, 'below FP, same epochs' against the "
+        "full-precision model trained on for the same epochs ('-' where that was not measured). The post-training rows "
+        "quantize the full-precision model at the K_l of a training-time row under the budget (the best such row), "
+        "with BatchNorm re-estimated and no training. Every row is in the tables below, with its command.",
+        "",
+        "| budget | method | configuration | seeds | accuracy (mean) | below FP | below FP, same epochs | bits (weighted) "
+        "| entropy (weighted) | ans kB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    order = ("softquant", "refined-heq", "codebook", "dkm")
+    for bits, label in SUMMARY_BUDGETS:
+        fits = [r for r in trained if r["bits_weighted"] <= bits + 0.05]
+        for method in order:
+            groups: dict[tuple, list[dict]] = {}
+            for r in fits:
+                if _method(r) == method:
+                    groups.setdefault(key(r), []).append(r)
+            if not groups:
+                continue
+            best = max(groups.values(), key=lambda g: sum(r["acc"] for r in g) / len(g))
+            mean = sum(r["acc"] for r in best) / len(best)
+            r0 = min(best, key=lambda r: r.get("seed", 0))
+            name, what = _label(r0, names)
+            ref = _same_budget_fp(r0, fps)
+            ans = [r["file_bytes"]["ans"] for r in best if r.get("file_bytes")]
+            ents = [r["entropy_weighted"] for r in best if r.get("entropy_weighted") is not None]
+            out.append(
+                f"| <= {label} | {name} | {what}{sched({**r0, 'seed': 0})}, {r0['device']} | {len(best)} | {mean:.4f} | "
+                f"{(fp - mean) * 100:.2f} | {f'{(ref - mean) * 100:.2f}' if ref is not None else '-'} | "
+                f"{sum(r['bits_weighted'] for r in best) / len(best):.2f} | "
+                f"{f'{sum(ents) / len(ents):.2f}' if ents else '-'} | {f'{sum(ans) / len(ans) / 1000:.1f}' if ans else '-'} |"
+            )
+        for quantizer, title in (("heq", "post-training HEQ + BN"), ("kmeans", "post-training k-means + BN")):
+            at = [(b["acc_bn"], r) for r in fits if not _method(r).startswith("refined-")
+                  for b in r["baselines"] if b["method"].startswith(quantizer) and b.get("acc_bn") is not None]
+            if at:
+                acc, r = max(at, key=lambda t: t[0])
+                name, what = _label(r, names)
+                out.append(f"| <= {label} | {title} | at the K_l of {name} ({what}) | - | {acc:.4f} | "
+                           f"{(fp - acc) * 100:.2f} | - | {r['bits_weighted']:.2f} | - | - |")
+    return out + [""]
+
+
 def _targets(fp: float, soft: list[dict], controls: list[dict], others: list[dict], fps: list[dict], sched) -> list[str]:
     """The issue's targets against the rows: margin over HEQ at the same K_l, degradation at 2 and 1 bits
     (against the starting checkpoint, and against ``fps``, the full-precision model trained on for the
     same epochs, where such a row exists)."""
 
     def budget(r: dict, mean: float) -> str:
-        same = [f for f in fps if (f["couple_epochs"] + f["refine_epochs"], f.get("schedule"), f.get("lr"), f["device"])
-                == (r["couple_epochs"] + r["refine_epochs"], r.get("schedule"), r.get("lr"), r["device"])
-                and not f.get("distill")]
-        if not same:
+        ref = _same_budget_fp(r, fps)
+        if ref is None:
             return ""
-        ref = sum(f["acc"] for f in same) / len(same)
         return (f", {(ref - mean) * 100:.2f} below the full-precision model trained on for the same "
                 f"{r['couple_epochs'] + r['refine_epochs']} epochs ({ref:.4f})")
 
