@@ -566,7 +566,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     fps = sorted((r for r in lines if _method(r) == "fp-finetuned"), key=lambda r: r["couple_epochs"] + r["refine_epochs"])
-    glance = _summary(fp, lines, fps, sched)
+    glance, frontier = _summary(fp, lines, fps, sched)
     out[out.index("## Soft quantization + refinement (SoftQuantCallback, ClusterRefine)"):0] = glance
     soft = sorted((r for r in lines if _method(r) == "softquant"), key=lambda r: (r["w"], r["h"], r["couple_epochs"]))
     for r in soft:
@@ -676,7 +676,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover - matplotlib is in the dev extra
         return
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.4), dpi=100)
+    fig, (ax, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 4.4), dpi=100)
     # The HEQ placement is a diagnostic of the partition (see ClusterSnapper), not a way to quantize: not plotted.
     pts = sorted((r for r in soft if r.get("placement") != "heq" and len(r["baselines"]) > 1), key=lambda r: r["bits_weighted"])
     x = [r["bits_weighted"] for r in pts]
@@ -711,6 +711,21 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
     ax2.set_xlabel("entropy-coded bits per weight (weighted entropy of the cluster populations)")
     ax2.set_title("the same runs vs entropy-coded size (rows that measured it)")
     ax2.legend(fontsize=6.5, loc="lower right")
+    # The summary table as curves, zoomed in: the best configuration of each method under each budget.
+    styles = {"soft quantization + refine": ("o-", "C0"), "heq + same tied refinement": ("x--", "C1"),
+              "method B + refine": ("D-", "C4"), "coremltools DKM": ("P-", "C5"),
+              "post-training HEQ + BN": ("s:", "C1"), "post-training k-means + BN": ("^:", "C2")}
+    low = min(a for pts_ in frontier.values() for _, a in pts_)
+    for name, pts_ in frontier.items():
+        marker, color = styles.get(name, ("*-", "k"))
+        ax3.plot([b for b, _ in pts_], [a for _, a in pts_], marker, color=color, ms=7,
+                 mfc="none" if name.startswith("post-training") else color, label=name)
+    ax3.axhline(fp, color="gray", lw=0.8, label="full precision")
+    ax3.set_ylim(max(low, fp - 0.3) - 0.01, fp + 0.01)
+    ax3.set_xticks([b for b, _ in SUMMARY_BUDGETS])
+    ax3.set_xlabel("bit budget (parameter-weighted log2 K_l, at most)")
+    ax3.set_title("best of each method under a budget (mean over seeds)")
+    ax3.legend(fontsize=6.5, loc="lower right")
     fig.tight_layout()
     fig.savefig(directory / "cifar10_tradeoff.png")
 
@@ -775,9 +790,10 @@ def _same_budget_fp(r: dict, fps: list[dict]) -> float | None:
 SUMMARY_BUDGETS = ((1, "1 bit"), (1.6, "1.6 bits (ternary)"), (2, "2 bits"), (4, "4 bits"))
 
 
-def _summary(fp: float, lines: list[dict], fps: list[dict], sched) -> list[str]:
+def _summary(fp: float, lines: list[dict], fps: list[dict], sched) -> tuple[list[str], dict[str, list[tuple]]]:
     """For each bit budget, the best configuration of each method (mean over its seeds), beside the post-training
-    quantizers at the best K_l any training-time row under that budget found."""
+    quantizers at the best K_l any training-time row under that budget found: the markdown lines, and per method
+    its ``(budget, accuracy)`` points for the plot."""
     names = {"softquant": "soft quantization + refine", "codebook": "method B + refine", "dkm": "coremltools DKM"}
     # A configuration is what its row shows but the seed: the rows of one configuration over seeds.
     key = lambda r: (*_label(r, names), sched({**r, "seed": 0}), r["device"], r.get("lr"))  # noqa: E731
@@ -790,13 +806,16 @@ def _summary(fp: float, lines: list[dict], fps: list[dict], sched) -> list[str]:
         "accuracy over its seeds; 'below FP' is against the starting checkpoint, 'below FP, same epochs' against the "
         "full-precision model trained on for the same epochs ('-' where that was not measured). The post-training rows "
         "quantize the full-precision model at the K_l of a training-time row under the budget (the best such row), "
-        "with BatchNorm re-estimated and no training. Every row is in the tables below, with its command.",
+        "with BatchNorm re-estimated and no training. The best configurations differ in epochs (see each one): compare "
+        "a method's figure with the full-precision model of its own epochs. The right panel of the plot draws this "
+        "table. Every row is in the tables below, with its command.",
         "",
         "| budget | method | configuration | seeds | accuracy (mean) | below FP | below FP, same epochs | bits (weighted) "
         "| entropy (weighted) | ans kB |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     order = ("softquant", "refined-heq", "codebook", "dkm")
+    points: dict[str, list[tuple]] = {}
     for bits, label in SUMMARY_BUDGETS:
         fits = [r for r in trained if r["bits_weighted"] <= bits + 0.05]
         for method in order:
@@ -813,6 +832,7 @@ def _summary(fp: float, lines: list[dict], fps: list[dict], sched) -> list[str]:
             ref = _same_budget_fp(r0, fps)
             ans = [r["file_bytes"]["ans"] for r in best if r.get("file_bytes")]
             ents = [r["entropy_weighted"] for r in best if r.get("entropy_weighted") is not None]
+            points.setdefault(name, []).append((bits, mean))
             out.append(
                 f"| <= {label} | {name} | {what}{sched({**r0, 'seed': 0})}, {r0['device']} | {len(best)} | {mean:.4f} | "
                 f"{(fp - mean) * 100:.2f} | {f'{(ref - mean) * 100:.2f}' if ref is not None else '-'} | "
@@ -825,9 +845,10 @@ def _summary(fp: float, lines: list[dict], fps: list[dict], sched) -> list[str]:
             if at:
                 acc, r = max(at, key=lambda t: t[0])
                 name, what = _label(r, names)
+                points.setdefault(title, []).append((bits, acc))
                 out.append(f"| <= {label} | {title} | at the K_l of {name} ({what}) | - | {acc:.4f} | "
                            f"{(fp - acc) * 100:.2f} | - | {r['bits_weighted']:.2f} | - | - |")
-    return out + [""]
+    return out + [""], points
 
 
 def _targets(fp: float, soft: list[dict], controls: list[dict], others: list[dict], fps: list[dict], sched) -> list[str]:

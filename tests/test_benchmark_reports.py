@@ -47,7 +47,7 @@ def test_summary_ranks_configurations_by_their_seed_mean(report):
     fps = [{"method": "fp-finetuned", "couple_epochs": 4, "refine_epochs": 2, "schedule": "cosine", "lr": 0.01,
             "device": "cpu", "acc": 0.85}]
     sched = lambda r: f", seed {r['seed']}" if r.get("seed") else ""  # noqa: E731
-    lines = report._summary(0.84, rows, fps, sched)
+    lines, points = report._summary(0.84, rows, fps, sched)
     table = [_cells(line) for line in lines if line.startswith("| <=")]
     by = {(c[0], c[1]): c for c in table}
 
@@ -67,3 +67,5 @@ def test_summary_ranks_configurations_by_their_seed_mean(report):
     assert ("<= 1 bit", "soft quantization + refine") not in by
     assert by[("<= 1 bit", "method B + refine")][4] == "0.7000"
     assert ("<= 2 bits", "method B + refine") in by
+    # The plot's curves carry the same figures.
+    assert points["soft quantization + refine"] == [(2, pytest.approx(0.815)), (4, pytest.approx(0.83))]
