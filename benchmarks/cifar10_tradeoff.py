@@ -797,8 +797,9 @@ def _summary(fp: float, lines: list[dict], fps: list[dict], sched) -> tuple[list
     names = {"softquant": "soft quantization + refine", "codebook": "method B + refine", "dkm": "coremltools DKM"}
     # A configuration is what its row shows but the seed: the rows of one configuration over seeds.
     key = lambda r: (*_label(r, names), sched({**r, "seed": 0}), r["device"], r.get("lr"))  # noqa: E731
-    trained = [r for r in lines if _method(r) in ("softquant", "codebook", "dkm") or _method(r) == "refined-heq"]
-    trained = [r for r in trained if r.get("placement") != "heq"]  # the HEQ placement is a diagnostic, not a method
+    order = ("softquant", "refined-heq", "codebook", "dkm")
+    # The HEQ placement of soft quantization is a diagnostic of its partition, not a method.
+    trained = [r for r in lines if _method(r) in order and r.get("placement") != "heq"]
     out = [
         "## At a glance: the best of each method under a bit budget",
         "",
@@ -814,7 +815,6 @@ def _summary(fp: float, lines: list[dict], fps: list[dict], sched) -> tuple[list
         "| entropy (weighted) | ans kB |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    order = ("softquant", "refined-heq", "codebook", "dkm")
     points: dict[str, list[tuple]] = {}
     for bits, label in SUMMARY_BUDGETS:
         fits = [r for r in trained if r["bits_weighted"] <= bits + 0.05]
