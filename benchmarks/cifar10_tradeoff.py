@@ -516,6 +516,10 @@ def _run_dir(args, method: str, spec) -> Path | None:
     return run_dir
 
 
+# How the size table, its front and the summary name the training-time methods.
+SHORT_NAMES = {"softquant": "soft quantization + refine", "codebook": "method B + refine", "dkm": "coremltools DKM"}
+
+
 def _method(r: dict) -> str:
     return r.get("method", "softquant")
 
@@ -637,7 +641,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
             )
     sized = [r for r in lines if r.get("file_bytes")]
     if sized:
-        names = {"softquant": "soft quantization + refine", "codebook": "method B + refine", "dkm": "coremltools DKM"}
+        names = SHORT_NAMES
         out += [
             "",
             "## Exported size",
@@ -794,7 +798,7 @@ def _summary(fp: float, lines: list[dict], fps: list[dict], sched) -> tuple[list
     """For each bit budget, the best configuration of each method (mean over its seeds), beside the post-training
     quantizers at the best K_l any training-time row under that budget found: the markdown lines, and per method
     its ``(budget, accuracy)`` points for the plot."""
-    names = {"softquant": "soft quantization + refine", "codebook": "method B + refine", "dkm": "coremltools DKM"}
+    names = SHORT_NAMES
     # A configuration is what its row shows but the seed: the rows of one configuration over seeds.
     key = lambda r: (*_label(r, names), sched({**r, "seed": 0}), r["device"], r.get("lr"))  # noqa: E731
     order = ("softquant", "refined-heq", "codebook", "dkm")
