@@ -405,12 +405,12 @@ def run_codebook(args, bits: int | str, dm: CIFAR10DataModule, run_dir: Path | N
 
 def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFAR10DataModule,
                 run_dir: Path | None = None) -> dict:
-    """A post-training quantizer given the same tied refinement and the same budget.
+    """A post-training quantizer given the same refinement and the same budget.
 
     The full-precision model is quantized by ``quantizer`` (HEQ, optimal k-means or uniform) at
     the per-layer ``K_l`` of the soft quantization row ``source`` (its fp32 layers stay
-    fp32), BatchNorm is re-estimated, and the model is refined with its weights tied
-    (``ClusterRefine``) for all ``couple + refine`` epochs of that row.
+    fp32), BatchNorm is re-estimated, and the model is refined as that row was (``ClusterRefine``:
+    tied weights, or moving assignments with ``--reassign``) for all its ``couple + refine`` epochs.
     """
     from sq_lightning.models.batchnorm import recalibrate_batchnorm
     from sq_lightning.ops.baselines import quantize
@@ -588,11 +588,12 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
     if controls:
         out += [
             "",
-            "## Control: post-training quantizers given the same tied refinement and budget",
+            "## Control: post-training quantizers given the same refinement and budget",
             "",
             "The full-precision model quantized by HEQ, optimal k-means or uniform at the K_l of a soft quantization row (its fp32 "
-            "layers kept fp32), BatchNorm re-estimated, then refined with tied weights (ClusterRefine) for all the "
-            "epochs that row trained (couple + refine), same lr and schedule.",
+            "layers kept fp32), BatchNorm re-estimated, then refined as that row (ClusterRefine: tied weights, or moving "
+            "assignments where the row says 'reassigned refinement') for all the epochs that row trained (couple + refine), "
+            "same lr and schedule.",
             "",
             "| quantizer | K_l of soft quant h, w | bits (weighted) | entropy (weighted) | snapped (+BN) | after refinement | soft quant + refine (same K_l) | step ms | epochs | date, device |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -687,9 +688,9 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
     # The training-time methods and the controls, one series each, on both panels.
     series = (
         (pts, "o", "C0", "soft quantization + refine"),
-        ([r for r in controls if _method(r) == "refined-heq"], "x", "C1", "HEQ + same tied refinement"),
-        ([r for r in controls if _method(r) == "refined-kmeans"], "x", "C2", "k-means + same tied refinement"),
-        ([r for r in controls if _method(r) == "refined-uniform"], "x", "C3", "uniform + same tied refinement"),
+        ([r for r in controls if _method(r) == "refined-heq"], "x", "C1", "HEQ + same refinement"),
+        ([r for r in controls if _method(r) == "refined-kmeans"], "x", "C2", "k-means + same refinement"),
+        ([r for r in controls if _method(r) == "refined-uniform"], "x", "C3", "uniform + same refinement"),
         (sorted((r for r in others if _method(r) == "codebook"), key=lambda r: r["bits_weighted"]), "D", "C4", "method B + refine"),
         (sorted((r for r in others if _method(r) == "dkm"), key=lambda r: r["bits_weighted"]), "P", "C5", "coremltools DKM"),
     )
@@ -716,7 +717,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
     ax2.set_title("the same runs vs entropy-coded size (rows that measured it)")
     ax2.legend(fontsize=6.5, loc="lower right")
     # The summary table as curves, zoomed in: the best configuration of each method under each budget.
-    styles = {"soft quantization + refine": ("o-", "C0"), "heq + same tied refinement": ("x--", "C1"),
+    styles = {"soft quantization + refine": ("o-", "C0"), "heq + same refinement": ("x--", "C1"),
               "method B + refine": ("D-", "C4"), "coremltools DKM": ("P-", "C5"),
               "post-training HEQ + BN": ("s:", "C1"), "post-training k-means + BN": ("^:", "C2")}
     low = min(a for pts_ in frontier.values() for _, a in pts_)
@@ -752,7 +753,7 @@ def _label(r: dict, names: dict) -> tuple[str, str]:
     what = f"h={r['h']:g}, w={r['w']:g}" if m == "softquant" or m.startswith("refined-") else (
         f"K={r['k']}" if r.get("k") else f"n_bits={r.get('n_bits')}")
     what += f", {r['couple_epochs']}/{r['refine_epochs']} epochs"
-    return (f"{m.removeprefix('refined-')} + same tied refinement" if m.startswith("refined-") else names.get(m, m)), what
+    return (f"{m.removeprefix('refined-')} + same refinement" if m.startswith("refined-") else names.get(m, m)), what
 
 
 def _pareto(sized: list[dict], names: dict, sched) -> list[str]:
@@ -890,7 +891,7 @@ def _targets(fp: float, soft: list[dict], controls: list[dict], others: list[dic
             ahead += src[0]["acc"] > c["acc"]
     if pairs:
         out.append(
-            f"- Against HEQ given the same tied refinement and epochs (a stronger control than the issue asks for): soft "
+            f"- Against HEQ given the same refinement and epochs (a stronger control than the issue asks for): soft "
             f"quantization ahead in {ahead} of {len(pairs)} pairs (soft quantization vs control: {'; '.join(pairs)})."
         )
     # The issue counts bits as log2 K_l; the last line counts what an entropy-coded file stores.
@@ -991,7 +992,8 @@ def main() -> None:
     ap.add_argument("--dkm-bits", type=int, nargs="*", default=[], help="coremltools DKM runs at these bits")
     ap.add_argument("--controls", nargs="*", default=[], metavar="Q:H:W",
                     help="HEQ, k-means or uniform ('heq:1e-3:0.9', 'kmeans:...', 'uniform:...') at the K_l of the soft quantization row h:w "
-                         "(same epochs and schedule), then tied refinement for all its couple + refine epochs")
+                         "(same epochs and schedule), then the same refinement (tied, or reassigned with --reassign) for all its "
+                         "couple + refine epochs")
     ap.add_argument("--fp-control", action="store_true",
                     help="also train the full-precision model on for the same epochs (no quantization)")
     ap.add_argument("--alpha", type=float, default=0.66, help="soft quantization: h_l = h · N_l^-alpha")
