@@ -735,18 +735,6 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
     fig.savefig(directory / "cifar10_tradeoff.png")
 
 
-def _config(r: dict) -> tuple:
-    """What a soft quantization row ran, but its seed: the rows of one configuration over seeds."""
-    return (r["h"], r["w"], r["couple_epochs"], r["refine_epochs"], r.get("schedule", "constant"), r.get("lr"),
-            r["device"], _soft_key(r))
-
-
-def _peer_config(r: dict) -> tuple:
-    """What a method B or DKM row ran, but its seed."""
-    return (_method(r), r["n_bits"], r.get("lam"), r.get("reassign", False), r["couple_epochs"], r["refine_epochs"],
-            r.get("schedule", "constant"), r.get("lr"), r["device"], *_options_key(r))
-
-
 def _label(r: dict, names: dict) -> tuple[str, str]:
     """A row's method name and what it ran (h and w, or the bits; the epochs)."""
     m = _method(r)
@@ -754,6 +742,11 @@ def _label(r: dict, names: dict) -> tuple[str, str]:
         f"K={r['k']}" if r.get("k") else f"n_bits={r.get('n_bits')}")
     what += f", {r['couple_epochs']}/{r['refine_epochs']} epochs"
     return (f"{m.removeprefix('refined-')} + same refinement" if m.startswith("refined-") else names.get(m, m)), what
+
+
+def _config(r: dict, sched) -> tuple:
+    """What a row shows but its seed: the rows of one configuration over seeds (``sched`` as in ``_report``)."""
+    return (*_label(r, SHORT_NAMES), sched({**r, "seed": 0}), r["device"], r.get("lr"))
 
 
 def _pareto(sized: list[dict], names: dict, sched) -> list[str]:
@@ -800,8 +793,6 @@ def _summary(fp: float, lines: list[dict], fps: list[dict], sched) -> tuple[list
     quantizers at the best K_l any training-time row under that budget found: the markdown lines, and per method
     its ``(budget, accuracy)`` points for the plot."""
     names = SHORT_NAMES
-    # A configuration is what its row shows but the seed: the rows of one configuration over seeds.
-    key = lambda r: (*_label(r, names), sched({**r, "seed": 0}), r["device"], r.get("lr"))  # noqa: E731
     order = ("softquant", "refined-heq", "codebook", "dkm")
     # The HEQ placement of soft quantization is a diagnostic of its partition, not a method.
     trained = [r for r in lines if _method(r) in order and r.get("placement") != "heq"]
@@ -827,7 +818,7 @@ def _summary(fp: float, lines: list[dict], fps: list[dict], sched) -> tuple[list
             groups: dict[tuple, list[dict]] = {}
             for r in fits:
                 if _method(r) == method:
-                    groups.setdefault(key(r), []).append(r)
+                    groups.setdefault(_config(r, sched), []).append(r)
             if not groups:
                 continue
             best = max(groups.values(), key=lambda g: sum(r["acc"] for r in g) / len(g))
@@ -904,14 +895,14 @@ def _targets(fp: float, soft: list[dict], controls: list[dict], others: list[dic
             continue
         groups: dict[tuple, list[dict]] = {}
         for r in near:
-            groups.setdefault(_config(r), []).append(r)
+            groups.setdefault(_config(r, sched), []).append(r)
         best = max(groups.values(), key=lambda g: sum(r["acc"] for r in g) / len(g))
         mean = sum(r["acc"] for r in best) / len(best)
         r0 = min(best, key=lambda r: r.get("seed", 0))
         peer_groups: dict[tuple, list[dict]] = {}
         for r in others:
             if fits(r):
-                peer_groups.setdefault(_peer_config(r), []).append(r)
+                peer_groups.setdefault(_config(r, sched), []).append(r)
         peer_best = max(peer_groups.values(), key=lambda g: sum(r["acc"] for r in g) / len(g)) if peer_groups else None
         peer = min(peer_best, key=lambda r: r.get("seed", 0)) if peer_best else None
         peer_mean = sum(r["acc"] for r in peer_best) / len(peer_best) if peer_best else None

@@ -69,3 +69,29 @@ def test_summary_ranks_configurations_by_their_seed_mean(report):
     assert ("<= 2 bits", "method B + refine") in by
     # The plot's curves carry the same figures.
     assert points["soft quantization + refine"] == [(2, pytest.approx(0.815)), (4, pytest.approx(0.83))]
+
+
+def test_targets_judge_the_best_configuration_by_its_seed_mean(report):
+    heq = {"method": "heq (histogram-equalized)", "acc": 0.3, "acc_bn": 0.805}
+    soft = [
+        _soft(0.80, 1.90, seed=0, baselines=[heq]),  # h=5e-3: best single row, mean 0.81
+        _soft(0.82, 1.94, seed=1, baselines=[heq]),
+        _soft(0.815, 1.96, h=1e-3, baselines=[heq]),  # h=1e-3: mean 0.815, the best configuration
+    ]
+    others = [_peer("dkm", 0.82, 2, seed=0), _peer("dkm", 0.85, 2, seed=1), _peer("codebook", 0.838, 2)]
+    controls = [{"method": "refined-heq", "h": 5e-3, "w": 0.9, "source_acc": 0.80, "acc": 0.81, "bits_weighted": 1.90}]
+    fps = [{"method": "fp-finetuned", "couple_epochs": 4, "refine_epochs": 2, "schedule": "cosine", "lr": 0.01,
+            "device": "cpu", "acc": 0.85}]
+    sched = lambda r: f", seed {r['seed']}" if r.get("seed") else ""  # noqa: E731
+    lines = report._targets(0.84, soft, controls, others, fps, sched)
+    beat = next(line for line in lines if line.startswith("- Beat post-training HEQ"))
+    assert "2 of 3 rows" in beat and "1.90 bits (0.8000 vs 0.8050)" in beat
+    pairs = next(line for line in lines if line.startswith("- Against HEQ"))
+    assert "ahead in 0 of 1 pairs" in pairs and "1.90 bits: 0.8000 vs 0.8100" in pairs
+    two = next(line for line in lines if line.startswith("- Degradation at <= 2 bits"))
+    assert "h=0.001" in two and "0.8150 over 1 seed(s), 2.50 points below full precision (not met)" in two
+    assert "3.50 below the full-precision model trained on for the same 6 epochs (0.8500)" in two
+    # The best other configuration: method B's single row (0.838) ahead of DKM, whose best seed is higher (0.85)
+    # but whose mean over two seeds is lower (0.835).
+    assert "codebook 2 bit(s)" in two and "0.8380 over 1 seed(s), 0.20 points below" in two
+    assert "1.20 below the full-precision model trained on for the same 6 epochs" in two.split("best other")[1]
