@@ -602,7 +602,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
             out.append(
                 f"| {_method(r).removeprefix('refined-')} | {r['h']:g}, {r['w']:g} | {r['bits_weighted']:.2f} | {ent(r)} | "
                 f"{phase(r, 'acc_snapped')} | {r['acc']:.4f} | {r['source_acc']:.4f} | {step(r)} | "
-                f"{r['couple_epochs'] + r['refine_epochs']} tied{sched(r)} | {r['date']}, {r['device']} |"
+                f"{r['couple_epochs'] + r['refine_epochs']}{'' if r.get('reassign') else ' tied'}{sched(r)} | {r['date']}, {r['device']} |"
             )
     if fps:
         out += [
