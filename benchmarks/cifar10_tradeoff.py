@@ -744,9 +744,16 @@ def _label(r: dict, names: dict) -> tuple[str, str]:
     return (f"{m.removeprefix('refined-')} + same refinement" if m.startswith("refined-") else names.get(m, m)), what
 
 
-def _config(r: dict, sched) -> tuple:
-    """What a row shows but its seed: the rows of one configuration over seeds (``sched`` as in ``_report``)."""
-    return (*_label(r, SHORT_NAMES), sched({**r, "seed": 0}), r["device"], r.get("lr"))
+def _best_config(rows: list[dict], sched) -> tuple[list[dict], float, dict] | None:
+    """The configuration (what a row shows but its seed; ``sched`` as in ``write_reports``) with the best mean
+    accuracy over its seeds: its rows, that mean and its lowest-seed row; None without rows."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((*_label(r, SHORT_NAMES), sched({**r, "seed": 0}), r["device"], r.get("lr")), []).append(r)
+    if not groups:
+        return None
+    best = max(groups.values(), key=lambda g: sum(r["acc"] for r in g) / len(g))
+    return best, sum(r["acc"] for r in best) / len(best), min(best, key=lambda r: r.get("seed", 0))
 
 
 def _pareto(sized: list[dict], names: dict, sched) -> list[str]:
@@ -815,15 +822,10 @@ def _summary(fp: float, lines: list[dict], fps: list[dict], sched) -> tuple[list
     for bits, label in SUMMARY_BUDGETS:
         fits = [r for r in trained if r["bits_weighted"] <= bits + 0.05]
         for method in order:
-            groups: dict[tuple, list[dict]] = {}
-            for r in fits:
-                if _method(r) == method:
-                    groups.setdefault(_config(r, sched), []).append(r)
-            if not groups:
+            found = _best_config([r for r in fits if _method(r) == method], sched)
+            if found is None:
                 continue
-            best = max(groups.values(), key=lambda g: sum(r["acc"] for r in g) / len(g))
-            mean = sum(r["acc"] for r in best) / len(best)
-            r0 = min(best, key=lambda r: r.get("seed", 0))
+            best, mean, r0 = found
             name, what = _label(r0, names)
             ref = _same_budget_fp(r0, fps)
             ans = [r["file_bytes"]["ans"] for r in best if r.get("file_bytes")]
@@ -893,19 +895,8 @@ def _targets(fp: float, soft: list[dict], controls: list[dict], others: list[dic
         near = [r for r in rows if fits(r)]
         if not near:
             continue
-        groups: dict[tuple, list[dict]] = {}
-        for r in near:
-            groups.setdefault(_config(r, sched), []).append(r)
-        best = max(groups.values(), key=lambda g: sum(r["acc"] for r in g) / len(g))
-        mean = sum(r["acc"] for r in best) / len(best)
-        r0 = min(best, key=lambda r: r.get("seed", 0))
-        peer_groups: dict[tuple, list[dict]] = {}
-        for r in others:
-            if fits(r):
-                peer_groups.setdefault(_config(r, sched), []).append(r)
-        peer_best = max(peer_groups.values(), key=lambda g: sum(r["acc"] for r in g) / len(g)) if peer_groups else None
-        peer = min(peer_best, key=lambda r: r.get("seed", 0)) if peer_best else None
-        peer_mean = sum(r["acc"] for r in peer_best) / len(peer_best) if peer_best else None
+        best, mean, r0 = _best_config(near, sched)
+        peer_best, peer_mean, peer = _best_config([r for r in others if fits(r)], sched) or (None, None, None)
         out.append(
             f"- Degradation at <= {bits} {unit}, +0.05), target under {goal * 100:g} point(s): best soft quantization "
             f"configuration h={r0['h']:g}, w={r0['w']:g}{sched(r0)} ({r0['couple_epochs']}/{r0['refine_epochs']} epochs, "
