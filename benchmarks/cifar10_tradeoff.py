@@ -738,7 +738,9 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
 def _label(r: dict, names: dict) -> tuple[str, str]:
     """A row's method name and what it ran (h and w, or the bits; the epochs)."""
     m = _method(r)
-    what = f"h={r['h']:g}, w={r['w']:g}" if m == "softquant" or m.startswith("refined-") else (
+    # A target-step run stores the h of --points but does not use it.
+    strength = lambda: f"S={r['target_step']:g}" if r.get("target_step") else f"h={r['h']:g}"  # noqa: E731
+    what = f"{strength()}, w={r['w']:g}" if m == "softquant" or m.startswith("refined-") else (
         f"K={r['k']}" if r.get("k") else f"n_bits={r.get('n_bits')}")
     what += f", {r['couple_epochs']}/{r['refine_epochs']} epochs"
     return (f"{m.removeprefix('refined-')} + same refinement" if m.startswith("refined-") else names.get(m, m)), what

@@ -95,3 +95,13 @@ def test_targets_judge_the_best_configuration_by_its_seed_mean(report):
     # but whose mean over two seeds is lower (0.835).
     assert "codebook 2 bit(s)" in two and "0.8380 over 1 seed(s), 0.20 points below" in two
     assert "1.20 below the full-precision model trained on for the same 6 epochs" in two.split("best other")[1]
+
+
+def test_a_target_step_run_is_its_own_configuration(report):
+    # Runs with a target step store the (unused) h of --points: they must not pool with a plain run of that h.
+    plain = _soft(0.80, 1.90)
+    stepped = {**_soft(0.70, 1.95), "target_step": 0.003}
+    sched = lambda r: ""  # noqa: E731
+    best, mean, r0 = report._best_config([plain, stepped], sched)
+    assert best == [plain] and mean == pytest.approx(0.80)
+    assert report._label(stepped, report.SHORT_NAMES)[1].startswith("S=0.003, w=0.9")
