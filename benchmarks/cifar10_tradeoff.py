@@ -746,12 +746,27 @@ def _label(r: dict, names: dict) -> tuple[str, str]:
     return (f"{m.removeprefix('refined-')} + same refinement" if m.startswith("refined-") else names.get(m, m)), what
 
 
-def _best_config(rows: list[dict], sched) -> tuple[list[dict], float, dict] | None:
-    """The configuration (what a row shows but its seed; ``sched`` as in ``write_reports``) with the best mean
-    accuracy over its seeds: its rows, that mean and its lowest-seed row; None without rows."""
+# What a row measured or where it ran, not what it ran: every other field (and any option added later) tells
+# configurations apart, so a new option can never pool two configurations.
+_OUTCOME = {"acc", "acc_coupled", "acc_snapped", "baselines", "bits_mean", "bits_weighted", "entropy_weighted",
+            "distinct_per_layer", "file_bytes", "k_per_layer", "kept_fp32", "source_acc", "seconds", "step_ms_median",
+            "threads", "resumed_at_epoch", "date", "machine", "torch", "command", "method", "seed"}
+# An option left at its default is the same configuration whether an older row stored it or not.
+_DEFAULTS = {"schedule": "constant", "placement": "mean", "alpha": 0.66, "source_alpha": 0.66, "lam": 30.0,
+             "target_step": None, "reassign": False, "restart_at_snap": False, "limit_train_batches": 1.0}
+
+
+def _config_key(r: dict) -> tuple:
+    """What a row ran, but its seed: its method and every option it stored that differs from the default."""
+    return _method(r), tuple(sorted((k, repr(v)) for k, v in r.items() if k not in _OUTCOME and v != _DEFAULTS.get(k, object())))
+
+
+def _best_config(rows: list[dict]) -> tuple[list[dict], float, dict] | None:
+    """The configuration (``_config_key``) with the best mean accuracy over its seeds: its rows, that mean and
+    its lowest-seed row; None without rows."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((*_label(r, SHORT_NAMES), sched({**r, "seed": 0}), r["device"], r.get("lr")), []).append(r)
+        groups.setdefault(_config_key(r), []).append(r)
     if not groups:
         return None
     best = max(groups.values(), key=lambda g: sum(r["acc"] for r in g) / len(g))
@@ -824,7 +839,7 @@ def _summary(fp: float, lines: list[dict], fps: list[dict], sched) -> tuple[list
     for bits, label in SUMMARY_BUDGETS:
         fits = [r for r in trained if r["bits_weighted"] <= bits + 0.05]
         for method in order:
-            found = _best_config([r for r in fits if _method(r) == method], sched)
+            found = _best_config([r for r in fits if _method(r) == method])
             if found is None:
                 continue
             best, mean, r0 = found
@@ -897,8 +912,8 @@ def _targets(fp: float, soft: list[dict], controls: list[dict], others: list[dic
         near = [r for r in rows if fits(r)]
         if not near:
             continue
-        best, mean, r0 = _best_config(near, sched)
-        peer_best, peer_mean, peer = _best_config([r for r in others if fits(r)], sched) or (None, None, None)
+        best, mean, r0 = _best_config(near)
+        peer_best, peer_mean, peer = _best_config([r for r in others if fits(r)]) or (None, None, None)
         out.append(
             f"- Degradation at <= {bits} {unit}, +0.05), target under {goal * 100:g} point(s): best soft quantization "
             f"configuration h={r0['h']:g}, w={r0['w']:g}{sched(r0)} ({r0['couple_epochs']}/{r0['refine_epochs']} epochs, "

@@ -101,7 +101,20 @@ def test_a_target_step_run_is_its_own_configuration(report):
     # Runs with a target step store the (unused) h of --points: they must not pool with a plain run of that h.
     plain = _soft(0.80, 1.90)
     stepped = {**_soft(0.70, 1.95), "target_step": 0.003}
-    sched = lambda r: ""  # noqa: E731
-    best, mean, r0 = report._best_config([plain, stepped], sched)
+    best, mean, r0 = report._best_config([plain, stepped])
     assert best == [plain] and mean == pytest.approx(0.80)
     assert report._label(stepped, report.SHORT_NAMES)[1].startswith("S=0.003, w=0.9")
+
+
+def test_configurations_are_told_apart_by_every_stored_option(report):
+    # An option that no label or schedule text shows still makes its own configuration...
+    plain = [_soft(0.80, 1.90, seed=0), _soft(0.82, 1.90, seed=1)]
+    unseen = {**_soft(0.815, 1.90), "some_future_option": 3}
+    best, mean, r0 = report._best_config([*plain, unseen])
+    assert best == [unseen] and mean == pytest.approx(0.815)
+    # ... while an older row that did not store a default (placement, target step, alpha), or stored its
+    # outcome differently, pools with a newer row that did; the seed is not part of the configuration.
+    old = {k: v for k, v in _soft(0.84, 1.93, seed=0).items() if k != "seed"}
+    new = {**_soft(0.80, 1.97, seed=1), "placement": "mean", "target_step": None, "alpha": 0.66, "step_ms_median": 500}
+    best, mean, r0 = report._best_config([old, new, unseen])
+    assert len(best) == 2 and mean == pytest.approx(0.82) and r0 is old
