@@ -254,8 +254,12 @@ def _export_sizes(model: torch.nn.Module, clusters: dict) -> dict:
     return sizes
 
 
-def _row(args, method: str, module, dm, ks: dict, timer: StepTimer, t0: float, start: int = 0, **extra) -> dict:
-    """Accuracy, bits, the post-training baselines at the same K_l and the run's facts."""
+def _row(args, fields: dict, module, dm, ks: dict, timer: StepTimer, t0: float, start: int = 0, **extra) -> dict:
+    """``fields`` (what the run ran, ``_fields``) with what it measured: accuracy, bits, the
+    post-training baselines at the same K_l and the run's facts. ``extra`` holds measurements only,
+    so the configuration a row stores is exactly the one the resume lookups compare."""
+    if set(extra) - _OUTCOME:
+        raise ValueError(f"_row: {sorted(set(extra) - _OUTCOME)} describe the run, not its outcome: put them in _fields")
     val = dm.val_dataloader()
     acc = accuracy(module.model.to(_device()), val)
     fp = ImageClassifier(arch="resnet20", init_from=args.pretrained).model.to(_device())
@@ -276,17 +280,53 @@ def _row(args, method: str, module, dm, ks: dict, timer: StepTimer, t0: float, s
         ent = {n: entropy_bits(value_counts[n]) for n in ks}
         extra["entropy_weighted"] = sum(ent[n] * params[n].numel() for n in ks) / sum(params[n].numel() for n in ks)
     return {
-        "method": method, **_options(args), **extra,
+        **fields, **extra,
         "distinct_per_layer": distinct,
         "file_bytes": _export_sizes(module.model, {n: (u[0], u[1]) for n, u in uniques.items()}) if ks else None,
-        "acc": acc, "baselines": rows, "couple_epochs": args.couple_epochs, "refine_epochs": args.refine_epochs,
-        "lr": args.lr, "schedule": args.schedule, "seed": args.seed, "limit_train_batches": args.limit, "seconds": timer.seconds_before + time.time() - t0,
+        "acc": acc, "baselines": rows, "seed": args.seed, "seconds": timer.seconds_before + time.time() - t0,
         "step_ms_median": timer.median_ms(), "threads": torch.get_num_threads(),
         **({"resumed_at_epoch": start} if start else {}),
         "date": str(datetime.date.today()), "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
-        "torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "command": args.command,
+        "torch": torch.__version__, "command": args.command,
     }
+
+
+def _fields(args, method: str, spec=None) -> dict:
+    """What the row of one run stores about what it ran: every field ``_config_key`` compares. ``spec``
+    is (h, w) for soft quantization and the controls ("refined-<quantizer>"), the bits (an int) or
+    "k<K>" for method B ("codebook"), the bits for DKM, None for "fp-finetuned". Both the runs (their
+    rows) and the lookups of ``main`` (is this run done? which row is a control's source?) build it
+    here, so an option a run stores is always one the lookups tell apart."""
+    out = {"method": method, **_options(args), "couple_epochs": args.couple_epochs, "refine_epochs": args.refine_epochs,
+           "lr": args.lr, "schedule": args.schedule, "limit_train_batches": args.limit,
+           "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    restart = {"restart_at_snap": True} if args.restart_at_snap else {}
+    reassign = {"reassign": True} if args.reassign else {}
+    if method == "softquant":
+        h, w = spec
+        return {**out, "h": h, "w": w, "target_step": args.target_step, "placement": args.placement, "alpha": args.alpha,
+                **_ramp(args)}
+    if method == "codebook":
+        if isinstance(spec, str):  # "k<K>": K representatives a layer
+            return {**out, "n_bits": round(math.log2(int(spec[1:])), 2), "k": int(spec[1:]), "lam": args.codebook_lam,
+                    **restart, **reassign}
+        return {**out, "n_bits": spec, "lam": args.codebook_lam, **restart, **reassign}
+    if method.startswith("refined-"):  # the source row's options, prefixed, and the refinement's own
+        h, w = spec
+        snap_ramp = {"snap_ramp_steps": args.snap_ramp_steps, "snap_ramp_from": args.snap_ramp_from} if args.snap_ramp_steps else {}
+        return {**out, "h": h, "w": w, "source_alpha": args.alpha,
+                **{f"source_{k}": v for k, v in {**_ramp(args), **_options(args)}.items()}, **reassign, **snap_ramp}
+    if method == "dkm":
+        return {**out, "n_bits": spec}
+    if method == "fp-finetuned":
+        return out
+    raise ValueError(f"_fields: unknown method {method!r}")
+
+
+def _source_fields(args, h: float, w: float) -> dict:
+    """``_fields`` of the soft quantization row whose K_l a control of these arguments takes (cluster
+    means, h from --points: the control's own --placement and --target-step are not the source's)."""
+    return {**_fields(args, "softquant", (h, w)), "target_step": None, "placement": "mean"}
 
 
 def run_point(args, h: float, w: float, dm: CIFAR10DataModule, run_dir: Path | None = None) -> dict:
@@ -309,13 +349,12 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule, run_dir: Path | N
     ks = {n.removeprefix("model."): r.k for n, r in refine.snapper.reports.items() if r.snapped}
     summary = refine.snapper.summary()
     return _row(
-        args, "softquant", module, dm, ks, timer, t0, start, h=h, w=w, target_step=args.target_step,
+        args, _fields(args, "softquant", (h, w)), module, dm, ks, timer, t0, start,
         bits_weighted=summary["bits_weighted"], bits_mean=summary["bits_mean"], entropy_weighted=summary["entropy_weighted"],
         k_per_layer={n: r.k for n, r in refine.snapper.reports.items()},
         kept_fp32=[n for n, r in refine.snapper.reports.items() if not r.snapped],
         # A gradual snap leaves the weights as they were at the snap: no "snapped" accuracy.
-        acc_coupled=before.acc, acc_snapped=None if args.snap_ramp_steps else after.acc, placement=args.placement, alpha=args.alpha,
-        **_ramp(args),
+        acc_coupled=before.acc, acc_snapped=None if args.snap_ramp_steps else after.acc,
     )
 
 
@@ -340,10 +379,6 @@ def _options(args) -> dict:
     return {**out, "edge_bits": args.edge_bits} if args.edge_bits else out
 
 
-def _options_key(r: dict) -> tuple:
-    return (r.get("distill"), r.get("distill_temperature"), r.get("edge_bits"))
-
-
 EDGE_LAYERS = ("conv1", "fc")  # ResNet-20's first convolution and classifier (module names)
 
 
@@ -365,20 +400,6 @@ def _ramp(args) -> dict:
     return {**out, "restart_at_snap": True} if args.restart_at_snap else out
 
 
-def _soft_key(r: dict) -> tuple:
-    """What, besides h, w and the schedule, tells soft quantization rows apart."""
-    return (r.get("target_step"), r.get("placement", "mean"), r.get("alpha", 0.66), r.get("ramp_steps", 0),
-            r.get("ramp_from") if r.get("ramp_steps") else None, r.get("max_bits"), r.get("max_clusters"), r.get("restart_at_snap", False),
-            r.get("reassign", False), r.get("snap_ramp_steps", 0), r.get("snap_ramp_from"), *_options_key(r))
-
-
-def _args_key(args, target_step=None, placement="mean") -> tuple:
-    """``_soft_key`` of the row these arguments would write (or, for a control, read)."""
-    return (target_step, placement, args.alpha, args.ramp_steps, args.ramp_from if args.ramp_steps else None,
-            args.max_bits, args.max_clusters, args.restart_at_snap, args.reassign, args.snap_ramp_steps,
-            args.snap_ramp_from if args.snap_ramp_steps else None, *_options_key(_options(args)))
-
-
 def run_codebook(args, bits: int | str, dm: CIFAR10DataModule, run_dir: Path | None = None) -> dict:
     """Method B for the coupling epochs, then snap to its representatives and refine."""
     t0 = time.time()
@@ -396,11 +417,9 @@ def run_codebook(args, bits: int | str, dm: CIFAR10DataModule, run_dir: Path | N
     phases, before, after = _phases(dm, e2, refine)
     start = _fit(module, dm, e2 + args.refine_epochs, [cb, *phases, timer], args.limit, run_dir)
     ks = {n.removeprefix("model."): r.k for n, r in refine.snapper.reports.items() if r.snapped}
-    return _row(args, "codebook", module, dm, ks, timer, t0, start, n_bits=bits if isinstance(bits, int) else round(math.log2(k), 2),
-                **({"k": k} if isinstance(bits, str) else {}), lam=args.codebook_lam,
+    return _row(args, _fields(args, "codebook", bits), module, dm, ks, timer, t0, start,
                 kept_fp32=[n for n, r in refine.snapper.reports.items() if not r.snapped],
-                acc_coupled=before.acc, acc_snapped=after.acc,
-                **({"restart_at_snap": True} if args.restart_at_snap else {}), **({"reassign": True} if args.reassign else {}))
+                acc_coupled=before.acc, acc_snapped=after.acc)
 
 
 def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFAR10DataModule,
@@ -446,15 +465,11 @@ def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFA
     sizes = {n: params[n].numel() for n in source["k_per_layer"]}
     bits = {n: 32.0 if n in source["kept_fp32"] else refine.snapper.reports[n].bits for n in sizes}
     ent = {n: 32.0 if n in source["kept_fp32"] else refine.snapper.reports[n].entropy for n in sizes}
-    return _row(args, f"refined-{quantizer}", module, dm, ks, timer, t0, start, h=h, w=w,
+    return _row(args, _fields(args, f"refined-{quantizer}", (h, w)), module, dm, ks, timer, t0, start,
                 bits_weighted=sum(bits[n] * sizes[n] for n in sizes) / sum(sizes.values()),
                 entropy_weighted=sum(ent[n] * sizes[n] for n in sizes) / sum(sizes.values()),
                 bits_mean=sum(bits.values()) / len(bits),
-                kept_fp32=list(source["kept_fp32"]), acc_snapped=acc_snapped, source_acc=source["acc"],
-                source_alpha=source.get("alpha", 0.66),
-                **{f"source_{k}": v for k, v in {**_ramp(args), **_options(args)}.items()},
-                **({"reassign": True} if args.reassign else {}),
-                **({"snap_ramp_steps": args.snap_ramp_steps, "snap_ramp_from": args.snap_ramp_from} if args.snap_ramp_steps else {}))
+                kept_fp32=list(source["kept_fp32"]), acc_snapped=acc_snapped, source_acc=source["acc"])
 
 
 def run_dkm(args, bits: int, dm: CIFAR10DataModule, run_dir: Path | None = None) -> dict:
@@ -467,7 +482,7 @@ def run_dkm(args, bits: int, dm: CIFAR10DataModule, run_dir: Path | None = None)
     timer = StepTimer()
     start = _fit(module, dm, args.couple_epochs + args.refine_epochs, [dkm, timer], args.limit, run_dir)
     ks = {n: 2 ** edges.get(n.removesuffix(".weight"), bits) for n, p in module.model.named_parameters() if p.dim() > 1}
-    return _row(args, "dkm", module, dm, ks, timer, t0, start, n_bits=bits, kept_fp32=[])
+    return _row(args, _fields(args, "dkm", bits), module, dm, ks, timer, t0, start, kept_fp32=[])
 
 
 def run_fp(args, dm: CIFAR10DataModule, run_dir: Path | None = None) -> dict:
@@ -478,7 +493,8 @@ def run_fp(args, dm: CIFAR10DataModule, run_dir: Path | None = None) -> dict:
     module = _module(args)
     timer = StepTimer()
     start = _fit(module, dm, args.couple_epochs + args.refine_epochs, [timer], args.limit, run_dir)
-    return _row(args, "fp-finetuned", module, dm, {}, timer, t0, start, bits_weighted=32.0, bits_mean=32.0, kept_fp32=[])
+    return _row(args, _fields(args, "fp-finetuned"), module, dm, {}, timer, t0, start, bits_weighted=32.0, bits_mean=32.0,
+                kept_fp32=[])
 
 
 # Arguments that select which runs to do or where results go, not what a run is.
@@ -978,7 +994,8 @@ LEGACY_COMMAND = (
 )
 
 
-def main() -> None:
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The arguments of one command line (``argv`` without the program), ``--limit`` normalised."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pretrained", required=True, help="full-precision ImageClassifier checkpoint")
     ap.add_argument("--points", nargs="*", default=[], help="soft quantization h:w pairs")
@@ -1041,9 +1058,14 @@ def main() -> None:
                     help="each run writes its last epoch's checkpoint under here and a killed run resumes from it "
                          "(removed once its row is written); '' to train every run from the start")
     ap.add_argument("--report-only", action="store_true", help="rebuild the table and plot from --out, train nothing")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.limit >= 1:
         args.limit = 1.0 if args.limit == 1 else int(args.limit)
+    return args
+
+
+def main() -> None:
+    args = _parse(sys.argv[1:])
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")  # its run.json
@@ -1065,52 +1087,31 @@ def main() -> None:
     jobs += [("fp-finetuned", None)] if args.fp_control else []
     for method, spec in jobs:
         done = read()  # re-read: another process may share the results file
-
-        def schedule(r: dict, seed: int = args.seed) -> bool:
-            return (r["couple_epochs"] == args.couple_epochs and r["refine_epochs"] == args.refine_epochs
-                    and r.get("schedule", "constant") == args.schedule and r.get("seed", 0) == seed)
-
+        what = None if method in ("fp-finetuned", "dkm", "codebook") else tuple(float(v) for v in spec.split(":")[-2:])
         if method == "control":
-            quantizer, h, w = spec.split(":")
+            quantizer = spec.split(":")[0]
             if quantizer not in ("heq", "kmeans", "uniform"):
                 raise SystemExit(f"--controls: quantizer must be 'heq', 'kmeans' or 'uniform', got {quantizer!r} in {spec!r}")
-            method, h, w = f"refined-{quantizer}", float(h), float(w)
-            source = [r for r in done if _method(r) == "softquant" and schedule(r, 0) and (r["h"], r["w"]) == (h, w)
-                      and _soft_key(r) == _args_key(args)]
+            method = f"refined-{quantizer}"
+            # The source: seed 0 (every control seed pairs with it), the same options as these arguments.
+            want = _config_key(_source_fields(args, *what))
+            source = [r for r in done if r.get("seed", 0) == 0 and _config_key(r) == want]
             if not source:
-                raise SystemExit(f"--controls {spec}: no soft quantization row h={h:g} w={w:g} (seed 0) with these "
-                                 f"epochs and schedule in {out}; run --points {h:g}:{w:g} first")
-
-        def same(r: dict) -> bool:
-            if _method(r) != method or not schedule(r) or _options_key(r) != _options_key(_options(args)):
-                return False
-            if method == "softquant":
-                return ((r["h"], r["w"]) == tuple(float(v) for v in spec.split(":"))
-                        and _soft_key(r) == _args_key(args, args.target_step, args.placement))
-            if method.startswith("refined-"):
-                source_key = _soft_key({k.removeprefix("source_"): v for k, v in r.items() if k.startswith("source_")})
-                return (r["h"], r["w"]) == (h, w) and source_key == _args_key(args)
-            if method == "fp-finetuned":
-                return True
-            if method == "codebook":
-                size = r.get("k") == int(spec[1:]) if isinstance(spec, str) else (r["n_bits"] == spec and "k" not in r)
-                return (size and r.get("restart_at_snap", False) == args.restart_at_snap
-                        and r.get("lam", 30.0) == args.codebook_lam and r.get("reassign", False) == args.reassign)
-            return r["n_bits"] == spec
-
-        if any(same(r) for r in done):
+                raise SystemExit(f"--controls {spec}: no soft quantization row h={what[0]:g} w={what[1]:g} (seed 0) with these "
+                                 f"epochs, schedule and options in {out}; run --points {what[0]:g}:{what[1]:g} first")
+        key = _config_key(_fields(args, method, what if what is not None else spec))
+        if any(r.get("seed", 0) == args.seed and _config_key(r) == key for r in done):
             print(f"skip {method} {spec}: already in {out}")
             continue
         run_dir = _run_dir(args, method, spec)
         if method == "softquant":
-            h, w = (float(v) for v in spec.split(":"))
-            row = run_point(args, h, w, dm, run_dir)
+            row = run_point(args, *what, dm, run_dir)
         elif method == "codebook":
             row = run_codebook(args, spec, dm, run_dir)
         elif method == "fp-finetuned":
             row = run_fp(args, dm, run_dir)
         elif method.startswith("refined-"):
-            row = run_control(args, method.removeprefix("refined-"), h, w, source[0], dm, run_dir)
+            row = run_control(args, method.removeprefix("refined-"), *what, source[0], dm, run_dir)
         else:
             row = run_dkm(args, spec, dm, run_dir)
         with out.open("a") as f:

@@ -2,6 +2,11 @@
 by its mean over seeds, and measures its gap to the right full-precision references."""
 
 import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,3 +123,85 @@ def test_configurations_are_told_apart_by_every_stored_option(report):
     new = {**_soft(0.80, 1.97, seed=1), "placement": "mean", "target_step": None, "alpha": 0.66, "step_ms_median": 500}
     best, mean, r0 = report._best_config([old, new, unseen])
     assert len(best) == 2 and mean == pytest.approx(0.82) and r0 is old
+
+
+RESULTS = SCRIPT.parent / "results" / "cifar10_tradeoff.jsonl"
+
+
+def _argv(command: str) -> list[str]:
+    """The script's arguments in a stored command (a GPU run appends a remark after two spaces)."""
+    words = shlex.split(command.split("  (")[0])
+    return words[next(i for i, w in enumerate(words) if w.endswith("cifar10_tradeoff.py")) + 1:]
+
+
+def _what(r: dict):
+    method = r.get("method", "softquant")
+    if method == "softquant" or method.startswith("refined-"):
+        return r["h"], r["w"]
+    return f"k{r['k']}" if "k" in r else r.get("n_bits")
+
+
+def test_every_stored_row_is_found_by_the_command_that_wrote_it(report):
+    # The resume lookups ("is this run done?", "which row is this control's source?") rebuild a row's
+    # configuration from the arguments; on every committed result they must find exactly that row.
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines()]
+    commanded = [r for r in rows if "command" in r]
+    assert len(commanded) >= 100
+    for r in commanded:
+        args = report._parse(_argv(r["command"]))
+        fields = {**report._fields(args, report._method(r), _what(r)), "device": r["device"]}
+        assert report._config_key(fields) == report._config_key(r), r["command"]
+        if report._method(r).startswith("refined-"):
+            want = report._config_key({**report._source_fields(args, r["h"], r["w"]), "device": r["device"]})
+            sources = [s for s in rows if s.get("seed", 0) == 0 and report._config_key(s) == want]
+            assert [s["acc"] for s in sources] == [r["source_acc"]], r["command"]
+
+
+def test_a_row_stores_no_option_the_lookups_cannot_see(report):
+    # What a run ran goes through _fields; anything else a run passes must be a measurement.
+    with pytest.raises(ValueError, match=r"\['max_bits'\] describe the run.*_fields"):
+        report._row(None, {}, None, None, {}, None, 0.0, acc_snapped=0.5, max_bits=2)
+
+
+@pytest.mark.slow
+def test_reruns_skip_finished_runs_and_controls_take_their_own_source(tmp_path):
+    # The script end to end on a synthetic CIFAR-10 archive: every method once, then the same command
+    # again (all skipped, results untouched), then a new option (a new run) and a control of it.
+    from tests.data.test_cifar10 import _make_archive
+
+    archive = _make_archive(tmp_path / "data")
+    out = tmp_path / "results" / "r.jsonl"
+    base = [sys.executable, str(SCRIPT), "--pretrained", str(SCRIPT.parent / "checkpoints" / "resnet20_cifar10_fp.ckpt"),
+            "--archive", str(archive), "--out", str(out), "--resume-dir", str(tmp_path / "runs"),
+            "--couple-epochs", "1", "--refine-epochs", "1"]
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}  # the decoded-archive cache
+
+    def script(*flags, ok=True, max_bits="2", extra=()):
+        budget = ["--max-bits", max_bits] if max_bits else []
+        done = subprocess.run([*base, *budget, *extra, *flags], env=env, capture_output=True, text=True, timeout=600)
+        assert (done.returncode == 0) == ok, done.stderr[-3000:]
+        return done
+
+    everything = ["--points", "1e-3:0.9", "--controls", "heq:1e-3:0.9", "--codebook-k", "3", "--fp-control"]
+    everything += ["--dkm-bits", "2"] if importlib.util.find_spec("coremltools") else []
+    script(*everything)
+    first = out.read_text()
+    rows = [json.loads(line) for line in first.splitlines()]
+    dkm = ["dkm"] if "--dkm-bits" in everything else []
+    assert [r["method"] for r in rows] == ["softquant", "codebook", *dkm, "refined-heq", "fp-finetuned"]
+    two_bit_control = rows[-2]
+    assert not list((tmp_path / "runs").iterdir())  # each finished run's resume checkpoint is removed
+    again = script(*everything)
+    assert again.stdout.count("skip ") == len(rows) and out.read_text() == first
+    # Ternary layers are a new run, and its control takes its K_l from it, not from the 2-bit run.
+    script("--points", "1e-3:0.9", "--controls", "heq:1e-3:0.9", max_bits=None, extra=["--max-clusters", "3"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    ternary, control = rows[-2:]
+    assert (ternary["method"], ternary["max_clusters"], control["method"], control["source_max_clusters"]) == (
+        "softquant", 3, "refined-heq", 3)
+    assert set(ternary["k_per_layer"].values()) == {3} and control["source_acc"] == ternary["acc"]
+    assert max(control["distinct_per_layer"].values()) == 3 and max(two_bit_control["distinct_per_layer"].values()) == 4
+    # A control whose soft quantization row was never run says so instead of borrowing another's K_l.
+    missing = script("--alpha", "0.9", "--controls", "heq:1e-3:0.9", ok=False)
+    assert "no soft quantization row h=0.001 w=0.9" in missing.stderr and "run --points 0.001:0.9 first" in missing.stderr
+    assert len(out.read_text().splitlines()) == len(rows)
