@@ -40,8 +40,10 @@ indices, each file read back and checked bit-exact against the trained weights.
 Resumable: every run writes its last epoch's checkpoint (model, optimizer, lr schedule and
 the callbacks' state) under ``--resume-dir`` and a killed run continues from there; every
 finished point is appended as one JSON line to
-``benchmarks/results/cifar10_tradeoff.jsonl`` and skipped on the next run; the
-markdown table ``cifar10_tradeoff.md`` and the plot ``cifar10_tradeoff.png`` are
+``benchmarks/results/cifar10_tradeoff.jsonl`` and skipped on the next run (a run is
+finished when a line of the same seed stored the same configuration: the method and every
+option it ran with, ``_fields``; a control takes its ``K_l`` from the seed-0 soft quantization
+line of its own options); the markdown table ``cifar10_tradeoff.md`` and the plot ``cifar10_tradeoff.png`` are
 rebuilt from all lines after each point; the markdown opens with the best configuration of
 each method (mean over its seeds) under 1, 1.6, 2 and 4 weighted bits. Data: the offline archive (see
 ``CIFAR10DataModule``) or torchvision's download with ``--download``.
