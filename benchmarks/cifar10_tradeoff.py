@@ -1061,6 +1061,16 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                          "(removed once its row is written); '' to train every run from the start")
     ap.add_argument("--report-only", action="store_true", help="rebuild the table and plot from --out, train nothing")
     args = ap.parse_args(argv)
+    for flag, specs, parts in (("--points", args.points, 2), ("--controls", args.controls, 3)):
+        for spec in specs:
+            numbers = spec.split(":")[parts - 2:]
+            try:
+                ok = len(spec.split(":")) == parts and all(float(v) > 0 for v in numbers)
+            except ValueError:
+                ok = False
+            if not ok:
+                ap.error(f"{flag}: {spec!r} is not " + ("h:w" if parts == 2 else "Q:h:w") + " with positive numbers "
+                         "h and w (e.g. " + ("1e-3:0.9" if parts == 2 else "heq:1e-3:0.9") + ")")
     if args.limit >= 1:
         args.limit = 1.0 if args.limit == 1 else int(args.limit)
     return args

@@ -1,5 +1,6 @@
-"""The CIFAR-10 trade-off report's summary picks, per bit budget, the best configuration of each method
-by its mean over seeds, and measures its gap to the right full-precision references."""
+"""The CIFAR-10 trade-off script: its report picks, per bit budget, the best configuration of each method
+by its mean over seeds, and measures its gap to the right full-precision references; a rerun skips the
+runs already in its results file and a control takes its K_l from its own soft quantization row."""
 
 import importlib.util
 import json
@@ -205,3 +206,11 @@ def test_reruns_skip_finished_runs_and_controls_take_their_own_source(tmp_path):
     missing = script("--alpha", "0.9", "--controls", "heq:1e-3:0.9", ok=False)
     assert "no soft quantization row h=0.001 w=0.9" in missing.stderr and "run --points 0.001:0.9 first" in missing.stderr
     assert len(out.read_text().splitlines()) == len(rows)
+
+
+@pytest.mark.parametrize("flag, spec, form", [("--points", "1e-3", "h:w"), ("--points", "x:0.9", "h:w"),
+                                              ("--controls", "1e-3:0.9", "Q:h:w"), ("--controls", "heq:0:0.9", "Q:h:w")])
+def test_a_malformed_point_is_refused_with_its_form(report, capsys, flag, spec, form):
+    with pytest.raises(SystemExit):
+        report._parse(["--pretrained", "fp.ckpt", flag, spec])
+    assert f"{flag}: {spec!r} is not {form} with positive numbers" in capsys.readouterr().err
