@@ -300,8 +300,7 @@ def _fields(args, method: str, spec=None) -> dict:
     rows) and the lookups of ``main`` (is this run done? which row is a control's source?) build it
     here, so an option a run stores is always one the lookups tell apart."""
     out = {"method": method, **_options(args), "couple_epochs": args.couple_epochs, "refine_epochs": args.refine_epochs,
-           "lr": args.lr, "schedule": args.schedule, "limit_train_batches": args.limit,
-           "device": "cuda" if torch.cuda.is_available() else "cpu"}
+           "lr": args.lr, "schedule": args.schedule, "limit_train_batches": args.limit, "device": _device_name()}
     restart = {"restart_at_snap": True} if args.restart_at_snap else {}
     reassign = {"reassign": True} if args.reassign else {}
     if method == "softquant":
@@ -325,10 +324,22 @@ def _fields(args, method: str, spec=None) -> dict:
     raise ValueError(f"_fields: unknown method {method!r}")
 
 
-def _source_fields(args, h: float, w: float) -> dict:
-    """``_fields`` of the soft quantization row whose K_l a control of these arguments takes (cluster
-    means, h from --points: the control's own --placement and --target-step are not the source's)."""
-    return {**_fields(args, "softquant", (h, w)), "target_step": None, "placement": "mean"}
+def _device_name() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _finished(done: list[dict], args, method: str, spec) -> bool:
+    """Whether ``done`` holds the row of this run: the same configuration (``_fields``) and seed."""
+    key = _config_key(_fields(args, method, spec))
+    return any(r.get("seed", 0) == args.seed and _config_key(r) == key for r in done)
+
+
+def _sources(done: list[dict], args, h: float, w: float) -> list[dict]:
+    """The rows of ``done`` a control of these arguments takes its K_l from: soft quantization at h, w
+    with the same options, cluster-mean placement, h from --points (the control's own --placement and
+    --target-step are not the source's), seed 0 (every control seed pairs with it)."""
+    want = _config_key({**_fields(args, "softquant", (h, w)), "target_step": None, "placement": "mean"})
+    return [r for r in done if r.get("seed", 0) == 0 and _config_key(r) == want]
 
 
 def run_point(args, h: float, w: float, dm: CIFAR10DataModule, run_dir: Path | None = None) -> dict:
@@ -1105,14 +1116,11 @@ def main() -> None:
             if quantizer not in ("heq", "kmeans", "uniform"):
                 raise SystemExit(f"--controls: quantizer must be 'heq', 'kmeans' or 'uniform', got {quantizer!r} in {spec!r}")
             method = f"refined-{quantizer}"
-            # The source: seed 0 (every control seed pairs with it), the same options as these arguments.
-            want = _config_key(_source_fields(args, *what))
-            source = [r for r in done if r.get("seed", 0) == 0 and _config_key(r) == want]
+            source = _sources(done, args, *what)
             if not source:
                 raise SystemExit(f"--controls {spec}: no soft quantization row h={what[0]:g} w={what[1]:g} (seed 0) with these "
                                  f"epochs, schedule and options in {out}; run --points {what[0]:g}:{what[1]:g} first")
-        key = _config_key(_fields(args, method, what if what is not None else spec))
-        if any(r.get("seed", 0) == args.seed and _config_key(r) == key for r in done):
+        if _finished(done, args, method, what if what is not None else spec):
             print(f"skip {method} {spec}: already in {out}")
             continue
         run_dir = _run_dir(args, method, spec)

@@ -142,7 +142,7 @@ def _what(r: dict):
     return f"k{r['k']}" if "k" in r else r.get("n_bits")
 
 
-def test_every_stored_row_is_found_by_the_command_that_wrote_it(report):
+def test_every_stored_row_is_found_by_the_command_that_wrote_it(report, monkeypatch):
     # The resume lookups ("is this run done?", "which row is this control's source?") rebuild a row's
     # configuration from the arguments; on every committed result they must find exactly that row.
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines()]
@@ -150,11 +150,13 @@ def test_every_stored_row_is_found_by_the_command_that_wrote_it(report):
     assert len(commanded) >= 100
     for r in commanded:
         args = report._parse(_argv(r["command"]))
-        fields = {**report._fields(args, report._method(r), _what(r)), "device": r["device"]}
+        monkeypatch.setattr(report, "_device_name", lambda: r["device"])  # rows from a lent GPU among them
+        fields = report._fields(args, report._method(r), _what(r))
         assert report._config_key(fields) == report._config_key(r), r["command"]
+        assert report._finished([r], args, report._method(r), _what(r)), r["command"]
+        assert not report._finished([{**r, "seed": args.seed + 1}], args, report._method(r), _what(r))
         if report._method(r).startswith("refined-"):
-            want = report._config_key({**report._source_fields(args, r["h"], r["w"]), "device": r["device"]})
-            sources = [s for s in rows if s.get("seed", 0) == 0 and report._config_key(s) == want]
+            sources = report._sources(rows, args, r["h"], r["w"])
             assert [s["acc"] for s in sources] == [r["source_acc"]], r["command"]
 
 
