@@ -229,6 +229,32 @@ class PhaseAccuracy(Callback):
         self.acc = state_dict["acc"]
 
 
+class SaveWeights(Callback):
+    """Writes the model's weights (``state_dict``) to ``path`` at the start of ``epoch``:
+    placed before ``ClusterRefine``, the coupled weights the snap is about to see. A run
+    resumed after that epoch writes nothing (the coupled weights are gone)."""
+
+    def __init__(self, epoch: int, path: Path) -> None:
+        self.epoch, self.path = epoch, path
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch and trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():
+                print(f"--save-coupled: replacing {self.path}", flush=True)
+            tmp = self.path.with_suffix(".tmp")
+            torch.save({k: v.detach().cpu() for k, v in pl_module.model.state_dict().items()}, tmp)
+            os.replace(tmp, self.path)  # never a half-written file under the final name
+
+
+def _saver(args, method: str, spec) -> list[Callback]:
+    """``[SaveWeights]`` at the snap epoch with ``--save-coupled DIR``, else ``[]``."""
+    if not args.save_coupled:
+        return []
+    tag = "-".join(f"{v:g}" for v in spec) if isinstance(spec, tuple) else str(spec)
+    return [SaveWeights(args.couple_epochs, Path(args.save_coupled) / f"{method}-{tag}-seed{args.seed}.pt")]
+
+
 def _phases(dm, epoch: int, refine: Callback) -> tuple[list[Callback], PhaseAccuracy, PhaseAccuracy]:
     """``[before, refine, after]``: accuracy of the coupled model and of the snapped one."""
     before, after = PhaseAccuracy(epoch, dm.val_dataloader(), "coupled"), PhaseAccuracy(epoch, dm.val_dataloader(), "snapped")
@@ -358,7 +384,8 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule, run_dir: Path | N
                            snap_ramp_steps=args.snap_ramp_steps, snap_ramp_from=args.snap_ramp_from)
     timer = StepTimer()
     phases, before, after = _phases(dm, e2, refine)
-    start = _fit(module, dm, e2 + args.refine_epochs, [soft, *phases, timer], args.limit, run_dir)
+    start = _fit(module, dm, e2 + args.refine_epochs, [soft, *_saver(args, "softquant", (h, w)), *phases, timer],
+                 args.limit, run_dir)
     ks = {n.removeprefix("model."): r.k for n, r in refine.snapper.reports.items() if r.snapped}
     summary = refine.snapper.summary()
     return _row(
@@ -512,7 +539,7 @@ def run_fp(args, dm: CIFAR10DataModule, run_dir: Path | None = None) -> dict:
 
 # Arguments that select which runs to do or where results go, not what a run is.
 _NOT_THE_RUN = {"points", "codebook_bits", "codebook_k", "dkm_bits", "controls", "fp_control", "out", "report_only", "archive",
-                "download", "command", "resume_dir"}
+                "download", "command", "resume_dir", "save_coupled"}
 
 
 # Arguments added after runs became resumable, at the value that runs started before them
@@ -1070,6 +1097,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--resume-dir", default=str(Path(__file__).resolve().parent / "checkpoints" / "runs"),
                     help="each run writes its last epoch's checkpoint under here and a killed run resumes from it "
                          "(removed once its row is written); '' to train every run from the start")
+    ap.add_argument("--save-coupled", default=None, metavar="DIR",
+                    help="soft quantization runs also write their coupled weights (the model's state_dict at the "
+                         "snap) to DIR/softquant-H-W-seedS.pt, for benchmarks/snap_margins.py")
     ap.add_argument("--report-only", action="store_true", help="rebuild the table and plot from --out, train nothing")
     args = ap.parse_args(argv)
     for flag, specs, parts in (("--points", args.points, 2), ("--controls", args.controls, 3)):

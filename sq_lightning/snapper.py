@@ -134,12 +134,12 @@ class ClusterSnapper:
             coupling's partition does to refinement from what its ``K_l`` does.
             Layers with given representatives (a codebook) are not affected.
         max_bits: a bit budget per layer: a layer that discovered more than
-            ``2^max_bits`` clusters, or fewer but too loose ones (snap error above
-            ``max_snap_error``: it did not cluster), is re-partitioned into exactly
+            ``2^max_bits`` clusters, or at most that many but too loose ones (snap error
+            above ``max_snap_error``: it did not cluster), is re-partitioned into exactly
             ``2^max_bits`` values by optimal 1-D k-means of its (coupled) weights, the
             least squared error of any ``2^max_bits``-level snap (by equal-population
             bins with ``placement="heq"``); a layer whose clusters
-            fit the budget keeps them. ``None``: no cap (the bits are what the coupling
+            fit the budget and are tight keeps them. ``None``: no cap (the bits are what the coupling
             produced). The snap error is then checked against ``max_snap_error`` as
             usual (a tight budget may need ``on_unclustered="snap"``). Layers with given
             representatives are not affected.
@@ -275,7 +275,7 @@ class ClusterSnapper:
             min_size = max(1, int(self.min_cluster_frac * theta.numel()))
             cl = find_clusters(theta, self.gap * wl, min_size=min_size, merge=self.merge)
             cap = self.max_clusters_for(name)
-            if cap is not None and (cl.k > cap or (cl.k < cap and cl.snap_error(theta) > self.max_snap_error)):
+            if cap is not None and (cl.k > cap or cl.snap_error(theta) > self.max_snap_error):
                 cl = _quantized_clusters(theta, cap, "heq" if self.placement == "heq" else "kmeans")
             elif self.placement != "mean" and cl.k > 1:
                 cl = _quantized_clusters(theta, cl.k, self.placement)

@@ -594,6 +594,23 @@ def test_max_bits_caps_k_with_the_least_error_partition():
     assert sse == pytest.approx(_best_partition_sse(blob.flatten().tolist(), 4), rel=1e-5)
 
 
+def test_max_bits_repartitions_a_loose_layer_that_formed_exactly_the_budget():
+    # A gap-free blob of 40 weights in [-1, 1] and one weight at 1.8: the gaps give exactly two
+    # clusters (blob, outlier), the budget at 1 bit, but a loose pair (snap error ~0.9). The
+    # budget's least-error partition (the blob cut near 0, the outlier with the upper half) replaces it.
+    weights = torch.cat([torch.linspace(-1.0, 1.0, 40), torch.tensor([1.8])]).reshape(1, 41)
+    net = torch.nn.Sequential(torch.nn.Linear(41, 1, bias=False))
+    with torch.no_grad():
+        net[0].weight.copy_(weights)
+    formed = ClusterSnapper(w=1.0, merge="none").find(net)["0.weight"]
+    assert formed.k == 2 and formed.snap_error(weights) > 0.3  # the case: at the budget, not clustered
+    rep = ClusterSnapper(w=1.0, merge="none", on_unclustered="snap", max_bits=1).snap(net)["0.weight"]
+    assert rep.k == 2
+    sse = float(((net[0].weight.detach() - weights) ** 2).sum())
+    assert sse == pytest.approx(_best_partition_sse(weights.flatten().tolist(), 2), rel=1e-5)
+    assert rep.snap_error < 0.6
+
+
 def _five_clusters(seed: int) -> torch.Tensor:
     """A [4, 6] weight with five well-separated clusters (spread 1e-3)."""
     torch.manual_seed(seed)

@@ -1,0 +1,161 @@
+"""Where does a low-bit snap cut the coupled weights? Margins to the decision boundaries.
+
+    python benchmarks/snap_margins.py --pretrained benchmarks/checkpoints/resnet20_cifar10_fp.ckpt \\
+        --coupled /tmp/coupled/softquant-0.001-0.9-seed1.pt --w 0.9 --max-bits 1 --edge-bits 4
+
+At 1 bit, soft quantization of ResNet-20 reaches ~81% coupled but ~32% right after the
+snap, and refinement (even with moving assignments) recovers less than the same budget
+gives histogram-equalized (HEQ) full-precision weights (``cifar10_tradeoff.md``). This
+script measures, layer by layer, how the snap partitions two sets of weights at the same
+``K_l``:
+
+* the coupled weights (written by ``cifar10_tradeoff.py --save-coupled``) partitioned as
+  ``ClusterRefine`` does in that run (its own snapper, same ``w``, budget and edges);
+* the full-precision weights partitioned by HEQ at those ``K_l`` (the control's start).
+
+Per layer: the clusters the coupling formed (``K`` without a budget), the share of
+weights in a formed cluster that the budget splits between two values (``split``), the
+share within 5% / 10% of a level spacing of a decision boundary (the midpoint of two
+adjacent values: the weights that a moving assignment flips first), the relative snap
+error, and the share of weights whose level index is the one HEQ gives the same weight in
+full precision (``agree``: 1 where both partitions put every weight on the same side).
+Totals are weighted by layer size over the layers held to ``--max-bits``. Appends a
+markdown report with the command to ``benchmarks/results/snap_margins.md``.
+
+``w_l = w · σ_l`` is taken from the full-precision weights: the coupling freezes ``σ_l``
+at its first step, i.e. from these same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import torch
+
+from torch import Tensor
+
+from sq_lightning.callbacks import ClusterRefine
+from sq_lightning.ops.baselines import quantize
+from sq_lightning.ops.clustering import Clusters
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cifar10_tradeoff import EDGE_LAYERS  # noqa: E402  (the run's own edge layers)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def boundary_margins(theta: Tensor, centroids: Tensor) -> Tensor:
+    """Each weight's distance to its nearest decision boundary (the midpoint of two
+    adjacent values of ``centroids``), in units of the spacing of those two values.
+
+    0: on a boundary; 0.5: on a value between two boundaries; beyond the outer values the
+    margin keeps growing. ``inf`` for a single value (no boundary)."""
+    c = torch.sort(centroids.double().flatten()).values
+    t = theta.double().flatten()
+    if c.numel() < 2:
+        return torch.full_like(t, float("inf"))
+    mids, gaps = (c[1:] + c[:-1]) / 2, c[1:] - c[:-1]
+    dist = (t[:, None] - mids[None, :]).abs() / gaps[None, :]
+    return dist.min(dim=1).values
+
+
+def split_share(formed: Clusters, budget: Clusters) -> float:
+    """Share of the weights that sit in a formed cluster whose members the budget partition
+    gives more than one value."""
+    a, b = formed.assignments.flatten(), budget.assignments.flatten()
+    k = budget.k
+    pairs = torch.unique(a * k + b)  # (formed, budget) index pairs that occur
+    values_per_formed = torch.bincount(torch.div(pairs, k, rounding_mode="floor"), minlength=formed.k)
+    split = values_per_formed[a] > 1
+    return float(split.double().mean())
+
+
+def level_agreement(x: Clusters, y: Clusters) -> float:
+    """Share of weights with the same level index (values in ascending order) in both."""
+    return float((x.assignments.flatten() == y.assignments.flatten()).double().mean())
+
+
+def _state(path: str) -> dict[str, torch.Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "state_dict" in state:  # a Lightning checkpoint of ImageClassifier
+        state = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
+    return state
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pretrained", required=True, help="full-precision ImageClassifier checkpoint")
+    ap.add_argument("--coupled", required=True, help="coupled weights from cifar10_tradeoff.py --save-coupled")
+    ap.add_argument("--w", type=float, required=True, help="the run's w (w_l = w · σ_l)")
+    ap.add_argument("--max-bits", type=int, default=None, help="the run's --max-bits")
+    ap.add_argument("--max-clusters", type=int, default=None, help="the run's --max-clusters")
+    ap.add_argument("--edge-bits", type=int, default=None, help="the run's --edge-bits")
+    ap.add_argument("--placement", choices=["mean", "kmeans", "heq"], default="mean", help="the run's --placement")
+    ap.add_argument("--out", default=str(RESULTS / "snap_margins.md"))
+    args = ap.parse_args()
+    if not Path(args.coupled).is_file():
+        raise SystemExit(f"--coupled {args.coupled}: no such file; write one with cifar10_tradeoff.py --save-coupled DIR")
+
+    from sq_lightning.models import ImageClassifier
+
+    fp_model = ImageClassifier(arch="resnet20", init_from=args.pretrained).model
+    coupled_model = ImageClassifier(arch="resnet20", init_from=args.pretrained).model
+    missing = coupled_model.load_state_dict(_state(args.coupled), strict=False)
+    if missing.missing_keys:
+        raise SystemExit(f"--coupled {args.coupled}: not a ResNet-20 state_dict (missing {missing.missing_keys[:3]})")
+    edges = {rf"^{m}\.weight$": args.edge_bits for m in EDGE_LAYERS} if args.edge_bits else {}
+    budget = ClusterRefine(w=args.w, placement=args.placement, max_bits=args.max_bits, max_clusters=args.max_clusters,
+                           on_unclustered="snap", max_bits_overrides=edges).snapper
+    formed = ClusterRefine(w=args.w, on_unclustered="snap").snapper
+    fp = dict(fp_model.named_parameters())
+    w_l = {n: args.w * float(p.detach().float().std()) for n, p in fp.items()}
+    snapped = budget.find(coupled_model, w_l=w_l)
+    found = formed.find(coupled_model, w_l=w_l)
+    coupled = dict(coupled_model.named_parameters())
+
+    head = ("| layer | N | K formed | K | split | near 5% coupled | near 5% FP-HEQ | near 10% coupled | near 10% FP-HEQ "
+            "| snap err coupled | snap err FP-HEQ | agree |")
+    lines, totals = [head, "|" + "---|" * 12], {}
+    for name, cl in snapped.items():
+        theta_c, theta_f = coupled[name].detach(), fp[name].detach()
+        q = quantize(theta_f, cl.k, "heq")
+        heq = Clusters(q.centroids.float(), q.assignments, torch.bincount(q.assignments.flatten(), minlength=q.centroids.numel()))
+        mc, mf = boundary_margins(theta_c, cl.centroids), boundary_margins(theta_f, heq.centroids)
+        row = {
+            "split": split_share(found[name], cl),
+            "near5c": float((mc < 0.05).double().mean()), "near5f": float((mf < 0.05).double().mean()),
+            "near10c": float((mc < 0.10).double().mean()), "near10f": float((mf < 0.10).double().mean()),
+            "errc": cl.snap_error(theta_c), "errf": heq.snap_error(theta_f),
+            "agree": level_agreement(cl, heq) if heq.k == cl.k else float("nan"),
+        }
+        n = theta_c.numel()
+        budgeted = (args.max_bits is not None or args.max_clusters is not None) and not any(
+            name == f"{m}.weight" for m in EDGE_LAYERS)
+        if budgeted:
+            for key, v in row.items():
+                totals[key] = totals.get(key, 0.0) + v * n
+            totals["n"] = totals.get("n", 0) + n
+        lines.append(f"| {name} | {n} | {found[name].k} | {cl.k} | " + " | ".join(f"{row[k]:.3f}" for k in (
+            "split", "near5c", "near5f", "near10c", "near10f", "errc", "errf", "agree")) + " |")
+    if totals:
+        n = totals.pop("n")
+        avg = {k: v / n for k, v in totals.items()}
+        lines.append(f"| **all budgeted ({n} weights)** | | | | " + " | ".join(f"**{avg[k]:.3f}**" for k in (
+            "split", "near5c", "near5f", "near10c", "near10f", "errc", "errf", "agree")) + " |")
+    report = "\n".join([
+        f"## {Path(args.coupled).name} ({datetime.date.today().isoformat()})", "",
+        "    python " + " ".join(sys.argv), "",
+        *lines, "",
+    ])
+    print(report)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        f.write(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
