@@ -78,6 +78,69 @@ def level_agreement(x: Clusters, y: Clusters) -> float:
     return float((x.assignments.flatten() == y.assignments.flatten()).double().mean())
 
 
+def zero_cluster(formed: Clusters) -> Tensor:
+    """Mask of the weights in the formed cluster whose value is nearest 0."""
+    return formed.assignments.flatten() == int(torch.argmin(formed.centroids.abs()))
+
+
+def correlation(x: Tensor, y: Tensor) -> float:
+    """Pearson correlation of two equal-length vectors (``nan`` under 3 entries or no spread)."""
+    if x.numel() < 3:
+        return float("nan")
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    den = float(x.norm() * y.norm())
+    return float((x * y).sum()) / den if den > 0 else float("nan")
+
+
+def split_by_sign(cl: Clusters, members: Tensor, reference: Tensor, theta: Tensor) -> Clusters:
+    """Two-value ``cl`` with its ``members`` moved to the value on the side of their
+    ``reference`` sign (upper for > 0) and both values the means of their members in ``theta``."""
+    a = cl.assignments.flatten().clone()
+    a[members] = (reference.flatten()[members] > 0).long()
+    t = theta.detach().flatten().float()
+    counts = torch.bincount(a, minlength=2)
+    sums = torch.zeros(2).index_add_(0, a, t)
+    c = torch.where(counts > 0, sums / counts.clamp(min=1), cl.centroids.float())
+    return Clusters(c, a.reshape(cl.assignments.shape), counts)
+
+
+def _evaluate(args, fp_model, coupled_model, snapped, heqs, found, budgeted) -> list[str]:
+    """Test accuracy right after three snaps at the same ``K_l`` (BatchNorm re-estimated)."""
+    import copy
+
+    import lightning.pytorch as pl
+
+    from sq_lightning.data import CIFAR10DataModule
+    from sq_lightning.evaluate import accuracy
+    from sq_lightning.models.batchnorm import recalibrate_batchnorm
+
+    pl.seed_everything(0)
+    dm = CIFAR10DataModule(archive=args.archive, batch_size=128, seed=0)
+    dm.setup("fit")
+    fp = dict(fp_model.named_parameters())
+    coupled = dict(coupled_model.named_parameters())
+    split = {n: split_by_sign(cl, zero_cluster(found[n]), fp[n].detach(), coupled[n]) if n in budgeted and cl.k == 2 else cl
+             for n, cl in snapped.items()}
+
+    def snapped_accuracy(model, clusters) -> float:
+        m = copy.deepcopy(model)
+        params = dict(m.named_parameters())
+        with torch.no_grad():
+            for n, cl in clusters.items():
+                params[n].copy_(cl.values(params[n].dtype).reshape(params[n].shape))
+        recalibrate_batchnorm(m, dm.train_dataloader(), 100)
+        return accuracy(m, dm.val_dataloader())
+
+    return [
+        "| snap (same K_l, BatchNorm re-estimated) | test accuracy |", "|---|---|",
+        f"| coupled weights, no snap | {accuracy(coupled_model, dm.val_dataloader()):.4f} |",
+        f"| coupled weights, the run's snap | {snapped_accuracy(coupled_model, snapped):.4f} |",
+        f"| coupled weights, the cluster nearest 0 split by the full-precision sign (2-value layers) "
+        f"| {snapped_accuracy(coupled_model, split):.4f} |",
+        f"| full-precision weights, HEQ | {snapped_accuracy(fp_model, heqs):.4f} |",
+    ]
+
+
 def _state(path: str) -> dict[str, torch.Tensor]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if "state_dict" in state:  # a Lightning checkpoint of ImageClassifier
@@ -94,6 +157,9 @@ def main() -> None:
     ap.add_argument("--max-clusters", type=int, default=None, help="the run's --max-clusters")
     ap.add_argument("--edge-bits", type=int, default=None, help="the run's --edge-bits")
     ap.add_argument("--placement", choices=["mean", "kmeans", "heq"], default="mean", help="the run's --placement")
+    ap.add_argument("--evaluate", action="store_true",
+                    help="also the CIFAR-10 test accuracy right after each snap (BatchNorm re-estimated on 100 batches)")
+    ap.add_argument("--archive", default=None, help="CIFAR-10 archive for --evaluate (default: the offline copy)")
     ap.add_argument("--out", default=str(RESULTS / "snap_margins.md"))
     args = ap.parse_args()
     if not Path(args.coupled).is_file():
@@ -115,36 +181,40 @@ def main() -> None:
     snapped = budget.find(coupled_model, w_l=w_l)
     found = formed.find(coupled_model, w_l=w_l)
     coupled = dict(coupled_model.named_parameters())
+    budgeted = {n for n in snapped if (args.max_bits is not None or args.max_clusters is not None)
+                and n not in {f"{m}.weight" for m in EDGE_LAYERS}}
 
-    head = ("| layer | N | K formed | K | split | near 5% coupled | near 5% FP-HEQ | near 10% coupled | near 10% FP-HEQ "
-            "| snap err coupled | snap err FP-HEQ | agree |")
-    lines, totals = [head, "|" + "---|" * 12], {}
+    cols = ("split", "zero", "zcorr", "near5c", "near5f", "near10c", "near10f", "errc", "errf", "agree")
+    head = ("| layer | N | K formed | K | split | zero share | zero corr | near 5% coupled | near 5% FP-HEQ | near 10% coupled "
+            "| near 10% FP-HEQ | snap err coupled | snap err FP-HEQ | agree |")
+    lines, totals, heqs = [head, "|" + "---|" * 14], {}, {}
     for name, cl in snapped.items():
         theta_c, theta_f = coupled[name].detach(), fp[name].detach()
         q = quantize(theta_f, cl.k, "heq")
-        heq = Clusters(q.centroids.float(), q.assignments, torch.bincount(q.assignments.flatten(), minlength=q.centroids.numel()))
+        heq = heqs[name] = Clusters(q.centroids.float(), q.assignments,
+                                    torch.bincount(q.assignments.flatten(), minlength=q.centroids.numel()))
         mc, mf = boundary_margins(theta_c, cl.centroids), boundary_margins(theta_f, heq.centroids)
+        zero = zero_cluster(found[name])
         row = {
             "split": split_share(found[name], cl),
+            "zero": float(zero.double().mean()), "zcorr": correlation(theta_f.flatten()[zero], theta_c.flatten()[zero]),
             "near5c": float((mc < 0.05).double().mean()), "near5f": float((mf < 0.05).double().mean()),
             "near10c": float((mc < 0.10).double().mean()), "near10f": float((mf < 0.10).double().mean()),
             "errc": cl.snap_error(theta_c), "errf": heq.snap_error(theta_f),
             "agree": level_agreement(cl, heq) if heq.k == cl.k else float("nan"),
         }
         n = theta_c.numel()
-        budgeted = (args.max_bits is not None or args.max_clusters is not None) and not any(
-            name == f"{m}.weight" for m in EDGE_LAYERS)
-        if budgeted:
+        if name in budgeted:
             for key, v in row.items():
                 totals[key] = totals.get(key, 0.0) + v * n
             totals["n"] = totals.get("n", 0) + n
-        lines.append(f"| {name} | {n} | {found[name].k} | {cl.k} | " + " | ".join(f"{row[k]:.3f}" for k in (
-            "split", "near5c", "near5f", "near10c", "near10f", "errc", "errf", "agree")) + " |")
+        lines.append(f"| {name} | {n} | {found[name].k} | {cl.k} | " + " | ".join(f"{row[k]:.3f}" for k in cols) + " |")
     if totals:
         n = totals.pop("n")
         avg = {k: v / n for k, v in totals.items()}
-        lines.append(f"| **all budgeted ({n} weights)** | | | | " + " | ".join(f"**{avg[k]:.3f}**" for k in (
-            "split", "near5c", "near5f", "near10c", "near10f", "errc", "errf", "agree")) + " |")
+        lines.append(f"| **all budgeted ({n} weights)** | | | | " + " | ".join(f"**{avg[k]:.3f}**" for k in cols) + " |")
+    if args.evaluate:
+        lines += ["", *_evaluate(args, fp_model, coupled_model, snapped, heqs, found, budgeted)]
     report = "\n".join([
         f"## {Path(args.coupled).name} ({datetime.date.today().isoformat()})", "",
         "    python " + " ".join(sys.argv), "",

@@ -49,6 +49,22 @@ def test_split_share_counts_the_members_of_formed_clusters_given_two_values(marg
     assert margins.level_agreement(budget, _clusters([-1.0, 0.5], [0, 0, 1, 1, 1, 1, 1, 1])) == pytest.approx(7 / 8)
 
 
+def test_zero_cluster_correlation_and_the_sign_split(margins):
+    formed = _clusters([-1.0, 0.05, 1.0], [0, 1, 1, 1, 1, 2])
+    assert margins.zero_cluster(formed).tolist() == [False, True, True, True, True, False]
+    x, y = torch.tensor([0.1, -0.2, 0.3, 0.0]), torch.tensor([1.0, 0.5, 2.0, -1.0])
+    assert margins.correlation(x, y) == pytest.approx(float(torch.corrcoef(torch.stack([x, y]))[0, 1]), rel=1e-6)
+    assert math.isnan(margins.correlation(x[:2], y[:2]))
+    # Two values; weights 1-4 are the zero cluster, moved by the sign of their reference.
+    budget = _clusters([-0.9, 0.3], [0, 1, 1, 1, 1, 1])
+    theta = torch.tensor([-1.0, 0.02, 0.04, 0.06, 0.08, 1.0])
+    reference = torch.tensor([-0.5, -0.1, 0.2, -0.3, 0.4, 0.9])
+    got = margins.split_by_sign(budget, margins.zero_cluster(formed), reference, theta)
+    assert got.assignments.tolist() == [0, 0, 1, 0, 1, 1]
+    torch.testing.assert_close(got.centroids, torch.tensor([(-1.0 + 0.02 + 0.06) / 3, (0.04 + 0.08 + 1.0) / 3]))
+    assert got.counts.tolist() == [3, 3]
+
+
 def test_the_script_reports_a_full_precision_model_against_itself(margins, tmp_path):
     # The full-precision checkpoint as its own "coupled" weights: every budgeted layer is cut into
     # two by k-means (coupled column) and by HEQ (full-precision column) of the same weights.
@@ -65,11 +81,13 @@ def test_the_script_reports_a_full_precision_model_against_itself(margins, tmp_p
     cells = {r.split("|")[1].strip().strip("*"): [c.strip().strip("*") for c in r.strip("|").split("|")] for r in rows[1:]}
     assert cells["conv1.weight"][3] == "16" and cells["fc.weight"][3] == "16"  # --edge-bits 4
     total = cells["all budgeted (267264 weights)"]
-    near5_coupled, near5_fp = float(total[5]), float(total[6])
+    near5_coupled, near5_fp = float(total[7]), float(total[8])
     # A Gaussian-like layer cut in two at about its median: ~ the same share near the cut either way.
     assert 0.02 < near5_coupled < 0.15 and 0.02 < near5_fp < 0.15
     layers = [n for n in cells if n.startswith("layer")]
     assert all(float(cells[n][3]) == 2 for n in layers)
     # The budget's k-means cut of a layer never has a larger snap error than HEQ's of the same weights.
-    assert all(float(cells[n][9]) <= float(cells[n][10]) + 1e-3 for n in layers)
-    assert not math.isnan(float(total[11]))
+    assert all(float(cells[n][11]) <= float(cells[n][12]) + 1e-3 for n in layers)
+    assert not math.isnan(float(total[13]))
+    # The same weights on both sides: the zero cluster remembers its full-precision values exactly.
+    assert float(total[6]) == pytest.approx(1.0, abs=1e-3)
