@@ -251,8 +251,10 @@ def _saver(args, method: str, spec) -> list[Callback]:
     """``[SaveWeights]`` at the snap epoch with ``--save-coupled DIR``, else ``[]``."""
     if not args.save_coupled:
         return []
+    # The run's hash in the name: two configurations of the same point never write one file.
     tag = "-".join(f"{v:g}" for v in spec) if isinstance(spec, tuple) else str(spec)
-    return [SaveWeights(args.couple_epochs, Path(args.save_coupled) / f"{method}-{tag}-seed{args.seed}.pt")]
+    name = f"{method}-{tag}-seed{args.seed}-{_run_hash(args, method, spec)[:8]}.pt"
+    return [SaveWeights(args.couple_epochs, Path(args.save_coupled) / name)]
 
 
 def _phases(dm, epoch: int, refine: Callback) -> tuple[list[Callback], PhaseAccuracy, PhaseAccuracy]:
@@ -551,6 +553,16 @@ def _identity(what: dict) -> dict:
     return {k: v for k, v in what.items() if k not in _LATER_ARGS or v != _LATER_ARGS[k]}
 
 
+def _what(args, method: str, spec) -> dict:
+    """Everything that defines one run: its method, its point and every argument of ``args`` that is a run's."""
+    return _identity({"method": method, "spec": spec, **{k: v for k, v in vars(args).items() if k not in _NOT_THE_RUN}})
+
+
+def _run_hash(args, method: str, spec) -> str:
+    """16 hex digits naming one run (its resume directory, its ``--save-coupled`` file)."""
+    return hashlib.sha1(json.dumps(_what(args, method, spec), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _run_dir(args, method: str, spec) -> Path | None:
     """The directory of one run's resume checkpoint, named by a hash of everything that
     defines the run (so a changed argument never resumes another run's weights). A
@@ -558,7 +570,7 @@ def _run_dir(args, method: str, spec) -> Path | None:
     written before an argument of ``_LATER_ARGS`` existed)."""
     if not args.resume_dir:
         return None
-    what = _identity({"method": method, "spec": spec, **{k: v for k, v in vars(args).items() if k not in _NOT_THE_RUN}})
+    what = _what(args, method, spec)
     for saved in sorted(Path(args.resume_dir).glob(f"{method}-*/run.json")):
         try:
             if _identity(json.loads(saved.read_text())) == what:
@@ -566,7 +578,7 @@ def _run_dir(args, method: str, spec) -> Path | None:
         except (OSError, ValueError):
             continue
     text = json.dumps(what, sort_keys=True)
-    run_dir = Path(args.resume_dir) / f"{method}-{hashlib.sha1(text.encode()).hexdigest()[:16]}"
+    run_dir = Path(args.resume_dir) / f"{method}-{_run_hash(args, method, spec)}"
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.json").write_text(text + "\n")
     return run_dir
@@ -1099,7 +1111,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                          "(removed once its row is written); '' to train every run from the start")
     ap.add_argument("--save-coupled", default=None, metavar="DIR",
                     help="soft quantization runs also write their coupled weights (the model's state_dict at the "
-                         "snap) to DIR/softquant-H-W-seedS.pt, for benchmarks/snap_margins.py")
+                         "snap) to DIR/softquant-H-W-seedS-HASH.pt (HASH: of the run's arguments), for "
+                         "benchmarks/snap_margins.py")
     ap.add_argument("--report-only", action="store_true", help="rebuild the table and plot from --out, train nothing")
     args = ap.parse_args(argv)
     for flag, specs, parts in (("--points", args.points, 2), ("--controls", args.controls, 3)):

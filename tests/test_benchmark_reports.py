@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cifar10_tradeoff.py"
 
@@ -197,9 +198,16 @@ def test_reruns_skip_finished_runs_and_controls_take_their_own_source(tmp_path):
     again = script(*everything)
     assert again.stdout.count("skip ") == len(rows) and out.read_text() == first
     # Ternary layers are a new run, and its control takes its K_l from it, not from the 2-bit run.
-    script("--points", "1e-3:0.9", "--controls", "heq:1e-3:0.9", max_bits=None, extra=["--max-clusters", "3"])
+    coupled = tmp_path / "coupled"
+    script("--points", "1e-3:0.9", "--controls", "heq:1e-3:0.9", max_bits=None,
+           extra=["--max-clusters", "3", "--save-coupled", str(coupled)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     ternary, control = rows[-2:]
+    # --save-coupled wrote the weights the snap saw: a full ResNet-20 state_dict, not yet at 3 values a layer.
+    (saved,) = coupled.iterdir()
+    assert saved.name.startswith("softquant-0.001-0.9-seed0-") and saved.suffix == ".pt"
+    state = torch.load(saved, weights_only=True)
+    assert len(state) == 116 and torch.unique(state["layer2.0.conv2.weight"]).numel() > 3
     assert (ternary["method"], ternary["max_clusters"], control["method"], control["source_max_clusters"]) == (
         "softquant", 3, "refined-heq", 3)
     assert set(ternary["k_per_layer"].values()) == {3} and control["source_acc"] == ternary["acc"]
@@ -208,6 +216,18 @@ def test_reruns_skip_finished_runs_and_controls_take_their_own_source(tmp_path):
     missing = script("--alpha", "0.9", "--controls", "heq:1e-3:0.9", ok=False)
     assert "no soft quantization row h=0.001 w=0.9" in missing.stderr and "run --points 0.001:0.9 first" in missing.stderr
     assert len(out.read_text().splitlines()) == len(rows)
+
+
+def test_coupled_weights_of_two_configurations_get_two_files(report, tmp_path):
+    # The same point with another budget is another run: its --save-coupled file must not replace the first.
+    ckpt = str(SCRIPT.parent / "checkpoints" / "resnet20_cifar10_fp.ckpt")
+    argv = ["--pretrained", ckpt, "--points", "1e-3:0.9", "--save-coupled", str(tmp_path)]
+    two_bit, ternary = report._parse([*argv, "--max-bits", "2"]), report._parse([*argv, "--max-clusters", "3"])
+    paths = [report._saver(a, "softquant", (1e-3, 0.9))[0].path for a in (two_bit, ternary)]
+    assert paths[0] != paths[1] and all(p.parent == tmp_path and p.name.startswith("softquant-0.001-0.9-seed0-")
+                                        for p in paths)
+    assert report._saver(report._parse([*argv, "--max-bits", "2"]), "softquant", (1e-3, 0.9))[0].path == paths[0]
+    assert report._saver(report._parse(argv[:4]), "softquant", (1e-3, 0.9)) == []
 
 
 @pytest.mark.parametrize("flag, spec, form", [("--points", "1e-3", "h:w"), ("--points", "x:0.9", "h:w"),
