@@ -39,7 +39,7 @@ from torch import Tensor
 
 from sq_lightning.callbacks import ClusterRefine
 from sq_lightning.ops.baselines import quantize
-from sq_lightning.ops.clustering import Clusters
+from sq_lightning.ops.clustering import Clusters, tie_to_clusters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar10_tradeoff import EDGE_LAYERS  # noqa: E402  (the run's own edge layers)
@@ -87,9 +87,7 @@ def correlation(x: Tensor, y: Tensor) -> float:
     """Pearson correlation of two equal-length vectors (``nan`` under 3 entries or no spread)."""
     if x.numel() < 3:
         return float("nan")
-    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
-    den = float(x.norm() * y.norm())
-    return float((x * y).sum()) / den if den > 0 else float("nan")
+    return float(torch.corrcoef(torch.stack([x.flatten().double(), y.flatten().double()]))[0, 1])
 
 
 def split_by_sign(cl: Clusters, members: Tensor, reference: Tensor, theta: Tensor) -> Clusters:
@@ -97,10 +95,8 @@ def split_by_sign(cl: Clusters, members: Tensor, reference: Tensor, theta: Tenso
     ``reference`` sign (upper for > 0) and both values the means of their members in ``theta``."""
     a = cl.assignments.flatten().clone()
     a[members] = (reference.flatten()[members] > 0).long()
-    t = theta.detach().flatten().float()
     counts = torch.bincount(a, minlength=2)
-    sums = torch.zeros(2).index_add_(0, a, t)
-    c = torch.where(counts > 0, sums / counts.clamp(min=1), cl.centroids.float())
+    c = torch.where(counts > 0, tie_to_clusters(theta, a, 2, counts), cl.centroids.float())  # an empty side keeps its value
     return Clusters(c, a.reshape(cl.assignments.shape), counts)
 
 

@@ -52,9 +52,10 @@ def test_split_share_counts_the_members_of_formed_clusters_given_two_values(marg
 def test_zero_cluster_correlation_and_the_sign_split(margins):
     formed = _clusters([-1.0, 0.05, 1.0], [0, 1, 1, 1, 1, 2])
     assert margins.zero_cluster(formed).tolist() == [False, True, True, True, True, False]
-    x, y = torch.tensor([0.1, -0.2, 0.3, 0.0]), torch.tensor([1.0, 0.5, 2.0, -1.0])
-    assert margins.correlation(x, y) == pytest.approx(float(torch.corrcoef(torch.stack([x, y]))[0, 1]), rel=1e-6)
-    assert math.isnan(margins.correlation(x[:2], y[:2]))
+    x, y = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 3.0, 2.0, 4.0])
+    assert margins.correlation(x, y) == pytest.approx(0.8)  # deviations (-1.5, -.5, .5, 1.5), (-1.5, .5, -.5, 1.5): 4 / 5
+    assert margins.correlation(x, -2 * x) == pytest.approx(-1.0)
+    assert math.isnan(margins.correlation(x[:2], y[:2])) and math.isnan(margins.correlation(x, torch.ones(4)))
     # Two values; weights 1-4 are the zero cluster, moved by the sign of their reference.
     budget = _clusters([-0.9, 0.3], [0, 1, 1, 1, 1, 1])
     theta = torch.tensor([-1.0, 0.02, 0.04, 0.06, 0.08, 1.0])
