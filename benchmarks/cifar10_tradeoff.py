@@ -382,7 +382,7 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule, run_dir: Path | N
     refine = ClusterRefine(snap_epoch=e2, w=w, recalibrate_bn_batches=100, placement=args.placement,
                            max_bits=args.max_bits, max_clusters=args.max_clusters,
                            on_unclustered="snap" if args.max_bits or args.max_clusters else "keep",
-                           reassign=args.reassign, max_bits_overrides=_edge_patterns(args),
+                           reassign=args.reassign, reassign_from=args.reassign_from, max_bits_overrides=_edge_patterns(args),
                            snap_ramp_steps=args.snap_ramp_steps, snap_ramp_from=args.snap_ramp_from)
     timer = StepTimer()
     phases, before, after = _phases(dm, e2, refine)
@@ -438,6 +438,7 @@ def _ramp(args) -> dict:
     out = {**out, "max_bits": args.max_bits} if args.max_bits else out
     out = {**out, "max_clusters": args.max_clusters} if args.max_clusters else out
     out = {**out, "reassign": True} if args.reassign else out
+    out = {**out, "reassign_from": args.reassign_from} if args.reassign_from != "snap" else out
     out = {**out, "snap_ramp_steps": args.snap_ramp_steps, "snap_ramp_from": args.snap_ramp_from} if args.snap_ramp_steps else out
     return {**out, "restart_at_snap": True} if args.restart_at_snap else out
 
@@ -610,6 +611,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         f", source at most {r['source_max_bits']} bit(s) a layer" if r.get("source_max_bits") else "") + (
         ", lr restarted at the snap" if r.get("restart_at_snap") else "") + (
         ", reassigned refinement" if r.get("reassign") else "") + (
+        ", latent weights from full precision" if r.get("reassign_from") == "fit_start" else "") + (
         f", snap spread over {r['snap_ramp_steps']} steps from x{r['snap_ramp_from']:g}" if r.get("snap_ramp_steps") else "") + (
         f", lam {r['lam']:g}" if r.get("lam", 30.0) != 30.0 else "") + (
         ", source lr restarted at the snap" if r.get("source_restart_at_snap") else "") + (
@@ -1084,6 +1086,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--reassign", action="store_true",
                     help="refinement with moving assignments (ClusterRefine(reassign=True)): latent weights take the "
                          "updates and join their nearest centroid after each step (soft quantization, method B, controls)")
+    ap.add_argument("--reassign-from", choices=["snap", "fit_start"], default="snap",
+                    help="soft quantization with --reassign: start the latent weights from the coupled weights at the "
+                         "snap, or from the full-precision ones spread around the snapped values "
+                         "(ClusterRefine(reassign_from=...))")
     ap.add_argument("--snap-ramp-steps", type=int, default=0,
                     help="gradual snap (ClusterRefine(snap_ramp_steps=...)): after the snap each weight moves a growing "
                          "fraction of the way to its cluster's mean per step, reaching the exact tie after this many "
@@ -1146,6 +1152,9 @@ def main() -> None:
         raise SystemExit("--edge-bits: an integer in [1, 16], for --points, --codebook-bits, --dkm-bits and --controls "
                          "runs (a control reads the K_l of the soft quantization row run with the same --edge-bits); "
                          "the full-precision control has no bits")
+    if args.reassign_from != "snap" and not (args.reassign and args.points):
+        raise SystemExit("--reassign-from fit_start: the latent weights of a reassigned refinement of soft quantization; "
+                         "it needs --reassign and --points")
     dm = CIFAR10DataModule(archive=args.archive, download=args.download, batch_size=128, seed=args.seed)
     jobs = [("softquant", p) for p in args.points] + [("codebook", b) for b in args.codebook_bits]
     jobs += [("codebook", f"k{k}") for k in args.codebook_k]

@@ -384,6 +384,40 @@ class ClusterSnapper:
             self.ties = self.ramp_steps
             self.tie(model)
 
+    @torch.no_grad()
+    def start_latent_from(self, weights: dict[str, Tensor]) -> None:
+        """Starts the latent weights (``reassign=True``) of the snapped layers named in
+        ``weights`` from those values instead of the weights at the snap.
+
+        Each layer's ``weights[name]`` is shifted cluster by cluster so that every cluster's
+        latent mean is its snapped value: the tied model is the same, but each member
+        keeps its offset from its cluster's mean in ``weights``. Given the weights from
+        before the coupling, the members spread again as they did in full precision, and
+        those near a decision boundary can change cluster from the first step; the coupled
+        weights themselves sit tight on their values, none near a boundary
+        (``benchmarks/results/snap_margins.md``). Call after :meth:`snap`, before the first
+        :meth:`tie`.
+
+        Raises:
+            ValueError: not ``reassign=True``, nothing snapped, a name that is not a
+                snapped layer, a shape that differs from the layer's, a sharded layer.
+        """
+        if not self.reassign or not self.clusters:
+            raise ValueError("start_latent_from needs `reassign=True` and a snap: call it after snap().")
+        for name, values in weights.items():
+            cl = self.clusters.get(name)
+            if cl is None:
+                raise ValueError(f"start_latent_from: {name!r} is not a snapped layer (snapped: {sorted(self.clusters)[:3]} ...).")
+            if name in self._shards:
+                raise ValueError(f"start_latent_from: layer {name} is sharded (FSDP2); only whole layers are supported.")
+            latent = self._latent_of(name)
+            if tuple(values.shape) != tuple(latent.shape):
+                raise ValueError(f"start_latent_from: {name} has shape {tuple(latent.shape)}, the given weights {tuple(values.shape)}.")
+            v = values.detach().to(latent.device, torch.float64).reshape(-1)
+            a = cl.assignments.to(latent.device).reshape(-1)
+            offset = v - tie_to_clusters(v, a, cl.k).double()[a]
+            latent.copy_((cl.centroids.to(latent.device, torch.float64)[a] + offset).reshape(latent.shape))
+
     def _reassign(self, name: str, cl: Clusters, p: Tensor) -> None:
         """One refinement step with moving assignments (see ``reassign``); no host sync."""
         latent = self._latent_of(name)

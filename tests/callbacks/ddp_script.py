@@ -44,8 +44,8 @@ from sq_lightning.models.classifier import build_model
 from sq_lightning.sharding import is_sharded
 from tests.helpers import TinyNet, digits_loaders
 
-MODES = ("soft", "refine", "reassign", "resume", "codebook", "distill", "plain")
-DDP_MODES = ("soft", "refine", "reassign", "codebook", "distill")
+MODES = ("soft", "refine", "reassign", "spread", "resume", "codebook", "distill", "plain")
+DDP_MODES = ("soft", "refine", "reassign", "spread", "codebook", "distill")
 REFINE_SNAP_EPOCH = 2
 SEED = 0
 
@@ -123,6 +123,19 @@ def train_loader(devices: int, batch_size: int) -> DataLoader:
     return DataLoader(train.dataset, batch_size=batch_size, sampler=sampler)
 
 
+class LatentAtSnap(Callback):
+    """Placed after the ClusterRefine: its latent weights, assignments and centroids right after the snap."""
+
+    def __init__(self, refine: ClusterRefine) -> None:
+        self.refine, self.seen = refine, {}
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == REFINE_SNAP_EPOCH:
+            sn = self.refine.snapper
+            self.seen = {n: (sn.latent[n].cpu().clone(), cl.assignments.cpu().clone(), cl.centroids.cpu().clone())
+                         for n, cl in sn.clusters.items()}
+
+
 def _soft_then_refine(**refine_kwargs) -> tuple[SoftQuantCallback, ClusterRefine]:
     """The coupling, then the snap at ``REFINE_SNAP_EPOCH`` and refinement, of the refine modes."""
     soft = SoftQuantCallback(h=1e-2, w=0.45, stop_epoch=REFINE_SNAP_EPOCH)
@@ -173,6 +186,16 @@ def run_mode(
             trainer = make_trainer(devices, max_epochs, [soft, refine, save], strategy, checkpoints=True)
             trainer.fit(model, train, ckpt_path=ckpt_path)
         out.update(_clusters_of(refine))
+    elif mode == "spread":
+        # Moving assignments whose latent weights start from the weights before coupling.
+        model = net(bn=True)
+        out["fit_start"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        soft, refine = _soft_then_refine(reassign=True, max_bits=1, reassign_from="fit_start")
+        probe = LatentAtSnap(refine)
+        trainer = make_trainer(devices, REFINE_SNAP_EPOCH + 2, [soft, refine, probe], strategy)
+        trainer.fit(model, train)
+        out.update(_clusters_of(refine))
+        out["at_snap"] = probe.seen
     elif mode in ("refine", "reassign"):
         # BatchNorm so that the snap's statistics re-estimation runs under DDP too. A
         # strong `h` clusters every layer in two epochs; "snap" ties every layer even

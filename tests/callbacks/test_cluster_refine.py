@@ -460,6 +460,136 @@ def test_reassign_pipeline_resumes_exactly_and_exports(tmp_path):
         assert torch.equal(state[name], params[name].detach())
 
 
+def test_start_latent_from_keeps_the_snapped_values_and_the_given_offsets():
+    lin = torch.nn.Linear(8, 1, bias=False)
+    with torch.no_grad():  # coupled: two tight clusters at -1 and 1
+        lin.weight.copy_(torch.tensor([[-1.01, -1.0, -0.99, -1.0, 0.99, 1.0, 1.01, 1.0]]))
+    given = torch.tensor([[0.5, -1.0, -1.0, -1.5, 1.0, 1.0, 1.0, 1.0]])
+    runs = {}
+    for start in ("snap", "given"):
+        snapper = ClusterSnapper(max_snap_error=10.0, reassign=True)
+        snapper.snap(lin, centroids={"weight": torch.tensor([-1.0, 1.0])})
+        if start == "given":
+            snapper.start_latent_from({"weight": given})
+            # Cluster 0: given mean -0.75, offsets +1.25, -0.25, -0.25, -0.75 around -1; cluster 1: offsets 0 around 1.
+            torch.testing.assert_close(snapper.latent["weight"], torch.tensor([[0.25, -1.25, -1.25, -1.75, 1, 1, 1, 1.0]]))
+        snapper.tie(lin)  # the tied values are the same before the tie; the first one moves the 0.25
+        runs[start] = snapper.clusters["weight"], lin.weight.detach().clone()
+        with torch.no_grad():
+            lin.weight.copy_(torch.tensor([[-1.01, -1.0, -0.99, -1.0, 0.99, 1.0, 1.01, 1.0]]))
+    cl, _ = runs["snap"]
+    assert cl.assignments.flatten().tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    cl, w = runs["given"]
+    assert cl.assignments.flatten().tolist() == [1, 0, 0, 0, 1, 1, 1, 1]
+    torch.testing.assert_close(cl.centroids, torch.tensor([-4.25 / 3, 4.25 / 5]))
+    torch.testing.assert_close(w.flatten(), cl.centroids[cl.assignments.flatten()])
+
+
+def test_start_latent_from_refuses_bad_input():
+    net = TinyNet().net
+    tied = ClusterSnapper(max_snap_error=10.0)
+    tied.snap(net, centroids={n: torch.tensor([-0.1, 0.1]) for n in WEIGHTS_PLAIN})
+    with pytest.raises(ValueError, match="reassign=True"):
+        tied.start_latent_from({"0.weight": torch.zeros(16, 64)})
+    moving = ClusterSnapper(max_snap_error=10.0, reassign=True)
+    moving.snap(net, centroids={n: torch.tensor([-0.1, 0.1]) for n in WEIGHTS_PLAIN})
+    with pytest.raises(ValueError, match="'0.bias' is not a snapped layer"):
+        moving.start_latent_from({"0.bias": torch.zeros(16)})
+    with pytest.raises(ValueError, match=r"0.weight has shape \(64, 64\), the given weights \(3,\)"):
+        moving.start_latent_from({"0.weight": torch.zeros(3)})
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(reassign=True, reassign_from="start"), "`reassign_from` must be 'snap' or 'fit_start'"),
+    (dict(reassign_from="fit_start", snap_epoch=3), "needs `reassign=True`"),
+    (dict(reassign=True, reassign_from="fit_start", snap_epoch=0), "use `reassign_from='snap'`"),
+    (dict(reassign=True, reassign_from="fit_start", snap_epoch=None), "snap_epoch >= 1"),
+])
+def test_reassign_from_refuses_what_it_cannot_do(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ClusterRefine(**kw)
+
+
+class _LatentAtSnap(pl.Callback):
+    """After the ClusterRefine in the list: its latent weights and clusters right after the snap."""
+
+    def __init__(self, refine, epoch):
+        self.refine, self.epoch, self.seen = refine, epoch, None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            sn = self.refine.snapper
+            params = dict(pl_module.named_parameters())
+            self.seen = {n: (sn.latent[n].clone(), cl.assignments.clone(), cl.centroids.clone(), params[n].detach().clone())
+                         for n, cl in sn.clusters.items()}
+
+
+def test_reassign_from_fit_start_spreads_the_latent_weights_as_before_coupling(tmp_path):
+    pl.seed_everything(0)
+    before = {n: p.detach().double().clone() for n, p in TinyNet(bn=True).named_parameters()}
+    probe = {}
+    for start in ("snap", "fit_start"):
+        refine = ClusterRefine(snap_epoch=3, w=0.45, recalibrate_bn_batches=20, on_unclustered="snap", max_bits=2,
+                               reassign=True, reassign_from=start)
+        probe[start] = _LatentAtSnap(refine, 3)
+        pl.seed_everything(0)
+        train, val = digits_loaders(shuffle=False)
+        model = TinyNet(bn=True)
+        assert all(torch.equal(p.detach().double(), before[n]) for n, p in model.named_parameters())
+        trainer(max_epochs=4, callbacks=[SoftQuantCallback(h=2e-3, w=0.45, stop_epoch=3), refine, probe[start]]).fit(
+            model, train, val)
+        assert refine.fit_start == {}  # the copy is dropped at the snap
+    across = {"snap": 0, "fit_start": 0}
+    for name in BN_WEIGHTS:
+        lat_s, a_s, c_s, w_s = probe["snap"].seen[name]
+        lat, a, c, w = probe["fit_start"].seen[name]
+        # The same run up to the snap: same clusters, same tied weights.
+        assert torch.equal(a, a_s) and torch.equal(c, c_s) and torch.equal(w, w_s)
+        # Reference by numpy: the pre-coupling weights minus their cluster's mean, around the centroid.
+        fp, lab = before[name].numpy().ravel(), a.numpy().ravel()
+        ref = np.array([c[j].item() + fp[i] - fp[lab == j].mean() for i, j in enumerate(lab)])
+        np.testing.assert_allclose(lat.numpy().ravel(), ref, rtol=0, atol=1e-5)
+        for start, (x, cl_a, cl_c) in (("snap", (lat_s, a_s, c_s)), ("fit_start", (lat, a, c))):
+            nearest = (x.reshape(-1, 1) - cl_c.reshape(1, -1)).abs().argmin(dim=1)
+            across[start] += int((nearest != cl_a.reshape(-1)).sum())
+    # Latent weights past a decision boundary, which the first tie moves: none from the coupled weights.
+    assert across["snap"] == 0 and across["fit_start"] > 100
+
+
+def test_reassign_from_fit_start_resumes_before_the_snap_exactly(tmp_path):
+    kw = dict(snap_epoch=3, start_epoch=0, logger=False, bn=True, shuffle=False, on_unclustered="snap", max_bits=2,
+              reassign=True, reassign_from="fit_start")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    full, _, _, _ = _pipeline(tmp_path, epochs=5, **kw)
+    _pipeline(tmp_path, epochs=2, extra=[ckpt], **kw)  # killed after 2 coupling epochs
+    saved = torch.load(tmp_path / "ck" / "epoch=1.ckpt", weights_only=False)["callbacks"]
+    assert any("fit_start" in state for state in saved.values())
+
+    def resume(drop_copy):
+        pl.seed_everything(0)
+        train, val = digits_loaders(shuffle=False)
+        model = TinyNet(bn=True)
+        refine = ClusterRefine(snap_epoch=3, w=0.45, recalibrate_bn_batches=20, on_unclustered="snap", max_bits=2,
+                               reassign=True, reassign_from="fit_start")
+        path = tmp_path / "ck" / "epoch=1.ckpt"
+        if drop_copy:  # a checkpoint written without the copy (e.g. by another configuration)
+            state = torch.load(path, weights_only=False)
+            for v in state["callbacks"].values():
+                v.pop("fit_start", None)
+            path = tmp_path / "nocopy.ckpt"
+            torch.save(state, path)
+        cbs = [SoftQuantCallback(h=2e-3, w=0.45, stop_epoch=3), refine]
+        trainer(max_epochs=5, callbacks=cbs).fit(model, train, val, ckpt_path=str(path))
+        return model
+
+    resumed = resume(drop_copy=False)
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n
+    with pytest.warns(UserWarning, match="holds no fit-start weights"):
+        other = resume(drop_copy=True)
+    assert any(not torch.equal(a, b) for a, b in zip(full.state_dict().values(), other.state_dict().values()))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("reassign", [False, True])
 def test_cuda_tie_makes_no_host_sync(reassign):
@@ -884,3 +1014,13 @@ def test_codebook_source_requires_a_codebook_callback():
     train, _ = digits_loaders()
     with pytest.raises(ValueError, match="needs a LearnedCodebook callback"):
         trainer(max_steps=1, callbacks=[ClusterRefine(clusters_from="codebook")]).fit(TinyNet(), train)
+
+
+def test_reassign_from_fit_start_refuses_sharded_layers(monkeypatch):
+    import sq_lightning.callbacks.cluster_refine as cr
+
+    refine = ClusterRefine(snap_epoch=2, reassign=True, reassign_from="fit_start")
+    monkeypatch.setattr(cr, "is_sharded", lambda p: True)  # as FSDP2 leaves every selected weight
+    with pytest.raises(ValueError, match="sharded \\(FSDP\\).*reassign_from='snap'"):
+        refine.on_fit_start(None, TinyNet())
+    assert refine.fit_start == {}

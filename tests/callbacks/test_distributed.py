@@ -29,7 +29,7 @@ TIMEOUT_S = 900  # two cores shared with other jobs: a launch normally takes 20-
 _LAUNCHER_VARS = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")
 
 
-def _run_ddp_script(out: Path, strategy: str = "ddp", modes: str = "soft,refine,reassign,codebook,distill") -> None:
+def _run_ddp_script(out: Path, strategy: str = "ddp", modes: str = "soft,refine,reassign,spread,codebook,distill") -> None:
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"
@@ -160,6 +160,22 @@ def test_reassigned_refinement_is_identical_on_both_ranks(ranks):
     assert moved > 0, "no weight changed cluster during refinement: the run tested the fixed-assignment path only"
     for name, k in r0["k"].items():
         assert torch.unique(r0["state_dict"][name]).numel() <= k, name
+
+
+def test_latent_weights_from_fit_start_are_identical_on_both_ranks(ranks):
+    r0, r1 = (r["spread"] for r in ranks)
+    _assert_same_tensors(r0["latent"], r1["latent"], "latent weights")
+    _assert_same_tensors(_parameters(r0["state_dict"]), _parameters(r1["state_dict"]), "weights")
+    assert r0["at_snap"].keys() == {"net.0.weight", "net.3.weight", "net.5.weight"}
+    for name, (latent, a, c) in r0["at_snap"].items():
+        for t0, t1 in zip(r0["at_snap"][name], r1["at_snap"][name], strict=True):
+            assert torch.equal(t0, t1), name
+        # Each member's offset from its cluster's mean before coupling, around the snapped value.
+        fp, lab = r0["fit_start"][name].double().reshape(-1), a.reshape(-1)
+        for j in range(c.numel()):
+            m = lab == j
+            torch.testing.assert_close(latent.reshape(-1)[m].double(), fp[m] - fp[m].mean() + c[j].double(),
+                                       rtol=0, atol=1e-5)
 
 
 def test_cluster_refine_export_is_written_once_by_rank_0(ranks):

@@ -1,0 +1,163 @@
+"""Refinement alone, from saved coupled weights: which start do moving assignments need?
+
+    python benchmarks/refine_coupled.py --pretrained benchmarks/checkpoints/resnet20_cifar10_fp.ckpt \\
+        --coupled benchmarks/checkpoints/coupled/softquant-0.005-0.9-seed2.pt --w 0.9 \\
+        --max-clusters 3 --edge-bits 4 --latent fp --seed 2
+
+``snap_margins.md`` found that after coupling no weight lies near a decision boundary of
+the budgeted snap, so refinement with moving assignments (``ClusterRefine(reassign=True)``)
+has nothing to move, while the full-precision weights under HEQ have 13-15% of theirs
+there. This script tests that reading by changing only the start of the refinement's
+latent weights (the full-precision copies that take the optimizer's updates and choose
+their nearest centroid after each step):
+
+* ``--latent coupled``: the coupled weights (what ``ClusterRefine`` does);
+* ``--latent fp``: each weight's full-precision value from ``--pretrained``, shifted so
+  that every cluster's latent mean is the coupled centroid: the snapped model is the same
+  as with ``coupled`` at the first step, but the members are spread as in full precision
+  around it, and the first assignments after the snap follow that spread.
+
+The snap is the run's (``w_l`` from the full-precision std, the budget, the edge layers),
+BatchNorm is re-estimated on 100 batches after it, and the refinement runs ``--epochs``
+epochs at the tail of the run's cosine (epochs ``--of-epochs - --epochs`` onwards of a
+cosine over ``--of-epochs``: the learning rates the refinement of ``cifar10_tradeoff.py``
+saw; the optimizer's momentum starts from zero). Appends a markdown report (the command and
+its row) to ``benchmarks/results/refine_coupled.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from sq_lightning.callbacks import ClusterRefine
+from sq_lightning.data import CIFAR10DataModule
+from sq_lightning.evaluate import accuracy
+from sq_lightning.models import ImageClassifier
+from sq_lightning.models.classifier import lr_factor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cifar10_tradeoff import EDGE_LAYERS  # noqa: E402  (the run's own edge layers)
+from snap_margins import _state  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class TailCosine(ImageClassifier):
+    """ImageClassifier whose per-epoch cosine is the tail, from epoch ``start`` on, of one over ``total`` epochs."""
+
+    def __init__(self, start: int, total: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.tail = (start, total)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay,
+                              nesterov=hp.nesterov)
+        start, total = self.tail
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(e + start, "cosine", total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+class RunSnap(ClusterRefine):
+    """ClusterRefine with the coupling run's ``w_l`` (from the full-precision std) given."""
+
+    def __init__(self, w_l: dict[str, float], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.given_w_l = w_l
+
+    def _soft_quant_w_l(self, trainer) -> dict[str, float]:
+        return self.given_w_l
+
+
+class LatentFromFP(Callback):
+    """Right after the snap (placed after the ClusterRefine), starts its latent weights from the
+    full-precision ones (:meth:`~sq_lightning.snapper.ClusterSnapper.start_latent_from`: what
+    ``ClusterRefine(reassign_from="fit_start")`` does when coupling and refinement share one fit)."""
+
+    def __init__(self, refine: ClusterRefine, fp: dict[str, torch.Tensor]) -> None:
+        self.refine, self.fp = refine, fp
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 0:
+            snapper = self.refine.snapper
+            snapper.start_latent_from({n: self.fp[n.removeprefix("model.")] for n in snapper.clusters})
+
+
+class SnapAccuracy(Callback):
+    """Test accuracy right after the snap (and the BatchNorm re-estimation)."""
+
+    acc = None
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 0:
+            self.acc = accuracy(pl_module.model, self.loader)
+            print(f"snapped: {self.acc:.4f}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pretrained", required=True, help="full-precision ImageClassifier checkpoint")
+    ap.add_argument("--coupled", required=True, help="coupled weights from cifar10_tradeoff.py --save-coupled")
+    ap.add_argument("--w", type=float, required=True, help="the run's w (w_l = w · σ_l)")
+    ap.add_argument("--max-bits", type=int, default=None, help="the run's --max-bits")
+    ap.add_argument("--max-clusters", type=int, default=None, help="the run's --max-clusters")
+    ap.add_argument("--edge-bits", type=int, default=None, help="the run's --edge-bits")
+    ap.add_argument("--latent", choices=["coupled", "fp"], default="coupled", help="start of the latent weights")
+    ap.add_argument("--epochs", type=int, default=2, help="refinement epochs (the run's --refine-epochs)")
+    ap.add_argument("--of-epochs", type=int, default=6, help="the run's couple + refine epochs (its cosine's span)")
+    ap.add_argument("--lr", type=float, default=0.01, help="the run's --lr")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit", type=float, default=1.0, help="limit_train_batches (for a smoke run)")
+    ap.add_argument("--archive", default=None, help="CIFAR-10 archive (default: the offline copy)")
+    ap.add_argument("--out", default=str(RESULTS / "refine_coupled.md"))
+    args = ap.parse_args()
+    if not Path(args.coupled).is_file():
+        raise SystemExit(f"--coupled {args.coupled}: no such file; write one with cifar10_tradeoff.py --save-coupled DIR")
+    if not 1 <= args.epochs <= args.of_epochs:
+        raise SystemExit(f"--epochs {args.epochs} must be in [1, --of-epochs={args.of_epochs}]")
+
+    pl.seed_everything(args.seed)
+    fp = {n: p.detach().clone() for n, p in ImageClassifier(arch="resnet20", init_from=args.pretrained).model.named_parameters()}
+    module = TailCosine(args.of_epochs - args.epochs, args.of_epochs, arch="resnet20", lr=args.lr, schedule="cosine",
+                        init_from=args.pretrained)
+    missing = module.model.load_state_dict(_state(args.coupled), strict=False)
+    if missing.missing_keys:
+        raise SystemExit(f"--coupled {args.coupled}: not a ResNet-20 state_dict (missing {missing.missing_keys[:3]})")
+    dm = CIFAR10DataModule(archive=args.archive, seed=args.seed)
+    dm.setup("fit")
+    edges = {rf"^model\.{m}\.weight$": args.edge_bits for m in EDGE_LAYERS} if args.edge_bits else {}
+    refine = RunSnap({f"model.{n}": args.w * float(p.float().std()) for n, p in fp.items()},
+                     snap_epoch=0, w=args.w, recalibrate_bn_batches=100, max_bits=args.max_bits,
+                     max_clusters=args.max_clusters, on_unclustered="snap", reassign=True, max_bits_overrides=edges)
+    snapped = SnapAccuracy(dm.val_dataloader())
+    callbacks = [refine, *([LatentFromFP(refine, fp)] if args.latent == "fp" else []), snapped]
+    pl.Trainer(max_epochs=args.epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+               enable_model_summary=False, enable_progress_bar=False, callbacks=callbacks,
+               limit_train_batches=args.limit, limit_val_batches=0, num_sanity_val_steps=0).fit(module, datamodule=dm)
+    acc = accuracy(module.model, dm.val_dataloader())
+    summary = refine.snapper.summary()
+    head = ("| coupled weights | latent | seed | epochs | bits (weighted) | entropy | acc snapped | acc refined |\n"
+            "|---|---|---|---|---|---|---|---|")
+    row = (f"| {Path(args.coupled).name} | {args.latent} | {args.seed} | {args.epochs} of {args.of_epochs} "
+           f"| {summary['bits_weighted']:.3f} | {summary['entropy_weighted']:.3f} | {snapped.acc:.4f} | {acc:.4f} |")
+    report = "\n".join([f"## latent {args.latent}, seed {args.seed} ({datetime.date.today().isoformat()})", "",
+                        "    python " + " ".join(sys.argv), "", head, row, ""])
+    print(report)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        f.write(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
