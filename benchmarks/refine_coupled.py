@@ -43,6 +43,7 @@ from sq_lightning.models import ImageClassifier
 from sq_lightning.models.classifier import lr_factor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import save  # noqa: E402
 from cifar10_tradeoff import EDGE_LAYERS  # noqa: E402  (the run's own edge layers)
 from snap_margins import _state  # noqa: E402
 
@@ -153,10 +154,7 @@ def main() -> None:
     report = "\n".join([f"## latent {args.latent}, seed {args.seed} ({datetime.date.today().isoformat()})", "",
                         "    python " + " ".join(sys.argv), "", head, row, ""])
     print(report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        f.write(report + "\n")
+    save(Path(args.out), [report])
 
 
 if __name__ == "__main__":

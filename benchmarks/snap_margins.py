@@ -42,6 +42,7 @@ from sq_lightning.ops.baselines import quantize
 from sq_lightning.ops.clustering import Clusters, tie_to_clusters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import save  # noqa: E402
 from cifar10_tradeoff import EDGE_LAYERS  # noqa: E402  (the run's own edge layers)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -217,10 +218,7 @@ def main() -> None:
         *lines, "",
     ])
     print(report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        f.write(report + "\n")
+    save(Path(args.out), [report])
 
 
 if __name__ == "__main__":
