@@ -611,7 +611,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         f", source at most {r['source_max_bits']} bit(s) a layer" if r.get("source_max_bits") else "") + (
         ", lr restarted at the snap" if r.get("restart_at_snap") else "") + (
         ", reassigned refinement" if r.get("reassign") else "") + (
-        ", latent weights from full precision" if r.get("reassign_from") == "fit_start" else "") + (
+        ", latent weights from full precision" if r.get("reassign_from") == "coupling_start" else "") + (
         f", snap spread over {r['snap_ramp_steps']} steps from x{r['snap_ramp_from']:g}" if r.get("snap_ramp_steps") else "") + (
         f", lam {r['lam']:g}" if r.get("lam", 30.0) != 30.0 else "") + (
         ", source lr restarted at the snap" if r.get("source_restart_at_snap") else "") + (
@@ -1086,7 +1086,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--reassign", action="store_true",
                     help="refinement with moving assignments (ClusterRefine(reassign=True)): latent weights take the "
                          "updates and join their nearest centroid after each step (soft quantization, method B, controls)")
-    ap.add_argument("--reassign-from", choices=["snap", "fit_start"], default="snap",
+    ap.add_argument("--reassign-from", choices=["snap", "coupling_start"], default="snap",
                     help="soft quantization with --reassign: start the latent weights from the coupled weights at the "
                          "snap, or from the full-precision ones spread around the snapped values "
                          "(ClusterRefine(reassign_from=...))")
@@ -1153,7 +1153,7 @@ def main() -> None:
                          "runs (a control reads the K_l of the soft quantization row run with the same --edge-bits); "
                          "the full-precision control has no bits")
     if args.reassign_from != "snap" and not (args.reassign and args.points):
-        raise SystemExit("--reassign-from fit_start: the latent weights of a reassigned refinement of soft quantization; "
+        raise SystemExit("--reassign-from coupling_start: the latent weights of a reassigned refinement of soft quantization; "
                          "it needs --reassign and --points")
     dm = CIFAR10DataModule(archive=args.archive, download=args.download, batch_size=128, seed=args.seed)
     jobs = [("softquant", p) for p in args.points] + [("codebook", b) for b in args.codebook_bits]

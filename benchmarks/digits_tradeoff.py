@@ -16,7 +16,6 @@ Appends a markdown table with the command to benchmarks/results/digits_tradeoff.
 import argparse
 import datetime
 import logging
-import statistics
 import subprocess
 import sys
 import warnings

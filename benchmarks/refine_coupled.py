@@ -80,7 +80,7 @@ class RunSnap(ClusterRefine):
 class LatentFromFP(Callback):
     """Right after the snap (placed after the ClusterRefine), starts its latent weights from the
     full-precision ones (:meth:`~sq_lightning.snapper.ClusterSnapper.start_latent_from`: what
-    ``ClusterRefine(reassign_from="fit_start")`` does when coupling and refinement share one fit)."""
+    ``ClusterRefine(reassign_from="coupling_start")`` does when coupling and refinement share one fit)."""
 
     def __init__(self, refine: ClusterRefine, fp: dict[str, torch.Tensor]) -> None:
         self.refine, self.fp = refine, fp

@@ -241,10 +241,10 @@ def test_a_malformed_point_is_refused_with_its_form(report, capsys, flag, spec, 
 def test_latent_start_is_its_own_configuration_and_needs_reassign(report, monkeypatch, capsys):
     ckpt = str(SCRIPT.parent / "checkpoints" / "resnet20_cifar10_fp.ckpt")
     argv = ["--pretrained", ckpt, "--points", "5e-3:0.9", "--max-clusters", "3", "--reassign"]
-    snap, spread = report._parse(argv), report._parse([*argv, "--reassign-from", "fit_start"])
+    snap, spread = report._parse(argv), report._parse([*argv, "--reassign-from", "coupling_start"])
     fields = [report._fields(a, "softquant", (5e-3, 0.9)) for a in (snap, spread)]
-    assert "reassign_from" not in fields[0] and fields[1]["reassign_from"] == "fit_start"
+    assert "reassign_from" not in fields[0] and fields[1]["reassign_from"] == "coupling_start"
     assert report._config_key(fields[0]) != report._config_key(fields[1])
-    monkeypatch.setattr(sys, "argv", ["cifar10_tradeoff.py", *argv[:4], "--reassign-from", "fit_start"])
+    monkeypatch.setattr(sys, "argv", ["cifar10_tradeoff.py", *argv[:4], "--reassign-from", "coupling_start"])
     with pytest.raises(SystemExit, match="needs --reassign and --points"):
         report.main()

@@ -85,15 +85,18 @@ class ClusterRefine(Callback):
             weights (kept in the checkpoint); see :class:`~sq_lightning.snapper.ClusterSnapper`.
         reassign_from: where the latent weights of ``reassign=True`` start. ``"snap"``
             (default): the weights at the snap (after coupling they sit tight on their
-            values, so few ever change cluster). ``"fit_start"``: the weights this fit
-            started from (for a fine-tuning run, the full-precision ones before the
-            coupling), shifted per cluster so that each cluster's latent mean is its
-            snapped value: the snapped model is the same, but the members spread again
-            as in full precision and those near a boundary can change cluster at once
-            (ternary ResNet-20 on CIFAR-10: 83.0% against 80.7% from the same coupled
-            weights, ``benchmarks/results/refine_coupled.md``). Keeps one float32 copy
-            of the selected weights from fit start to the snap (in the checkpoint too).
-            Needs ``reassign=True`` and ``snap_epoch >= 1``; not with layers sharded by FSDP.
+            values, so few ever change cluster). ``"coupling_start"``: the weights just
+            before the first step of the coupling (of the ``SoftQuantCallback`` or
+            ``LearnedCodebook`` in the same ``Trainer``; without one, before the fit's
+            first step): for a fine-tuning run, the full-precision ones. They are shifted
+            per cluster so that each cluster's latent mean is its snapped value: the
+            snapped model is the same, but the members spread again as in full precision
+            and those near a decision boundary can change cluster at once (ternary
+            ResNet-20 on CIFAR-10: 83.0% against 80.7% from the same coupled weights,
+            ``benchmarks/results/refine_coupled.md``). Keeps one float32 copy of the
+            selected weights (CPU) from the coupling's start to the snap, in checkpoints
+            too. Needs ``reassign=True`` and ``snap_epoch >= 1``; not with layers sharded
+            by FSDP.
         recalibrate_bn_batches: training batches used to re-estimate BatchNorm
             statistics after the snap (0 disables).
         histogram_every_n_epochs: weight-histogram interval (0 disables).
@@ -159,7 +162,7 @@ class ClusterRefine(Callback):
         placement: Placement = "mean",
         refine: bool = True,
         reassign: bool = False,
-        reassign_from: Literal["snap", "fit_start"] = "snap",
+        reassign_from: Literal["snap", "coupling_start"] = "snap",
         recalibrate_bn_batches: int = 100,
         histogram_every_n_epochs: int = 1,
         module_types: Optional[list[str]] = None,
@@ -183,14 +186,14 @@ class ClusterRefine(Callback):
             )
         if snap_epoch is not None and (isinstance(snap_epoch, bool) or not isinstance(snap_epoch, int) or snap_epoch < 0):
             raise ValueError(f"`snap_epoch` must be an int >= 0 or None (snap at fit end), got {snap_epoch!r}.")
-        if reassign_from not in ("snap", "fit_start"):
-            raise ValueError(f"`reassign_from` must be 'snap' or 'fit_start', got {reassign_from!r}.")
-        if reassign_from == "fit_start" and (reassign is not True or not refine or snap_epoch is None or snap_epoch < 1):
+        if reassign_from not in ("snap", "coupling_start"):
+            raise ValueError(f"`reassign_from` must be 'snap' or 'coupling_start', got {reassign_from!r}.")
+        if reassign_from == "coupling_start" and (reassign is not True or not refine or snap_epoch is None or snap_epoch < 1):
             raise ValueError(
-                "`reassign_from='fit_start'` starts the latent weights of a refinement with moving assignments from "
-                f"the weights the fit began with: it needs `reassign=True`, `refine=True` and `snap_epoch >= 1` "
-                f"(got reassign={reassign!r}, refine={refine!r}, snap_epoch={snap_epoch!r}). At `snap_epoch=0` the fit "
-                "starts at the snap: use `reassign_from='snap'`."
+                "`reassign_from='coupling_start'` starts the latent weights of a refinement with moving assignments "
+                f"from the weights before coupling: it needs `reassign=True`, `refine=True` and `snap_epoch >= 1` "
+                f"(got reassign={reassign!r}, refine={refine!r}, snap_epoch={snap_epoch!r}). A fit that starts at the "
+                "snap (`snap_epoch=0`) has no coupling in it: use `reassign_from='snap'`."
             )
         if clusters_from not in ("gaps", "codebook"):
             raise ValueError(f"`clusters_from` must be 'gaps' or 'codebook', got {clusters_from!r}.")
@@ -214,8 +217,9 @@ class ClusterRefine(Callback):
         )
         self.snap_epoch = snap_epoch
         self.reassign_from = reassign_from
-        # reassign_from="fit_start": the selected weights as the fit began (float32, CPU), until the snap.
-        self.fit_start: dict[str, Any] = {}
+        # reassign_from="coupling_start": the selected weights before the coupling (float32, CPU), until the snap.
+        self.latent_source: dict[str, Any] = {}
+        self._saw_uncoupled = False  # a batch before the coupling started, in this fit
         self.clusters_from = clusters_from
         self.refine = refine
         self.recalibrate_bn_batches = recalibrate_bn_batches
@@ -240,20 +244,28 @@ class ClusterRefine(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.reassign_from != "fit_start" or self.snapped or self.fit_start:
-            return  # a resumed run has its copy from the checkpoint
-        layers = list(self.selector.select(pl_module))
-        if any(is_sharded(p) for _, p in layers):
+        self._saw_uncoupled = False
+        if self.reassign_from == "coupling_start" and any(is_sharded(p) for _, p in self.selector.select(pl_module)):
             raise ValueError(
-                "`reassign_from='fit_start'` supports whole layers only, and this model's are sharded (FSDP): "
+                "`reassign_from='coupling_start'` supports whole layers only, and this model's are sharded (FSDP): "
                 "use `reassign_from='snap'`."
             )
-        if trainer.ckpt_path is not None:
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.reassign_from != "coupling_start" or self.snapped or self.latent_source:
+            return  # a run resumed after the coupling started has its copy from the checkpoint
+        coupling = self._coupling_callback(trainer)
+        if coupling is not None and not coupling._active(trainer):
+            self._saw_uncoupled = True
+            return
+        if trainer.ckpt_path is not None and not self._saw_uncoupled:
             rank_zero_warn(
-                f"ClusterRefine(reassign_from='fit_start'): resumed from {trainer.ckpt_path}, whose state holds no "
-                "fit-start weights: the latent weights will start from the weights at this resume instead."
+                f"ClusterRefine(reassign_from='coupling_start'): resumed from {trainer.ckpt_path} during the coupling, "
+                "and its state holds no weights from before it: the latent weights will start from the weights at "
+                "this resume instead."
             )
-        self.fit_start = {n: p.detach().float().cpu().clone() for n, p in layers}
+        self.latent_source = {n: p.detach().float().cpu().clone() for n, p in self.selector.select(pl_module)}
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -344,6 +356,13 @@ class ClusterRefine(Callback):
                 return cb
         return None
 
+    def _coupling_callback(self, trainer: pl.Trainer):
+        """The SoftQuantCallback or LearnedCodebook of the same Trainer (the first), or None."""
+        from sq_lightning.callbacks.learned_codebook import LearnedCodebook
+        from sq_lightning.callbacks.soft_quant import SoftQuantCallback
+
+        return next((cb for cb in trainer.callbacks if isinstance(cb, (SoftQuantCallback, LearnedCodebook))), None)
+
     def _soft_quant_w_l(self, trainer: pl.Trainer) -> dict[str, float]:
         from sq_lightning.callbacks.soft_quant import SoftQuantCallback
 
@@ -365,9 +384,15 @@ class ClusterRefine(Callback):
         # makes that a guarantee rather than a property of floating-point determinism.
         clusters = trainer.strategy.broadcast(clusters, src=0)
         self.snapper.snap(pl_module, clusters=clusters)
-        if self.fit_start:
-            self.snapper.start_latent_from({n: t for n, t in self.fit_start.items() if n in self.snapper.clusters})
-            self.fit_start = {}
+        if self.reassign_from == "coupling_start" and self.snapper.exact:
+            if self.latent_source:
+                self.snapper.start_latent_from({n: t for n, t in self.latent_source.items() if n in self.snapper.clusters})
+            else:
+                rank_zero_warn(
+                    "ClusterRefine(reassign_from='coupling_start'): the coupling had not started before the snap, so no "
+                    "weights from before it were kept: the latent weights start from the weights at the snap."
+                )
+            self.latent_source = {}
         if recalibrate and self.snapper.exact:  # a gradual snap has not moved the weights yet
             self._recalibrate(trainer, pl_module)
         log_histograms(trainer, self._weights(pl_module), "sq/weights_snapped")
@@ -398,9 +423,9 @@ class ClusterRefine(Callback):
     # -- state --------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"snapper": self.snapper.state_dict(), **({"fit_start": self.fit_start} if self.fit_start else {})}
+        return {"snapper": self.snapper.state_dict(), **({"latent_source": self.latent_source} if self.latent_source else {})}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.snapper.load_state_dict(state_dict.get("snapper", {}))
-        self.fit_start = {n: t.float() for n, t in state_dict.get("fit_start", {}).items()}
+        self.latent_source = {n: t.float() for n, t in state_dict.get("latent_source", {}).items()}

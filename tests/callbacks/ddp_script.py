@@ -189,8 +189,8 @@ def run_mode(
     elif mode == "spread":
         # Moving assignments whose latent weights start from the weights before coupling.
         model = net(bn=True)
-        out["fit_start"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-        soft, refine = _soft_then_refine(reassign=True, max_bits=1, reassign_from="fit_start")
+        out["coupling_start"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        soft, refine = _soft_then_refine(reassign=True, max_bits=1, reassign_from="coupling_start")
         probe = LatentAtSnap(refine)
         trainer = make_trainer(devices, REFINE_SNAP_EPOCH + 2, [soft, refine, probe], strategy)
         trainer.fit(model, train)

@@ -500,10 +500,10 @@ def test_start_latent_from_refuses_bad_input():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(reassign=True, reassign_from="start"), "`reassign_from` must be 'snap' or 'fit_start'"),
-    (dict(reassign_from="fit_start", snap_epoch=3), "needs `reassign=True`"),
-    (dict(reassign=True, reassign_from="fit_start", snap_epoch=0), "use `reassign_from='snap'`"),
-    (dict(reassign=True, reassign_from="fit_start", snap_epoch=None), "snap_epoch >= 1"),
+    (dict(reassign=True, reassign_from="fit_start"), "`reassign_from` must be 'snap' or 'coupling_start'"),
+    (dict(reassign_from="coupling_start", snap_epoch=3), "needs `reassign=True`"),
+    (dict(reassign=True, reassign_from="coupling_start", snap_epoch=0), "use `reassign_from='snap'`"),
+    (dict(reassign=True, reassign_from="coupling_start", snap_epoch=None), "snap_epoch >= 1"),
 ])
 def test_reassign_from_refuses_what_it_cannot_do(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -524,58 +524,83 @@ class _LatentAtSnap(pl.Callback):
                          for n, cl in sn.clusters.items()}
 
 
-def test_reassign_from_fit_start_spreads_the_latent_weights_as_before_coupling(tmp_path):
-    pl.seed_everything(0)
-    before = {n: p.detach().double().clone() for n, p in TinyNet(bn=True).named_parameters()}
-    probe = {}
-    for start in ("snap", "fit_start"):
+class _WeightsAt(pl.Callback):
+    """The weights at the start of ``epoch`` (before its first step)."""
+
+    def __init__(self, epoch):
+        self.epoch, self.seen = epoch, None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            self.seen = {n: p.detach().double().clone() for n, p in pl_module.named_parameters()}
+
+
+def test_reassign_from_coupling_start_spreads_the_latent_weights_as_before_coupling():
+    # Trained without coupling in epoch 0, coupled in epochs 1-2, snapped at 3: the latent weights
+    # start from the weights of the start of epoch 1, not those the fit began with.
+    probe, before = {}, _WeightsAt(1)
+    for start in ("snap", "coupling_start"):
         refine = ClusterRefine(snap_epoch=3, w=0.45, recalibrate_bn_batches=20, on_unclustered="snap", max_bits=2,
                                reassign=True, reassign_from=start)
         probe[start] = _LatentAtSnap(refine, 3)
         pl.seed_everything(0)
         train, val = digits_loaders(shuffle=False)
         model = TinyNet(bn=True)
-        assert all(torch.equal(p.detach().double(), before[n]) for n, p in model.named_parameters())
-        trainer(max_epochs=4, callbacks=[SoftQuantCallback(h=2e-3, w=0.45, stop_epoch=3), refine, probe[start]]).fit(
-            model, train, val)
-        assert refine.fit_start == {}  # the copy is dropped at the snap
-    across = {"snap": 0, "fit_start": 0}
+        initial = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+        cbs = [SoftQuantCallback(h=2e-3, w=0.45, start_epoch=1, stop_epoch=3), refine, probe[start], before]
+        trainer(max_epochs=4, callbacks=cbs).fit(model, train, val)
+        assert refine.latent_source == {}  # the copy is dropped at the snap
+    across = {"snap": 0, "coupling_start": 0}
     for name in BN_WEIGHTS:
         lat_s, a_s, c_s, w_s = probe["snap"].seen[name]
-        lat, a, c, w = probe["fit_start"].seen[name]
+        lat, a, c, w = probe["coupling_start"].seen[name]
         # The same run up to the snap: same clusters, same tied weights.
         assert torch.equal(a, a_s) and torch.equal(c, c_s) and torch.equal(w, w_s)
+        assert not torch.equal(before.seen[name], initial[name])  # epoch 0 trained them
         # Reference by numpy: the pre-coupling weights minus their cluster's mean, around the centroid.
-        fp, lab = before[name].numpy().ravel(), a.numpy().ravel()
+        fp, lab = before.seen[name].numpy().ravel(), a.numpy().ravel()
         ref = np.array([c[j].item() + fp[i] - fp[lab == j].mean() for i, j in enumerate(lab)])
         np.testing.assert_allclose(lat.numpy().ravel(), ref, rtol=0, atol=1e-5)
-        for start, (x, cl_a, cl_c) in (("snap", (lat_s, a_s, c_s)), ("fit_start", (lat, a, c))):
+        for start, (x, cl_a, cl_c) in (("snap", (lat_s, a_s, c_s)), ("coupling_start", (lat, a, c))):
             nearest = (x.reshape(-1, 1) - cl_c.reshape(1, -1)).abs().argmin(dim=1)
             across[start] += int((nearest != cl_a.reshape(-1)).sum())
     # Latent weights past a decision boundary, which the first tie moves: none from the coupled weights.
-    assert across["snap"] == 0 and across["fit_start"] > 100
+    assert across["snap"] == 0 and across["coupling_start"] > 100
 
 
-def test_reassign_from_fit_start_resumes_before_the_snap_exactly(tmp_path):
+def test_reassign_from_coupling_start_without_coupling_before_the_snap_warns():
+    pl.seed_everything(0)
+    train, val = digits_loaders(shuffle=False)
+    refine = ClusterRefine(snap_epoch=1, w=0.45, recalibrate_bn_batches=0, on_unclustered="snap", max_bits=2,
+                           reassign=True, reassign_from="coupling_start")
+    probe = _LatentAtSnap(refine, 1)
+    with pytest.warns(UserWarning, match="the coupling had not started before the snap"):
+        trainer(max_epochs=2, callbacks=[SoftQuantCallback(h=2e-3, w=0.45, start_epoch=1), refine, probe]).fit(
+            TinyNet(bn=True), train, val)
+    for name, (lat, a, c, w) in probe.seen.items():
+        assert torch.unique(lat).numel() > c.numel()  # the weights at the snap, not spread anew
+
+
+def test_reassign_from_coupling_start_resumes_during_the_coupling_exactly(tmp_path):
     kw = dict(snap_epoch=3, start_epoch=0, logger=False, bn=True, shuffle=False, on_unclustered="snap", max_bits=2,
-              reassign=True, reassign_from="fit_start")
+              reassign=True, reassign_from="coupling_start")
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     full, _, _, _ = _pipeline(tmp_path, epochs=5, **kw)
     _pipeline(tmp_path, epochs=2, extra=[ckpt], **kw)  # killed after 2 coupling epochs
     saved = torch.load(tmp_path / "ck" / "epoch=1.ckpt", weights_only=False)["callbacks"]
-    assert any("fit_start" in state for state in saved.values())
+    assert any("latent_source" in state for state in saved.values())
 
     def resume(drop_copy):
         pl.seed_everything(0)
         train, val = digits_loaders(shuffle=False)
         model = TinyNet(bn=True)
         refine = ClusterRefine(snap_epoch=3, w=0.45, recalibrate_bn_batches=20, on_unclustered="snap", max_bits=2,
-                               reassign=True, reassign_from="fit_start")
+                               reassign=True, reassign_from="coupling_start")
         path = tmp_path / "ck" / "epoch=1.ckpt"
         if drop_copy:  # a checkpoint written without the copy (e.g. by another configuration)
             state = torch.load(path, weights_only=False)
             for v in state["callbacks"].values():
-                v.pop("fit_start", None)
+                v.pop("latent_source", None)
             path = tmp_path / "nocopy.ckpt"
             torch.save(state, path)
         cbs = [SoftQuantCallback(h=2e-3, w=0.45, stop_epoch=3), refine]
@@ -585,7 +610,7 @@ def test_reassign_from_fit_start_resumes_before_the_snap_exactly(tmp_path):
     resumed = resume(drop_copy=False)
     for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n
-    with pytest.warns(UserWarning, match="holds no fit-start weights"):
+    with pytest.warns(UserWarning, match="during the coupling, and its state holds no weights from before it"):
         other = resume(drop_copy=True)
     assert any(not torch.equal(a, b) for a, b in zip(full.state_dict().values(), other.state_dict().values()))
 
@@ -1016,11 +1041,10 @@ def test_codebook_source_requires_a_codebook_callback():
         trainer(max_steps=1, callbacks=[ClusterRefine(clusters_from="codebook")]).fit(TinyNet(), train)
 
 
-def test_reassign_from_fit_start_refuses_sharded_layers(monkeypatch):
+def test_reassign_from_coupling_start_refuses_sharded_layers(monkeypatch):
     import sq_lightning.callbacks.cluster_refine as cr
 
-    refine = ClusterRefine(snap_epoch=2, reassign=True, reassign_from="fit_start")
+    refine = ClusterRefine(snap_epoch=2, reassign=True, reassign_from="coupling_start")
     monkeypatch.setattr(cr, "is_sharded", lambda p: True)  # as FSDP2 leaves every selected weight
     with pytest.raises(ValueError, match="sharded \\(FSDP\\).*reassign_from='snap'"):
         refine.on_fit_start(None, TinyNet())
-    assert refine.fit_start == {}

@@ -162,7 +162,7 @@ def test_reassigned_refinement_is_identical_on_both_ranks(ranks):
         assert torch.unique(r0["state_dict"][name]).numel() <= k, name
 
 
-def test_latent_weights_from_fit_start_are_identical_on_both_ranks(ranks):
+def test_latent_weights_from_coupling_start_are_identical_on_both_ranks(ranks):
     r0, r1 = (r["spread"] for r in ranks)
     _assert_same_tensors(r0["latent"], r1["latent"], "latent weights")
     _assert_same_tensors(_parameters(r0["state_dict"]), _parameters(r1["state_dict"]), "weights")
@@ -171,7 +171,7 @@ def test_latent_weights_from_fit_start_are_identical_on_both_ranks(ranks):
         for t0, t1 in zip(r0["at_snap"][name], r1["at_snap"][name], strict=True):
             assert torch.equal(t0, t1), name
         # Each member's offset from its cluster's mean before coupling, around the snapped value.
-        fp, lab = r0["fit_start"][name].double().reshape(-1), a.reshape(-1)
+        fp, lab = r0["coupling_start"][name].double().reshape(-1), a.reshape(-1)
         for j in range(c.numel()):
             m = lab == j
             torch.testing.assert_close(latent.reshape(-1)[m].double(), fp[m] - fp[m].mean() + c[j].double(),

@@ -1,4 +1,3 @@
-import copy
 
 import lightning.pytorch as pl
 import pytest
