@@ -97,9 +97,13 @@ def test_overlay_composes_with_the_quickstart(overlay, tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    parsed = yaml.safe_load(result.stdout)
-    names = [cb["class_path"] for cb in parsed["trainer"]["callbacks"]]
-    assert any("LearnedCodebook" in n for n in names), names
+    parsed = yaml.safe_load(result.stdout)["trainer"]["callbacks"]
+    # The overlay's callback list replaces the quickstart's, with every value it sets.
+    wanted = yaml.safe_load(overlay.read_text())["trainer"]["callbacks"]
+    assert [cb["class_path"] for cb in parsed] == [cb["class_path"] for cb in wanted]
+    for got, want in zip(parsed, wanted):
+        for key, value in want.get("init_args", {}).items():
+            assert got["init_args"][key] == value, (want["class_path"], key)
 
 
 def test_unknown_config_key_is_rejected_with_its_name(tmp_path):
