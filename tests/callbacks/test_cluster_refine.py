@@ -568,6 +568,24 @@ def test_reassign_from_coupling_start_spreads_the_latent_weights_as_before_coupl
     assert across["snap"] == 0 and across["coupling_start"] > 100
 
 
+def test_reassign_from_coupling_start_follows_a_learned_codebook_window():
+    from sq_lightning.callbacks import LearnedCodebook
+
+    pl.seed_everything(0)
+    train, val = digits_loaders(shuffle=False)
+    refine = ClusterRefine(snap_epoch=3, clusters_from="codebook", recalibrate_bn_batches=0, on_unclustered="snap",
+                           reassign=True, reassign_from="coupling_start")
+    probe, before = _LatentAtSnap(refine, 3), _WeightsAt(2)
+    codebook = LearnedCodebook(lam=20.0, bits=2, start_epoch=2, stop_epoch=3, codebook_lr=1e-3)
+    trainer(max_epochs=4, callbacks=[codebook, refine, probe, before]).fit(TinyNet(bn=True), train, val)
+    assert probe.seen.keys() == set(BN_WEIGHTS)
+    for name, (lat, a, c, _) in probe.seen.items():
+        fp, lab = before.seen[name].reshape(-1), a.reshape(-1)
+        for j in lab.unique():
+            m = lab == j
+            torch.testing.assert_close(lat.reshape(-1)[m].double(), fp[m] - fp[m].mean() + c[j].double(), rtol=0, atol=1e-5)
+
+
 def test_reassign_from_coupling_start_without_coupling_before_the_snap_warns():
     pl.seed_everything(0)
     train, val = digits_loaders(shuffle=False)
