@@ -404,15 +404,16 @@ class ClusterSnapper:
         """
         if not self.reassign or not self.clusters:
             raise ValueError("start_latent_from needs `reassign=True` and a snap: call it after snap().")
-        for name, values in weights.items():
-            cl = self.clusters.get(name)
-            if cl is None:
+        for name, values in weights.items():  # every layer checked before any latent weight changes
+            if name not in self.clusters:
                 raise ValueError(f"start_latent_from: {name!r} is not a snapped layer (snapped: {sorted(self.clusters)[:3]} ...).")
             if name in self._shards:
                 raise ValueError(f"start_latent_from: layer {name} is sharded (FSDP2); only whole layers are supported.")
-            latent = self._latent_of(name)
-            if tuple(values.shape) != tuple(latent.shape):
-                raise ValueError(f"start_latent_from: {name} has shape {tuple(latent.shape)}, the given weights {tuple(values.shape)}.")
+            shape = tuple(self._latent_of(name).shape)
+            if tuple(values.shape) != shape:
+                raise ValueError(f"start_latent_from: {name} has shape {shape}, the given weights {tuple(values.shape)}.")
+        for name, values in weights.items():
+            cl, latent = self.clusters[name], self.latent[name]
             v = values.detach().to(latent.device, torch.float64).reshape(-1)
             a = cl.assignments.to(latent.device).reshape(-1)
             offset = v - tie_to_clusters(v, a, cl.k).double()[a]

@@ -497,6 +497,10 @@ def test_start_latent_from_refuses_bad_input():
         moving.start_latent_from({"0.bias": torch.zeros(16)})
     with pytest.raises(ValueError, match=r"0.weight has shape \(64, 64\), the given weights \(3,\)"):
         moving.start_latent_from({"0.weight": torch.zeros(3)})
+    kept = moving.latent["0.weight"].clone()
+    with pytest.raises(ValueError, match="'4.bias' is not a snapped layer"):  # nothing changed before the refusal
+        moving.start_latent_from({"0.weight": torch.randn(64, 64), "4.bias": torch.zeros(10)})
+    assert torch.equal(moving.latent["0.weight"], kept)
 
 
 @pytest.mark.parametrize("kw, match", [
