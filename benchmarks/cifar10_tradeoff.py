@@ -611,7 +611,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         f", source at most {r['source_max_bits']} bit(s) a layer" if r.get("source_max_bits") else "") + (
         ", lr restarted at the snap" if r.get("restart_at_snap") else "") + (
         ", reassigned refinement" if r.get("reassign") else "") + (
-        ", latent weights from full precision" if r.get("reassign_from") == "coupling_start" else "") + (
+        ", latent weights from before coupling" if r.get("reassign_from") == "coupling_start" else "") + (
         f", snap spread over {r['snap_ramp_steps']} steps from x{r['snap_ramp_from']:g}" if r.get("snap_ramp_steps") else "") + (
         f", lam {r['lam']:g}" if r.get("lam", 30.0) != 30.0 else "") + (
         ", source lr restarted at the snap" if r.get("source_restart_at_snap") else "") + (
@@ -974,6 +974,15 @@ def _targets(fp: float, soft: list[dict], controls: list[dict], others: list[dic
             f"- Against HEQ given the same refinement and epochs (a stronger control than the issue asks for): soft "
             f"quantization ahead in {ahead} of {len(pairs)} pairs (soft quantization vs control: {'; '.join(pairs)})."
         )
+    same = _same_seed_pairs(rows, controls)
+    if same:
+        out.append(
+            "- The same, with the refinement's latent weights from before coupling (`--reassign-from coupling_start`; "
+            "up to the snap the run is the configuration without it, at the same K_l, so that configuration's HEQ "
+            "controls serve, paired by seed): "
+            f"soft quantization ahead in {sum(a > b for _, a, b in same)} of {len(same)} pairs ("
+            + "; ".join(f"{bits:.2f} bits: {a:.4f} vs {b:.4f}" for bits, a, b in same) + ")."
+        )
     # The issue counts bits as log2 K_l; the last line counts what an entropy-coded file stores.
     for measure, bits, goal in (("bits_weighted", 2, 0.01), ("bits_weighted", 1, 0.02), ("entropy_weighted", 1, 0.02)):
         fits = lambda r: r.get(measure) is not None and r[measure] <= bits + 0.05  # noqa: E731
@@ -994,6 +1003,21 @@ def _targets(fp: float, soft: list[dict], controls: list[dict], others: list[dic
                f"{len(peer_best)} seed(s), {(fp - peer_mean) * 100:.2f} points below{budget(peer, peer_mean)}" if peer else "") + "."
         )
     out.append("- The h -> bits relation and the N_l exponent: see the next section and `strength_scaling.md`.")
+    return out
+
+
+def _same_seed_pairs(rows: list[dict], controls: list[dict]) -> list[tuple[float, float, float]]:
+    """``(bits, soft quantization, control)`` for each ``reassign_from`` row and the HEQ control of the
+    same seed whose source is that row's configuration without the option (the same run up to the
+    snap, the same budget and K_l)."""
+    out = []
+    for r in (r for r in rows if r.get("reassign_from")):
+        plain = _config_key({k: v for k, v in r.items() if k != "reassign_from"})
+        sources = [s for s in rows if s.get("seed", 0) == 0 and _config_key(s) == plain]
+        for c in controls:
+            if (_method(c) == "refined-heq" and c.get("seed", 0) == r.get("seed", 0)
+                    and any(c.get("source_acc") == s["acc"] and c["h"] == s["h"] and c["w"] == s["w"] for s in sources)):
+                out.append((r["bits_weighted"], r["acc"], c["acc"]))
     return out
 
 

@@ -248,3 +248,20 @@ def test_latent_start_is_its_own_configuration_and_needs_reassign(report, monkey
     monkeypatch.setattr(sys, "argv", ["cifar10_tradeoff.py", *argv[:4], "--reassign-from", "coupling_start"])
     with pytest.raises(SystemExit, match="needs --reassign and --points"):
         report.main()
+
+
+def test_latent_start_rows_pair_with_the_heq_controls_of_their_plain_configuration(report):
+    plain = [{**_soft(0.66, 1.01, seed=0), "reassign": True}, {**_soft(0.71, 1.01, seed=1), "reassign": True}]
+    other = {**_soft(0.70, 1.01, seed=0), "reassign": True, "max_bits": 2}  # another configuration, another source
+    spread = [{**_soft(0.813, 1.01, seed=s), "reassign": True, "reassign_from": "coupling_start"} for s in (0, 1, 2)]
+    spread[1]["acc"] = 0.804
+
+    def control(acc, seed, source):
+        return {"method": "refined-heq", "h": 5e-3, "w": 0.9, "seed": seed, "acc": acc, "source_acc": source,
+                "bits_weighted": 1.01}
+
+    controls = [control(0.8044, 0, 0.66), control(0.8062, 1, 0.66), control(0.79, 1, 0.70),
+                {**control(0.9, 0, 0.66), "method": "refined-kmeans"}]
+    pairs = report._same_seed_pairs([*plain, other, *spread], controls)
+    # Seed 0 and 1 find the HEQ control of the plain configuration's seed-0 source; seed 2 has none.
+    assert pairs == [(1.01, 0.813, 0.8044), (1.01, 0.804, 0.8062)]
