@@ -45,7 +45,7 @@ from sq_lightning.models.classifier import lr_factor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import save  # noqa: E402
 from cifar10_tradeoff import EDGE_LAYERS  # noqa: E402  (the run's own edge layers)
-from snap_margins import _state  # noqa: E402
+from snap_margins import _state, add_run_args  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -107,12 +107,7 @@ class SnapAccuracy(Callback):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pretrained", required=True, help="full-precision ImageClassifier checkpoint")
-    ap.add_argument("--coupled", required=True, help="coupled weights from cifar10_tradeoff.py --save-coupled")
-    ap.add_argument("--w", type=float, required=True, help="the run's w (w_l = w · σ_l)")
-    ap.add_argument("--max-bits", type=int, default=None, help="the run's --max-bits")
-    ap.add_argument("--max-clusters", type=int, default=None, help="the run's --max-clusters")
-    ap.add_argument("--edge-bits", type=int, default=None, help="the run's --edge-bits")
+    add_run_args(ap)
     ap.add_argument("--latent", choices=["coupled", "fp"], default="coupled", help="start of the latent weights")
     ap.add_argument("--epochs", type=int, default=2, help="refinement epochs (the run's --refine-epochs)")
     ap.add_argument("--of-epochs", type=int, default=6, help="the run's couple + refine epochs (its cosine's span)")

@@ -145,14 +145,19 @@ def _state(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_run_args(ap: argparse.ArgumentParser) -> None:
+    """The checkpoints and the snap arguments of the run that wrote ``--coupled``."""
     ap.add_argument("--pretrained", required=True, help="full-precision ImageClassifier checkpoint")
     ap.add_argument("--coupled", required=True, help="coupled weights from cifar10_tradeoff.py --save-coupled")
     ap.add_argument("--w", type=float, required=True, help="the run's w (w_l = w · σ_l)")
     ap.add_argument("--max-bits", type=int, default=None, help="the run's --max-bits")
     ap.add_argument("--max-clusters", type=int, default=None, help="the run's --max-clusters")
     ap.add_argument("--edge-bits", type=int, default=None, help="the run's --edge-bits")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_args(ap)
     ap.add_argument("--placement", choices=["mean", "kmeans", "heq"], default="mean", help="the run's --placement")
     ap.add_argument("--evaluate", action="store_true",
                     help="also the CIFAR-10 test accuracy right after each snap (BatchNorm re-estimated on 100 batches)")
