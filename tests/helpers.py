@@ -1,5 +1,7 @@
 """A tiny real model on real data (scikit-learn's 8x8 digits) for callback tests."""
 
+from pathlib import Path
+
 import lightning.pytorch as pl
 import torch
 from sklearn.datasets import load_digits
@@ -71,3 +73,21 @@ def trainer(**kw):
     )
     defaults.update(kw)
     return pl.Trainer(**defaults)
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name):
+    """The script ``benchmarks/<name>.py`` as a module (its own imports of sibling scripts resolved)."""
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module

@@ -13,15 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import load_benchmark
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cifar10_tradeoff.py"
 
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("cifar10_tradeoff", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("cifar10_tradeoff")
 
 
 def _soft(acc, bits, seed=0, h=5e-3, epochs=(4, 2), baselines=()):

@@ -1,29 +1,17 @@
 """benchmarks/refine_coupled.py: the refinement runs at the tail of the coupling run's cosine, and the
 full-precision start reaches ClusterRefine's latent weights."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from sq_lightning.callbacks import ClusterRefine
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
+from tests.helpers import load_benchmark
 
 @pytest.fixture(scope="module")
 def rc():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("refine_coupled", BENCH / "refine_coupled.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    return load_benchmark("refine_coupled")
 
 
 def test_tail_cosine_gives_the_learning_rates_of_the_run_s_last_epochs(rc):

@@ -1,7 +1,6 @@
 """benchmarks/snap_margins.py: the margin of each weight to its nearest decision boundary, the share of
 formed clusters a budget splits, and the level agreement of two partitions, against hand-worked values."""
 
-import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -10,20 +9,11 @@ import pytest
 import torch
 
 from sq_lightning.ops.clustering import Clusters
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
+from tests.helpers import load_benchmark
 
 @pytest.fixture(scope="module")
 def margins():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("snap_margins", BENCH / "snap_margins.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    return load_benchmark("snap_margins")
 
 
 def _clusters(centroids, assignments):
