@@ -75,7 +75,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from sq_lightning.callbacks import ClusterRefine, LearnedCodebook, SoftQuantCallback
 from sq_lightning.data import CIFAR10DataModule
 from sq_lightning.evaluate import METHODS, accuracy, evaluate_baselines
-from sq_lightning.export import CODINGS, FORMAT_VERSION, load_compressed, save_compressed
+from sq_lightning.export import CODINGS, FORMAT_VERSION, entropy_coder, load_compressed, save_compressed
 from sq_lightning.models import ImageClassifier
 from sq_lightning.ops import entropy_bits
 
@@ -980,8 +980,9 @@ def _targets(fp: float, soft: list[dict], controls: list[dict], others: list[dic
             "- The same, with the refinement's latent weights from before coupling (`--reassign-from coupling_start`; "
             "up to the snap the run is the configuration without it, at the same K_l, so that configuration's HEQ "
             "controls serve, paired by seed): "
-            f"soft quantization ahead in {sum(a > b for _, a, b in same)} of {len(same)} pairs ("
-            + "; ".join(f"{bits:.2f} bits: {a:.4f} vs {b:.4f}" for bits, a, b in same) + ")."
+            f"soft quantization ahead in {sum(a > b for _, a, b, _ in same)} of {len(same)} pairs ("
+            + "; ".join(f"{bits:.2f} bits: {a:.4f} vs {b:.4f}" + (f" ({dev})" if dev else "") for bits, a, b, dev in same)
+            + ")."
         )
     # The issue counts bits as log2 K_l; the last line counts what an entropy-coded file stores.
     for measure, bits, goal in (("bits_weighted", 2, 0.01), ("bits_weighted", 1, 0.02), ("entropy_weighted", 1, 0.02)):
@@ -1006,18 +1007,21 @@ def _targets(fp: float, soft: list[dict], controls: list[dict], others: list[dic
     return out
 
 
-def _same_seed_pairs(rows: list[dict], controls: list[dict]) -> list[tuple[float, float, float]]:
-    """``(bits, soft quantization, control)`` for each ``reassign_from`` row and the HEQ control of the
-    same seed whose source is that row's configuration without the option (the same run up to the
-    snap, the same budget and K_l)."""
+def _same_seed_pairs(rows: list[dict], controls: list[dict]) -> list[tuple[float, float, float, str]]:
+    """``(bits, soft quantization, control, devices)`` for each ``reassign_from`` row and the HEQ control
+    of the same seed whose source is that row's configuration without the option (the same procedure
+    up to the snap, the same budget and K_l). The device is not part of the match (a GPU row pairs with
+    a CPU control); ``devices`` names both where they differ, else is empty."""
+    plain_key = lambda r, drop: _config_key({k: v for k, v in r.items() if k not in drop})  # noqa: E731
     out = []
     for r in (r for r in rows if r.get("reassign_from")):
-        plain = _config_key({k: v for k, v in r.items() if k != "reassign_from"})
-        sources = [s for s in rows if s.get("seed", 0) == 0 and _config_key(s) == plain]
+        plain = plain_key(r, ("reassign_from", "device"))
+        sources = [s for s in rows if s.get("seed", 0) == 0 and plain_key(s, ("device",)) == plain]
         for c in controls:
             if (_method(c) == "refined-heq" and c.get("seed", 0) == r.get("seed", 0)
                     and any(c.get("source_acc") == s["acc"] and c["h"] == s["h"] and c["w"] == s["w"] for s in sources)):
-                out.append((r["bits_weighted"], r["acc"], c["acc"]))
+                devices = f"{r['device']} vs {c['device']}" if r.get("device") != c.get("device") else ""
+                out.append((r["bits_weighted"], r["acc"], c["acc"], devices))
     return out
 
 
@@ -1184,6 +1188,11 @@ def main() -> None:
     jobs += [("codebook", f"k{k}") for k in args.codebook_k]
     jobs += [("dkm", b) for b in args.dkm_bits] + [("control", c) for c in args.controls]
     jobs += [("fp-finetuned", None)] if args.fp_control else []
+    if any(method != "fp-finetuned" for method, _ in jobs):
+        try:  # every quantized row has an entropy-coded size: fail now, not after hours of training
+            entropy_coder()
+        except ImportError as err:
+            raise SystemExit(f"cifar10_tradeoff: {err}") from err
     for method, spec in jobs:
         done = read()  # re-read: another process may share the results file
         what = None if method in ("fp-finetuned", "dkm", "codebook") else tuple(float(v) for v in spec.split(":")[-2:])

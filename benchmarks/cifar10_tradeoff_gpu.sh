@@ -8,11 +8,20 @@
 # soft quantization with a bit budget of 2 bits (alpha 0.66 and 0.9) and of 1 bit (w 0.9 and
 # 1.5), each followed by its HEQ + tied-refinement control at the same K_l, and the
 # full-precision model trained on for the same epochs. Each process writes its own results
-# file under OUTDIR (the controls read their source row from it); every process is stopped at
-# DEADLINE seconds, and whatever rows finished are gathered into OUTDIR/rows.jsonl, the logs
-# into OUTDIR/logs.txt. Merge the rows into benchmarks/results/cifar10_tradeoff.jsonl, then
-# rebuild the table with `python benchmarks/cifar10_tradeoff.py --pretrained ... --report-only`.
+# file under OUTDIR (the controls read their source row from it); every process is stopped
+# DEADLINE seconds after this script starts (decoding the archive counts: leave the caller's
+# own limit some 30 s beyond it for the gathering), and whatever rows finished are gathered
+# into OUTDIR/rows.jsonl, the logs into OUTDIR/logs.txt. Merge the rows into
+# benchmarks/results/cifar10_tradeoff.jsonl, then rebuild the table with `python benchmarks/cifar10_tradeoff.py --pretrained ... --report-only`.
 # LIMIT (limit_train_batches) makes a smoke run of the same script on a CPU.
+#
+# JOBFILE replaces the five built-in jobs: one job a line, a name then its flags, e.g.
+#   s2b0 --alpha 0.9 --points 5e-3:0.9 --max-bits 2 --edge-bits 4 --reassign --seed 0
+# Each job keeps its resume checkpoint under OUTDIR/<job>/runs; a run stopped at DEADLINE is
+# left there (and packed into OUTDIR/unfinished.tgz), so it can be continued elsewhere with
+# `--resume-dir <that runs folder>` and the same flags (a run that finished its epochs but not
+# its row, e.g. for want of `constriction`, then only evaluates). cifar10_tradeoff.py checks
+# for `constriction` before training.
 set -u
 PY=${PY:-python3}
 COUPLE=${COUPLE:-8}
@@ -24,6 +33,7 @@ THREADS=${THREADS:-3}
 JOBS=${JOBS:-"j1 j2 j3 j4 j5"}
 ARCHIVE_ARG=${ARCHIVE:+--archive $ARCHIVE}
 here=$(cd "$(dirname "$0")" && pwd)
+started=$SECONDS
 mkdir -p "$OUTDIR"
 
 # Decode the archive once into the cache that every process then reads.
@@ -43,14 +53,28 @@ declare -A spec=(
   [j4]="--points 1e-3:1.5 --max-bits 1 --controls heq:1e-3:1.5"
   [j5]="--fp-control"
 )
+if [ -n "${JOBFILE:-}" ]; then
+  spec=()
+  JOBS=""
+  while read -r name flags; do
+    [ -z "$name" ] || [ "${name:0:1}" = "#" ] && continue
+    spec[$name]=$flags
+    JOBS="$JOBS $name"
+  done < "$JOBFILE"
+fi
+left_s=$((DEADLINE - (SECONDS - started)))
+[ "$left_s" -gt 0 ] || { echo "DEADLINE $DEADLINE s passed while decoding the archive" >&2; exit 1; }
 for j in $JOBS; do
   mkdir -p "$OUTDIR/$j"
   # shellcheck disable=SC2086  # the job's flags are meant to split
-  OMP_NUM_THREADS=$THREADS PYTHONUNBUFFERED=1 timeout "$DEADLINE" $PY "${base[@]}" "${ramp[@]}" ${spec[$j]} \
-    --out "$OUTDIR/$j/rows.jsonl" > "$OUTDIR/$j/log.txt" 2>&1 &
+  OMP_NUM_THREADS=$THREADS PYTHONUNBUFFERED=1 timeout "$left_s" $PY "${base[@]}" "${ramp[@]}" ${spec[$j]} \
+    --out "$OUTDIR/$j/rows.jsonl" --resume-dir "$OUTDIR/$j/runs" > "$OUTDIR/$j/log.txt" 2>&1 &
 done
 wait
-cat "$OUTDIR"/j*/rows.jsonl > "$OUTDIR/rows.jsonl" 2>/dev/null
+cat "$OUTDIR"/*/rows.jsonl > "$OUTDIR/rows.jsonl" 2>/dev/null
+left=$(cd "$OUTDIR" && ls -d ./*/runs/*/last.ckpt 2>/dev/null | xargs -r -n1 dirname)
+# shellcheck disable=SC2086  # one folder a word
+[ -n "$left" ] && tar czf "$OUTDIR/unfinished.tgz" -C "$OUTDIR" $left
 for j in $JOBS; do
   echo "=== $j: ${spec[$j]}"
   grep -v "is not clustered\|LeafSpec\|_pytree" "$OUTDIR/$j/log.txt"

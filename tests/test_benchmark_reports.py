@@ -254,13 +254,31 @@ def test_latent_start_rows_pair_with_the_heq_controls_of_their_plain_configurati
     other = {**_soft(0.70, 1.01, seed=0), "reassign": True, "max_bits": 2}  # another configuration, another source
     spread = [{**_soft(0.813, 1.01, seed=s), "reassign": True, "reassign_from": "coupling_start"} for s in (0, 1, 2)]
     spread[1]["acc"] = 0.804
+    spread[1]["device"] = "cuda (NVIDIA H200)"  # a GPU run still pairs with the CPU control of its seed
 
     def control(acc, seed, source):
         return {"method": "refined-heq", "h": 5e-3, "w": 0.9, "seed": seed, "acc": acc, "source_acc": source,
-                "bits_weighted": 1.01}
+                "bits_weighted": 1.01, "device": "cpu"}
 
     controls = [control(0.8044, 0, 0.66), control(0.8062, 1, 0.66), control(0.79, 1, 0.70),
                 {**control(0.9, 0, 0.66), "method": "refined-kmeans"}]
     pairs = report._same_seed_pairs([*plain, other, *spread], controls)
     # Seed 0 and 1 find the HEQ control of the plain configuration's seed-0 source; seed 2 has none.
-    assert pairs == [(1.01, 0.813, 0.8044), (1.01, 0.804, 0.8062)]
+    assert pairs == [(1.01, 0.813, 0.8044, ""), (1.01, 0.804, 0.8062, "cuda (NVIDIA H200) vs cpu")]
+
+
+def test_a_missing_entropy_coder_stops_the_run_before_any_training(report, monkeypatch, tmp_path):
+    def missing():
+        raise ImportError("coding='ans' needs the `constriction` package")
+
+    def never(*args, **kwargs):
+        raise AssertionError("trained although the row could not be written")
+
+    monkeypatch.setattr(report, "entropy_coder", missing)
+    monkeypatch.setattr(report, "run_point", never)
+    ckpt = str(SCRIPT.parent / "checkpoints" / "resnet20_cifar10_fp.ckpt")
+    monkeypatch.setattr(sys, "argv", ["cifar10_tradeoff.py", "--pretrained", ckpt, "--points", "5e-3:0.9",
+                                      "--out", str(tmp_path / "rows.jsonl"), "--resume-dir", str(tmp_path / "runs")])
+    with pytest.raises(SystemExit, match="constriction"):
+        report.main()
+    assert not (tmp_path / "rows.jsonl").exists()
