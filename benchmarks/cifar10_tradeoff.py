@@ -331,6 +331,7 @@ def _fields(args, method: str, spec=None) -> dict:
            "lr": args.lr, "schedule": args.schedule, "limit_train_batches": args.limit, "device": _device_name()}
     restart = {"restart_at_snap": True} if args.restart_at_snap else {}
     reassign = {"reassign": True} if args.reassign else {}
+    latent = {"reassign_from": args.reassign_from} if args.reassign_from != "snap" else {}
     if method == "softquant":
         h, w = spec
         return {**out, "h": h, "w": w, "target_step": args.target_step, "placement": args.placement, "alpha": args.alpha,
@@ -338,8 +339,8 @@ def _fields(args, method: str, spec=None) -> dict:
     if method == "codebook":
         if isinstance(spec, str):  # "k<K>": K representatives a layer
             return {**out, "n_bits": round(math.log2(int(spec[1:])), 2), "k": int(spec[1:]), "lam": args.codebook_lam,
-                    **restart, **reassign}
-        return {**out, "n_bits": spec, "lam": args.codebook_lam, **restart, **reassign}
+                    **restart, **reassign, **latent}
+        return {**out, "n_bits": spec, "lam": args.codebook_lam, **restart, **reassign, **latent}
     if method.startswith("refined-"):  # the source row's options, prefixed, and the refinement's own
         h, w = spec
         snap_ramp = {"snap_ramp_steps": args.snap_ramp_steps, "snap_ramp_from": args.snap_ramp_from} if args.snap_ramp_steps else {}
@@ -454,7 +455,8 @@ def run_codebook(args, bits: int | str, dm: CIFAR10DataModule, run_dir: Path | N
     cb = LearnedCodebook(lam=args.codebook_lam, bits=None, k=k, init="kmeans", stop_epoch=e2,
                          k_overrides=_edge_patterns(args, as_k=True))
     refine = ClusterRefine(
-        snap_epoch=e2, clusters_from="codebook", recalibrate_bn_batches=100, on_unclustered="snap", reassign=args.reassign
+        snap_epoch=e2, clusters_from="codebook", recalibrate_bn_batches=100, on_unclustered="snap", reassign=args.reassign,
+        reassign_from=args.reassign_from,
     )  # method B ends by snapping to its representatives, whatever the error
     timer = StepTimer()
     phases, before, after = _phases(dm, e2, refine)
@@ -1115,8 +1117,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                     help="refinement with moving assignments (ClusterRefine(reassign=True)): latent weights take the "
                          "updates and join their nearest centroid after each step (soft quantization, method B, controls)")
     ap.add_argument("--reassign-from", choices=["snap", "coupling_start"], default="snap",
-                    help="soft quantization with --reassign: start the latent weights from the coupled weights at the "
-                         "snap, or from the full-precision ones spread around the snapped values "
+                    help="soft quantization or method B with --reassign: start the latent weights from the coupled "
+                         "weights at the snap, or from the full-precision ones spread around the snapped values "
                          "(ClusterRefine(reassign_from=...))")
     ap.add_argument("--snap-ramp-steps", type=int, default=0,
                     help="gradual snap (ClusterRefine(snap_ramp_steps=...)): after the snap each weight moves a growing "
@@ -1180,9 +1182,9 @@ def main() -> None:
         raise SystemExit("--edge-bits: an integer in [1, 16], for --points, --codebook-bits, --dkm-bits and --controls "
                          "runs (a control reads the K_l of the soft quantization row run with the same --edge-bits); "
                          "the full-precision control has no bits")
-    if args.reassign_from != "snap" and not (args.reassign and args.points):
-        raise SystemExit("--reassign-from coupling_start: the latent weights of a reassigned refinement of soft quantization; "
-                         "it needs --reassign and --points")
+    if args.reassign_from != "snap" and not (args.reassign and (args.points or args.codebook_bits or args.codebook_k)):
+        raise SystemExit("--reassign-from coupling_start: the latent weights of a reassigned refinement of soft quantization "
+                         "or method B; it needs --reassign and --points, --codebook-bits or --codebook-k")
     dm = CIFAR10DataModule(archive=args.archive, download=args.download, batch_size=128, seed=args.seed)
     jobs = [("softquant", p) for p in args.points] + [("codebook", b) for b in args.codebook_bits]
     jobs += [("codebook", f"k{k}") for k in args.codebook_k]

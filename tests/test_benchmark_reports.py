@@ -244,8 +244,13 @@ def test_latent_start_is_its_own_configuration_and_needs_reassign(report, monkey
     fields = [report._fields(a, "softquant", (5e-3, 0.9)) for a in (snap, spread)]
     assert "reassign_from" not in fields[0] and fields[1]["reassign_from"] == "coupling_start"
     assert report._config_key(fields[0]) != report._config_key(fields[1])
+    # Method B takes the option too, and tells it apart the same way.
+    codebook = [report._fields(report._parse(["--pretrained", ckpt, *x]), "codebook", "k3") for x in
+                (["--codebook-k", "3", "--reassign"], ["--codebook-k", "3", "--reassign", "--reassign-from", "coupling_start"])]
+    assert "reassign_from" not in codebook[0] and codebook[1]["reassign_from"] == "coupling_start"
+    assert report._config_key(codebook[0]) != report._config_key(codebook[1])
     monkeypatch.setattr(sys, "argv", ["cifar10_tradeoff.py", *argv[:4], "--reassign-from", "coupling_start"])
-    with pytest.raises(SystemExit, match="needs --reassign and --points"):
+    with pytest.raises(SystemExit, match="needs --reassign and --points, --codebook-bits or --codebook-k"):
         report.main()
 
 
