@@ -12,7 +12,8 @@
 # DEADLINE seconds after this script starts (decoding the archive counts: leave the caller's
 # own limit some 30 s beyond it for the gathering), and whatever rows finished are gathered
 # into OUTDIR/rows.jsonl, the logs into OUTDIR/logs.txt. Merge the rows into
-# benchmarks/results/cifar10_tradeoff.jsonl, then rebuild the table with `python benchmarks/cifar10_tradeoff.py --pretrained ... --report-only`.
+# benchmarks/results/cifar10_tradeoff.jsonl, then rebuild the table with
+# `python benchmarks/cifar10_tradeoff.py --pretrained ... --report-only`.
 # LIMIT (limit_train_batches) makes a smoke run of the same script on a CPU.
 #
 # JOBFILE replaces the five built-in jobs: one job a line, a name then its flags, e.g.
