@@ -9,6 +9,7 @@ import torch
 from sq_lightning.callbacks import ClusterRefine
 from tests.helpers import load_benchmark
 
+
 @pytest.fixture(scope="module")
 def rc():
     return load_benchmark("refine_coupled")

@@ -11,6 +11,7 @@ import torch
 from sq_lightning.ops.clustering import Clusters
 from tests.helpers import load_benchmark
 
+
 @pytest.fixture(scope="module")
 def margins():
     return load_benchmark("snap_margins")
