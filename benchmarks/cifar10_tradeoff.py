@@ -366,9 +366,13 @@ def _finished(done: list[dict], args, method: str, spec) -> bool:
 def _sources(done: list[dict], args, h: float, w: float) -> list[dict]:
     """The rows of ``done`` a control of these arguments takes its K_l from: soft quantization at h, w
     with the same options, cluster-mean placement, h from --points (the control's own --placement and
-    --target-step are not the source's), seed 0 (every control seed pairs with it)."""
-    want = _config_key({**_fields(args, "softquant", (h, w)), "target_step": None, "placement": "mean"})
-    return [r for r in done if r.get("seed", 0) == 0 and _config_key(r) == want]
+    --target-step are not the source's), seed 0 (every control seed pairs with it). The rows of this
+    run's device if there are any, else those of another (the K_l of a row from a lent GPU serve a
+    control run on the CPU: the procedure is the same)."""
+    want = {**_fields(args, "softquant", (h, w)), "target_step": None, "placement": "mean"}
+    anywhere = lambda r: _config_key({k: v for k, v in r.items() if k != "device"})  # noqa: E731
+    found = [r for r in done if r.get("seed", 0) == 0 and anywhere(r) == anywhere(want)]
+    return [r for r in found if r.get("device") == want["device"]] or found
 
 
 def run_point(args, h: float, w: float, dm: CIFAR10DataModule, run_dir: Path | None = None) -> dict:
@@ -574,9 +578,11 @@ def _run_dir(args, method: str, spec) -> Path | None:
     if not args.resume_dir:
         return None
     what = _what(args, method, spec)
+    # The checkpoint by where it is, however the path was written (relative here, absolute in the GPU script).
+    where = lambda w: {**w, "pretrained": str(Path(w["pretrained"]).resolve())} if "pretrained" in w else w  # noqa: E731
     for saved in sorted(Path(args.resume_dir).glob(f"{method}-*/run.json")):
         try:
-            if _identity(json.loads(saved.read_text())) == what:
+            if where(_identity(json.loads(saved.read_text()))) == where(what):
                 return saved.parent
         except (OSError, ValueError):
             continue

@@ -272,6 +272,31 @@ def test_latent_start_rows_pair_with_the_heq_controls_of_their_plain_configurati
     assert pairs == [(1.01, 0.813, 0.8044, ""), (1.01, 0.804, 0.8062, "cuda (NVIDIA H200) vs cpu")]
 
 
+def test_a_control_takes_its_source_from_its_own_device_first_then_from_another(report, monkeypatch):
+    ckpt = str(SCRIPT.parent / "checkpoints" / "resnet20_cifar10_fp.ckpt")
+    args = report._parse(["--pretrained", ckpt, "--max-bits", "1", "--edge-bits", "4", "--reassign"])
+    monkeypatch.setattr(report, "_device_name", lambda: "cuda")
+    gpu = {**report._fields(args, "softquant", (1e-3, 0.9)), "seed": 0, "acc": 0.76}
+    monkeypatch.setattr(report, "_device_name", lambda: "cpu")
+    cpu = {**report._fields(args, "softquant", (1e-3, 0.9)), "seed": 0, "acc": 0.75}
+    other = {**cpu, "max_bits": 2, "acc": 0.8}  # another configuration is never a source
+    assert [r["acc"] for r in report._sources([gpu, other], args, 1e-3, 0.9)] == [0.76]  # a lent GPU's row serves
+    assert [r["acc"] for r in report._sources([gpu, cpu, other], args, 1e-3, 0.9)] == [0.75]  # this device's first
+    assert report._sources([{**gpu, "seed": 1}, other], args, 1e-3, 0.9) == []  # seed 0 only
+
+
+def test_a_run_resumes_whether_its_checkpoint_path_was_written_relative_or_absolute(report, monkeypatch, tmp_path):
+    monkeypatch.chdir(SCRIPT.parent.parent)
+    relative = "benchmarks/checkpoints/resnet20_cifar10_fp.ckpt"
+    flags = ["--points", "1e-3:0.9", "--max-bits", "1", "--resume-dir", str(tmp_path / "runs")]
+    first = report._run_dir(report._parse(["--pretrained", relative, *flags]), "softquant", "1e-3:0.9")
+    again = report._run_dir(report._parse(["--pretrained", str(Path(relative).resolve()), *flags]), "softquant", "1e-3:0.9")
+    assert again == first and len(list((tmp_path / "runs").iterdir())) == 1
+    (tmp_path / "other.ckpt").write_bytes(b"")  # another checkpoint is another run
+    other = report._run_dir(report._parse(["--pretrained", str(tmp_path / "other.ckpt"), *flags]), "softquant", "1e-3:0.9")
+    assert other != first and len(list((tmp_path / "runs").iterdir())) == 2
+
+
 def test_a_missing_entropy_coder_stops_the_run_before_any_training(report, monkeypatch, tmp_path):
     def missing():
         raise ImportError("coding='ans' needs the `constriction` package")
