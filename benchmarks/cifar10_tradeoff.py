@@ -879,10 +879,11 @@ def _pareto(sized: list[dict], names: dict, sched) -> list[str]:
 
 
 def _same_budget_fp(r: dict, fps: list[dict]) -> float | None:
-    """Mean accuracy of the full-precision model trained on for the epochs, lr, schedule and device of ``r``."""
-    same = [f["acc"] for f in fps if (f["couple_epochs"] + f["refine_epochs"], f.get("schedule"), f.get("lr"), f["device"])
-            == (r["couple_epochs"] + r["refine_epochs"], r.get("schedule"), r.get("lr"), r["device"])
-            and not f.get("distill")]
+    """Mean accuracy of the full-precision model trained on for the epochs, lr and schedule of ``r``: on the
+    device of ``r`` where it was, else on any (a GPU row beside the CPU's reference, as the controls pair)."""
+    budget = lambda f: (f["couple_epochs"] + f["refine_epochs"], f.get("schedule"), f.get("lr"))  # noqa: E731
+    found = [f for f in fps if budget(f) == budget(r) and not f.get("distill")]
+    same = [f["acc"] for f in found if f["device"] == r["device"]] or [f["acc"] for f in found]
     return sum(same) / len(same) if same else None
 
 

@@ -297,6 +297,18 @@ def test_a_run_resumes_whether_its_checkpoint_path_was_written_relative_or_absol
     assert other != first and len(list((tmp_path / "runs").iterdir())) == 2
 
 
+def test_the_same_epochs_reference_is_of_the_rows_device_first_then_of_another(report):
+    def fp(acc, device, epochs=(16, 8), **extra):
+        return {"method": "fp-finetuned", "couple_epochs": epochs[0], "refine_epochs": epochs[1], "schedule": "cosine",
+                "lr": 0.01, "device": device, "acc": acc, **extra}
+
+    gpu = {**_soft(0.82, 1.01, epochs=(16, 8)), "device": "cuda (NVIDIA H200)"}
+    fps = [fp(0.86, "cpu"), fp(0.84, "cpu", epochs=(8, 4)), fp(0.9, "cpu", distill=1.0)]
+    assert report._same_budget_fp(gpu, fps) == pytest.approx(0.86)  # 24 epochs on the CPU serve the GPU row
+    assert report._same_budget_fp(gpu, [*fps, fp(0.85, "cuda (NVIDIA H200)")]) == pytest.approx(0.85)  # its own first
+    assert report._same_budget_fp({**gpu, "couple_epochs": 32, "refine_epochs": 16}, fps) is None
+
+
 def test_a_missing_entropy_coder_stops_the_run_before_any_training(report, monkeypatch, tmp_path):
     def missing():
         raise ImportError("coding='ans' needs the `constriction` package")
