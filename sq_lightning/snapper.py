@@ -296,6 +296,9 @@ class ClusterSnapper:
             UnclusteredLayerError: a layer's snap error exceeds ``max_snap_error`` and
                 ``on_unclustered="raise"`` (the model is then left unchanged).
         """
+        # What to do about a layer too far from its clusters depends on where they came from.
+        hint = ("Coupling was too weak for it: raise `h`, couple longer, or exclude the layer." if clusters is None else
+                "The clusters passed for it are too few for its weights: pass more, or exclude the layer.")
         clusters = clusters if clusters is not None else self.find(model, w_l=w_l, centroids=centroids)
         params = dict(model.named_parameters())
         reports: dict[str, LayerReport] = {}
@@ -315,8 +318,7 @@ class ClusterSnapper:
             if not ok:
                 msg = (
                     f"layer {name} is not clustered: snapping it to K={cl.k} values would cause a relative error "
-                    f"of {err:.3f} (> max_snap_error={self.max_snap_error}). Coupling was too weak for it: raise `h`, "
-                    "couple longer, or exclude the layer."
+                    f"of {err:.3f} (> max_snap_error={self.max_snap_error}). {hint}"
                 )
                 if self.on_unclustered == "raise":
                     raise UnclusteredLayerError(msg)

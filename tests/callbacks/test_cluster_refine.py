@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from sq_lightning.callbacks import ClusterRefine, SoftQuantCallback
 from sq_lightning.export import load_compressed, save_compressed
 from sq_lightning.ops.baselines import quantize
+from sq_lightning.ops.clustering import Clusters
 from sq_lightning.snapper import ClusterSnapper, UnclusteredLayerError
 from tests.helpers import TinyNet, accuracy, digits_loaders, trainer
 
@@ -263,6 +264,11 @@ def test_unclustered_layer_is_kept_and_reported(caplog):
 
     with pytest.raises(UnclusteredLayerError, match="layer 0.weight is not clustered.*raise `h`"):
         ClusterSnapper(on_unclustered="raise").snap(net)
+    # Clusters the caller passed (a post-training quantizer's, say) are not the coupling's to blame.
+    q = quantize(net[0].weight.detach(), 2, "kmeans")
+    two = {"0.weight": Clusters(q.centroids.float(), q.assignments, torch.bincount(q.assignments.flatten(), minlength=2))}
+    with pytest.raises(UnclusteredLayerError, match="0.weight is not clustered.*clusters passed for it are too few"):
+        ClusterSnapper(on_unclustered="raise").snap(net, clusters=two)
     for n, p in net.named_parameters():
         assert torch.equal(p, before[n])
 
@@ -680,7 +686,7 @@ def test_kmeans_placement_keeps_k_and_is_the_optimal_snap():
             net[0].weight.copy_(weights)
         snapper = ClusterSnapper(w=0.6, on_unclustered="snap", merge="none", placement=placement)
         snapped[placement] = (snapper.snap(net)["0.weight"], net[0].weight.detach().clone(), snapper)
-    (mean, w_mean, _), (km, w_km, snapper) = snapped["mean"], snapped["kmeans"]
+    (mean, _, _), (km, w_km, snapper) = snapped["mean"], snapped["kmeans"]
     assert km.k == mean.k == torch.unique(w_km).numel() > 2
     sse = float(((w_km - weights) ** 2).sum())
     assert sse == pytest.approx(_best_partition_sse(weights.flatten().tolist(), km.k), rel=1e-5)
