@@ -839,12 +839,17 @@ def _config_key(r: dict) -> tuple:
     return _method(r), tuple(sorted((k, repr(v)) for k, v in r.items() if k not in _OUTCOME and v != _DEFAULTS.get(k, object())))
 
 
+def _devices(rows: list[dict]) -> str:
+    return " + ".join(sorted({r["device"] for r in rows}))
+
+
 def _best_config(rows: list[dict]) -> tuple[list[dict], float, dict] | None:
     """The configuration (``_config_key``) with the best mean accuracy over its seeds: its rows, that mean and
-    its lowest-seed row; None without rows."""
+    its lowest-seed row; None without rows. Seeds run on different devices are one configuration (the same
+    procedure: a seed finished on the CPU beside two from a lent GPU); ``_devices`` names them."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault(_config_key(r), []).append(r)
+        groups.setdefault(_config_key({k: v for k, v in r.items() if k != "device"}), []).append(r)
     if not groups:
         return None
     best = max(groups.values(), key=lambda g: sum(r["acc"] for r in g) / len(g))
@@ -928,7 +933,7 @@ def _summary(fp: float, lines: list[dict], fps: list[dict], sched) -> tuple[list
             ents = [r["entropy_weighted"] for r in best if r.get("entropy_weighted") is not None]
             points.setdefault(name, []).append((bits, mean))
             out.append(
-                f"| <= {label} | {name} | {what}{sched({**r0, 'seed': 0})}, {r0['device']} | {len(best)} | {mean:.4f} | "
+                f"| <= {label} | {name} | {what}{sched({**r0, 'seed': 0})}, {_devices(best)} | {len(best)} | {mean:.4f} | "
                 f"{(fp - mean) * 100:.2f} | {f'{(ref - mean) * 100:.2f}' if ref is not None else '-'} | "
                 f"{sum(r['bits_weighted'] for r in best) / len(best):.2f} | "
                 f"{f'{sum(ents) / len(ents):.2f}' if ents else '-'} | {f'{sum(ans) / len(ans) / 1000:.1f}' if ans else '-'} |"
@@ -1006,10 +1011,10 @@ def _targets(fp: float, soft: list[dict], controls: list[dict], others: list[dic
         out.append(
             f"- Degradation at <= {bits} {unit}, +0.05), target under {goal * 100:g} point(s): best soft quantization "
             f"configuration h={r0['h']:g}, w={r0['w']:g}{sched(r0)} ({r0['couple_epochs']}/{r0['refine_epochs']} epochs, "
-            f"{r0['device']}): {mean:.4f} over {len(best)} seed(s), "
+            f"{_devices(best)}): {mean:.4f} over {len(best)} seed(s), "
             f"{(fp - mean) * 100:.2f} points below full precision ({'met' if fp - mean < goal else 'not met'}){budget(r0, mean)}"
             + (f"; best other training-time configuration: {_method(peer)} {peer['n_bits']} bit(s){sched(peer)} "
-               f"({peer['couple_epochs']}/{peer['refine_epochs']} epochs, {peer['device']}): {peer_mean:.4f} over "
+               f"({peer['couple_epochs']}/{peer['refine_epochs']} epochs, {_devices(peer_best)}): {peer_mean:.4f} over "
                f"{len(peer_best)} seed(s), {(fp - peer_mean) * 100:.2f} points below{budget(peer, peer_mean)}" if peer else "") + "."
         )
     out.append("- The h -> bits relation and the N_l exponent: see the next section and `strength_scaling.md`.")

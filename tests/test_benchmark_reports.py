@@ -77,6 +77,20 @@ def test_summary_ranks_configurations_by_their_seed_mean(report):
     assert points["soft quantization + refine"] == [(2, pytest.approx(0.815)), (4, pytest.approx(0.83))]
 
 
+def test_seeds_of_one_configuration_on_two_devices_are_pooled(report):
+    gpu = [{**_soft(0.839, 1.96, seed=s, epochs=(16, 8)), "device": "cuda (NVIDIA H200)"} for s in (0, 1)]
+    cpu = {**_soft(0.80, 1.96, seed=2, epochs=(16, 8))}  # the third seed, finished on the CPU
+    other = _soft(0.83, 1.96, seed=0, h=1e-3, epochs=(16, 8))  # one seed, above the pooled mean, below the GPU pair's
+    best, mean, r0 = report._best_config([*gpu, cpu, other])
+    assert best == [other] and mean == pytest.approx(0.83)  # the pooled three (0.826) rank under it
+    best, mean, r0 = report._best_config([*gpu, cpu])
+    assert len(best) == 3 and mean == pytest.approx((0.839 * 2 + 0.80) / 3) and r0["seed"] == 0
+    assert report._devices(best) == "cpu + cuda (NVIDIA H200)"
+    lines, _ = report._summary(0.84, [*gpu, cpu], [], lambda r: "")
+    row = next(_cells(line) for line in lines if line.startswith("| <= 2 bits | soft quantization"))
+    assert row[2].endswith("cpu + cuda (NVIDIA H200)") and row[3] == "3" and row[4] == "0.8260"
+
+
 def test_targets_judge_the_best_configuration_by_its_seed_mean(report):
     heq = {"method": "heq (histogram-equalized)", "acc": 0.3, "acc_bn": 0.805}
     soft = [
