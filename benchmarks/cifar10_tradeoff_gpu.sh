@@ -22,7 +22,8 @@
 # left there (and packed into OUTDIR/unfinished.tgz), so it can be continued elsewhere with
 # `--resume-dir <that runs folder>` and the same flags (a run that finished its epochs but not
 # its row, e.g. for want of `constriction`, then only evaluates). cifar10_tradeoff.py checks
-# for `constriction` before training.
+# for `constriction` before training. On an H200 (2026-12-04) an epoch took 10-14 s with three
+# runs sharing the GPU and 15-16 s with four (THREADS 3-4 each): plan a call's jobs by that.
 set -u
 PY=${PY:-python3}
 COUPLE=${COUPLE:-8}
