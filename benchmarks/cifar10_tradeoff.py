@@ -370,9 +370,8 @@ def _sources(done: list[dict], args, h: float, w: float) -> list[dict]:
     run's device if there are any, else those of another (the K_l of a row from a lent GPU serve a
     control run on the CPU: the procedure is the same)."""
     want = {**_fields(args, "softquant", (h, w)), "target_step": None, "placement": "mean"}
-    anywhere = lambda r: _config_key({k: v for k, v in r.items() if k != "device"})  # noqa: E731
-    found = [r for r in done if r.get("seed", 0) == 0 and anywhere(r) == anywhere(want)]
-    return [r for r in found if r.get("device") == want["device"]] or found
+    found = [r for r in done if r.get("seed", 0) == 0 and _any_device_key(r) == _any_device_key(want)]
+    return _own_device_first(found, want["device"])
 
 
 def run_point(args, h: float, w: float, dm: CIFAR10DataModule, run_dir: Path | None = None) -> dict:
@@ -839,6 +838,16 @@ def _config_key(r: dict) -> tuple:
     return _method(r), tuple(sorted((k, repr(v)) for k, v in r.items() if k not in _OUTCOME and v != _DEFAULTS.get(k, object())))
 
 
+def _any_device_key(r: dict) -> tuple:
+    """``_config_key`` without the device: the same procedure wherever it ran."""
+    return _config_key({k: v for k, v in r.items() if k != "device"})
+
+
+def _own_device_first(rows: list[dict], device: str) -> list[dict]:
+    """The rows of ``device`` if there are any, else all of ``rows``."""
+    return [r for r in rows if r.get("device") == device] or rows
+
+
 def _devices(rows: list[dict]) -> str:
     return " + ".join(sorted({r["device"] for r in rows}))
 
@@ -849,7 +858,7 @@ def _best_config(rows: list[dict]) -> tuple[list[dict], float, dict] | None:
     procedure: a seed finished on the CPU beside two from a lent GPU); ``_devices`` names them."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault(_config_key({k: v for k, v in r.items() if k != "device"}), []).append(r)
+        groups.setdefault(_any_device_key(r), []).append(r)
     if not groups:
         return None
     best = max(groups.values(), key=lambda g: sum(r["acc"] for r in g) / len(g))
@@ -888,7 +897,7 @@ def _same_budget_fp(r: dict, fps: list[dict]) -> float | None:
     device of ``r`` where it was, else on any (a GPU row beside the CPU's reference, as the controls pair)."""
     budget = lambda f: (f["couple_epochs"] + f["refine_epochs"], f.get("schedule"), f.get("lr"))  # noqa: E731
     found = [f for f in fps if budget(f) == budget(r) and not f.get("distill")]
-    same = [f["acc"] for f in found if f["device"] == r["device"]] or [f["acc"] for f in found]
+    same = [f["acc"] for f in _own_device_first(found, r["device"])]
     return sum(same) / len(same) if same else None
 
 
