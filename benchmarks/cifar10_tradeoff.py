@@ -491,9 +491,7 @@ def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFA
     for name, k in source["k_per_layer"].items():
         if name in source["kept_fp32"]:
             continue
-        q = quantize(params[name].detach(), k, quantizer)
-        counts = torch.bincount(q.assignments.flatten(), minlength=q.centroids.numel())
-        clusters[name] = Clusters(q.centroids.float(), q.assignments, counts)
+        clusters[name] = Clusters.from_quantization(quantize(params[name].detach(), k, quantizer))
     if not clusters:
         raise SystemExit(f"--controls: the soft quantization row h={h:g} w={w:g} kept every layer fp32; nothing to quantize")
     # Every layer the soft quantization row snapped is snapped here, whatever its error.
@@ -1035,11 +1033,10 @@ def _same_seed_pairs(rows: list[dict], controls: list[dict]) -> list[tuple[float
     of the same seed whose source is that row's configuration without the option (the same procedure
     up to the snap, the same budget and K_l). The device is not part of the match (a GPU row pairs with
     a CPU control); ``devices`` names both where they differ, else is empty."""
-    plain_key = lambda r, drop: _config_key({k: v for k, v in r.items() if k not in drop})  # noqa: E731
     out = []
     for r in (r for r in rows if r.get("reassign_from")):
-        plain = plain_key(r, ("reassign_from", "device"))
-        sources = [s for s in rows if s.get("seed", 0) == 0 and plain_key(s, ("device",)) == plain]
+        plain = _any_device_key({k: v for k, v in r.items() if k != "reassign_from"})
+        sources = [s for s in rows if s.get("seed", 0) == 0 and _any_device_key(s) == plain]
         for c in controls:
             if (_method(c) == "refined-heq" and c.get("seed", 0) == r.get("seed", 0)
                     and any(c.get("source_acc") == s["acc"] and c["h"] == s["h"] and c["w"] == s["w"] for s in sources)):

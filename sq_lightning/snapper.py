@@ -606,10 +606,7 @@ def _cluster_sums(values: Tensor, assignments: Tensor, k: int) -> Tensor:
 def _quantized_clusters(theta: Tensor, k: int, method: str) -> Clusters:
     """``theta`` quantized at ``k`` levels by ``method`` (``"kmeans"``: optimal 1-D k-means,
     ``"heq"``: equal-population bins), as :class:`Clusters` on ``theta``'s device."""
-    q = quantize(theta.float(), k, method)
-    assignments = q.assignments.to(theta.device)
-    counts = torch.bincount(assignments.reshape(-1), minlength=q.centroids.numel())
-    return Clusters(q.centroids.to(device=theta.device, dtype=torch.float32), assignments, counts)
+    return Clusters.from_quantization(quantize(theta.float(), k, method), theta.device)
 
 
 def _compact(a: Tensor, k: int) -> Tensor:

@@ -42,6 +42,14 @@ class Clusters:
     assignments: Tensor
     counts: Tensor
 
+    @classmethod
+    def from_quantization(cls, q, device: Optional[torch.device] = None) -> "Clusters":
+        """The clusters of a 1-D quantizer's result (:class:`~sq_lightning.ops.baselines.Quantization`:
+        its ``centroids`` and ``assignments``), on ``device`` (default: the assignments')."""
+        assignments = q.assignments if device is None else q.assignments.to(device)
+        counts = torch.bincount(assignments.reshape(-1), minlength=q.centroids.numel())
+        return cls(q.centroids.to(device=assignments.device, dtype=torch.float32), assignments, counts)
+
     @property
     def k(self) -> int:
         return int(self.centroids.numel())

@@ -265,8 +265,7 @@ def test_unclustered_layer_is_kept_and_reported(caplog):
     with pytest.raises(UnclusteredLayerError, match="layer 0.weight is not clustered.*raise `h`"):
         ClusterSnapper(on_unclustered="raise").snap(net)
     # Clusters the caller passed (a post-training quantizer's, say) are not the coupling's to blame.
-    q = quantize(net[0].weight.detach(), 2, "kmeans")
-    two = {"0.weight": Clusters(q.centroids.float(), q.assignments, torch.bincount(q.assignments.flatten(), minlength=2))}
+    two = {"0.weight": Clusters.from_quantization(quantize(net[0].weight.detach(), 2, "kmeans"))}
     with pytest.raises(UnclusteredLayerError, match="0.weight is not clustered.*clusters passed for it are too few"):
         ClusterSnapper(on_unclustered="raise").snap(net, clusters=two)
     for n, p in net.named_parameters():

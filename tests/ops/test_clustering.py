@@ -4,7 +4,7 @@ import pytest
 import scipy.stats
 import torch
 
-from sq_lightning.ops.clustering import entropy_bits, find_clusters
+from sq_lightning.ops.clustering import Clusters, entropy_bits, find_clusters
 
 
 @pytest.mark.parametrize(
@@ -34,3 +34,13 @@ def test_entropy_of_discovered_clusters_matches_scipy_and_is_at_most_log2_k():
     ref = scipy.stats.entropy([9000, 800, 200], base=2)
     assert cl.entropy == pytest.approx(ref, rel=1e-12)
     assert cl.entropy < 0.6 * math.log2(3)
+
+
+def test_clusters_from_a_quantizer_count_its_members():
+    from sq_lightning.ops.baselines import quantize
+
+    theta = torch.tensor([[-1.0, -0.9, 0.1], [0.2, 0.15, 2.0]], dtype=torch.float64)
+    cl = Clusters.from_quantization(quantize(theta, 3, "kmeans"))
+    assert cl.centroids.dtype == torch.float32 and cl.centroids.tolist() == pytest.approx([-0.95, 0.15, 2.0])
+    assert cl.assignments.tolist() == [[0, 0, 1], [1, 1, 2]] and cl.counts.tolist() == [2, 3, 1]
+    assert torch.allclose(cl.values(torch.float64), torch.tensor([[-0.95, -0.95, 0.15], [0.15, 0.15, 2.0]], dtype=torch.float64))
