@@ -345,7 +345,7 @@ def _fields(args, method: str, spec=None) -> dict:
         h, w = spec
         snap_ramp = {"snap_ramp_steps": args.snap_ramp_steps, "snap_ramp_from": args.snap_ramp_from} if args.snap_ramp_steps else {}
         return {**out, "h": h, "w": w, "source_alpha": args.alpha,
-                **{f"source_{k}": v for k, v in {**_ramp(args), **_options(args)}.items()}, **reassign, **snap_ramp}
+                **{f"source_{k}": v for k, v in {**_ramp(args), **_options(args)}.items()}, **reassign, **latent, **snap_ramp}
     if method == "dkm":
         return {**out, "n_bits": spec}
     if method == "fp-finetuned":
@@ -478,6 +478,11 @@ def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFA
     the per-layer ``K_l`` of the soft quantization row ``source`` (its fp32 layers stay
     fp32), BatchNorm is re-estimated, and the model is refined as that row was (``ClusterRefine``:
     tied weights, or moving assignments with ``--reassign``) for all its ``couple + refine`` epochs.
+    With ``--reassign-from coupling_start`` (the source row's option) the control is given that row's
+    own refinement instead: the full-precision model trains on for the ``couple`` epochs (its weights
+    then dropped, as the coupled ones are), the snap comes at the same epoch with the clusters found
+    on the checkpoint's weights, the latent weights start from those weights, and the ``refine``
+    epochs run in the same lr window: only the clusters differ from the source row's run.
     """
     from sq_lightning.models.batchnorm import recalibrate_batchnorm
     from sq_lightning.ops.baselines import quantize
@@ -494,18 +499,25 @@ def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFA
         clusters[name] = Clusters.from_quantization(quantize(params[name].detach(), k, quantizer))
     if not clusters:
         raise SystemExit(f"--controls: the soft quantization row h={h:g} w={w:g} kept every layer fp32; nothing to quantize")
-    # Every layer the soft quantization row snapped is snapped here, whatever its error.
-    # A gradual snap (--snap-ramp-steps) is given to the control too: snapped before the fit,
-    # so snap_epoch 0 never snaps again, the weights reach their values over the ramp.
-    refine = ClusterRefine(snap_epoch=0 if args.snap_ramp_steps else None, recalibrate_bn_batches=100, on_unclustered="snap",
-                           reassign=args.reassign, snap_ramp_steps=args.snap_ramp_steps, snap_ramp_from=args.snap_ramp_from)
-    refine.snapper.snap(module, clusters=clusters)  # ClusterRefine then ties from the first step
-    dm.setup("fit")
-    module.to(_device())  # the fit moves it there anyway; the stored clusters follow the weights
-    recalibrate_batchnorm(module, dm.train_dataloader(), 100)
-    acc_snapped = None if args.snap_ramp_steps else accuracy(module.model, dm.val_dataloader())
     timer = StepTimer()
-    start = _fit(module, dm, args.couple_epochs + args.refine_epochs, [refine, timer], args.limit, run_dir)
+    if args.reassign_from == "coupling_start":  # the source row's own refinement, at its epoch
+        refine = ClusterRefine(snap_epoch=args.couple_epochs, recalibrate_bn_batches=100, on_unclustered="snap",
+                               reassign=True, reassign_from="coupling_start").snap_to(clusters)
+        after = PhaseAccuracy(args.couple_epochs, dm.val_dataloader(), "snapped")
+        start = _fit(module, dm, args.couple_epochs + args.refine_epochs, [refine, after, timer], args.limit, run_dir)
+        acc_snapped = after.acc
+    else:
+        # Every layer the soft quantization row snapped is snapped here, whatever its error.
+        # A gradual snap (--snap-ramp-steps) is given to the control too: snapped before the fit,
+        # so snap_epoch 0 never snaps again, the weights reach their values over the ramp.
+        refine = ClusterRefine(snap_epoch=0 if args.snap_ramp_steps else None, recalibrate_bn_batches=100, on_unclustered="snap",
+                               reassign=args.reassign, snap_ramp_steps=args.snap_ramp_steps, snap_ramp_from=args.snap_ramp_from)
+        refine.snapper.snap(module, clusters=clusters)  # ClusterRefine then ties from the first step
+        dm.setup("fit")
+        module.to(_device())  # the fit moves it there anyway; the stored clusters follow the weights
+        recalibrate_batchnorm(module, dm.train_dataloader(), 100)
+        acc_snapped = None if args.snap_ramp_steps else accuracy(module.model, dm.val_dataloader())
+        start = _fit(module, dm, args.couple_epochs + args.refine_epochs, [refine, timer], args.limit, run_dir)
     ks = {n.removeprefix("model."): r.k for n, r in refine.snapper.reports.items()}
     # The same accounting as the soft quantization row: its fp32 layers count as 32 bits.
     sizes = {n: params[n].numel() for n in source["k_per_layer"]}
@@ -616,7 +628,9 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         f", source at most {r['source_max_bits']} bit(s) a layer" if r.get("source_max_bits") else "") + (
         ", lr restarted at the snap" if r.get("restart_at_snap") else "") + (
         ", reassigned refinement" if r.get("reassign") else "") + (
-        ", latent weights from before coupling" if r.get("reassign_from") == "coupling_start" else "") + (
+        (", latent weights from before coupling" if not _method(r).startswith("refined-") else
+         ", snapped after the fp epochs, latent weights from the checkpoint's")
+        if r.get("reassign_from") == "coupling_start" else "") + (
         f", snap spread over {r['snap_ramp_steps']} steps from x{r['snap_ramp_from']:g}" if r.get("snap_ramp_steps") else "") + (
         f", lam {r['lam']:g}" if r.get("lam", 30.0) != 30.0 else "") + (
         ", source lr restarted at the snap" if r.get("source_restart_at_snap") else "") + (
@@ -668,7 +682,10 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
             "The full-precision model quantized by HEQ, optimal k-means or uniform at the K_l of a soft quantization row (its fp32 "
             "layers kept fp32), BatchNorm re-estimated, then refined as that row (ClusterRefine: tied weights, or moving "
             "assignments where the row says 'reassigned refinement') for all the epochs that row trained (couple + refine), "
-            "same lr and schedule.",
+            "same lr and schedule. Where the epochs read 'fp + refined' the control is given the row's own refinement "
+            "(`--reassign-from coupling_start`): the full-precision model trains on for the coupling epochs (weights then "
+            "dropped, as the coupled ones are), is snapped at the row's snap epoch with its latent weights from the "
+            "checkpoint's, and refined over the same lr window: only the clusters differ.",
             "",
             "| quantizer | K_l of soft quant h, w | bits (weighted) | entropy (weighted) | snapped (+BN) | after refinement | soft quant + refine (same K_l) | step ms | epochs | date, device |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -677,7 +694,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
             out.append(
                 f"| {_method(r).removeprefix('refined-')} | {r['h']:g}, {r['w']:g} | {r['bits_weighted']:.2f} | {ent(r)} | "
                 f"{phase(r, 'acc_snapped')} | {r['acc']:.4f} | {r['source_acc']:.4f} | {step(r)} | "
-                f"{r['couple_epochs'] + r['refine_epochs']}{'' if r.get('reassign') else ' tied'}{sched(r)} | {r['date']}, {r['device']} |"
+                f"{_control_epochs(r)}{'' if r.get('reassign') else ' tied'}{sched(r)} | {r['date']}, {r['device']} |"
             )
     if fps:
         out += [
@@ -863,6 +880,14 @@ def _best_config(rows: list[dict]) -> tuple[list[dict], float, dict] | None:
     return best, sum(r["acc"] for r in best) / len(best), min(best, key=lambda r: r.get("seed", 0))
 
 
+def _control_epochs(r: dict) -> str:
+    """A control's epochs: all of them refined, or (given its source's own refinement) the full-precision
+    epochs before the snap and the refined ones."""
+    if r.get("reassign_from") == "coupling_start":
+        return f"{r['couple_epochs']} fp + {r['refine_epochs']} refined"
+    return str(r["couple_epochs"] + r["refine_epochs"])
+
+
 def _pareto(sized: list[dict], names: dict, sched) -> list[str]:
     """The rows no other row beats on both entropy-coded size and accuracy (one file format)."""
     fmt = max(r["file_bytes"].get("format", 2) for r in sized)
@@ -985,7 +1010,7 @@ def _targets(fp: float, soft: list[dict], controls: list[dict], others: list[dic
         + (f"; not at {losses}" if losses else "") + ". Margin by weighted bits: " + "; ".join(bands) + "."
     )
     pairs, ahead = [], 0
-    for c in (c for c in controls if _method(c) == "refined-heq"):
+    for c in (c for c in controls if _method(c) == "refined-heq" and not c.get("reassign_from")):
         src = [r for r in rows if r["h"] == c["h"] and r["w"] == c["w"] and r["acc"] == c.get("source_acc")]
         if src:
             pairs.append(f"{c['bits_weighted']:.2f} bits: {src[0]['acc']:.4f} vs {c['acc']:.4f}")
@@ -1003,6 +1028,15 @@ def _targets(fp: float, soft: list[dict], controls: list[dict], others: list[dic
             "controls serve, paired by seed): "
             f"soft quantization ahead in {sum(a > b for _, a, b, _ in same)} of {len(same)} pairs ("
             + "; ".join(f"{bits:.2f} bits: {a:.4f} vs {b:.4f}" + (f" ({dev})" if dev else "") for bits, a, b, dev in same)
+            + ")."
+        )
+    own = _same_seed_pairs(rows, controls, own_refinement=True)
+    if own:
+        out.append(
+            "- Against HEQ given the option's own refinement (snapped at the same epoch after as many full-precision "
+            "epochs, latent weights from the checkpoint's, the same lr window: only the clusters differ), paired by seed: "
+            f"soft quantization ahead in {sum(a > b for _, a, b, _ in own)} of {len(own)} pairs ("
+            + "; ".join(f"{bits:.2f} bits: {a:.4f} vs {b:.4f}" + (f" ({dev})" if dev else "") for bits, a, b, dev in own)
             + ")."
         )
     # The issue counts bits as log2 K_l; the last line counts what an entropy-coded file stores.
@@ -1028,17 +1062,19 @@ def _targets(fp: float, soft: list[dict], controls: list[dict], others: list[dic
     return out
 
 
-def _same_seed_pairs(rows: list[dict], controls: list[dict]) -> list[tuple[float, float, float, str]]:
+def _same_seed_pairs(rows: list[dict], controls: list[dict], own_refinement: bool = False) -> list[tuple[float, float, float, str]]:
     """``(bits, soft quantization, control, devices)`` for each ``reassign_from`` row and the HEQ control
     of the same seed whose source is that row's configuration without the option (the same procedure
-    up to the snap, the same budget and K_l). The device is not part of the match (a GPU row pairs with
-    a CPU control); ``devices`` names both where they differ, else is empty."""
+    up to the snap, the same budget and K_l), or with ``own_refinement`` the HEQ control given that
+    row's own refinement (``reassign_from`` on the control; its source is the row's configuration).
+    The device is not part of the match (a GPU row pairs with a CPU control); ``devices`` names both
+    where they differ, else is empty."""
     out = []
     for r in (r for r in rows if r.get("reassign_from")):
-        plain = _any_device_key({k: v for k, v in r.items() if k != "reassign_from"})
-        sources = [s for s in rows if s.get("seed", 0) == 0 and _any_device_key(s) == plain]
+        key = _any_device_key(r if own_refinement else {k: v for k, v in r.items() if k != "reassign_from"})
+        sources = [s for s in rows if s.get("seed", 0) == 0 and _any_device_key(s) == key]
         for c in controls:
-            if (_method(c) == "refined-heq" and c.get("seed", 0) == r.get("seed", 0)
+            if (_method(c) == "refined-heq" and bool(c.get("reassign_from")) == own_refinement and c.get("seed", 0) == r.get("seed", 0)
                     and any(c.get("source_acc") == s["acc"] and c["h"] == s["h"] and c["w"] == s["w"] for s in sources)):
                 devices = f"{r['device']} vs {c['device']}" if r.get("device") != c.get("device") else ""
                 out.append((r["bits_weighted"], r["acc"], c["acc"], devices))
@@ -1137,7 +1173,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--reassign-from", choices=["snap", "coupling_start"], default="snap",
                     help="soft quantization or method B with --reassign: start the latent weights from the coupled "
                          "weights at the snap, or from the full-precision ones spread around the snapped values "
-                         "(ClusterRefine(reassign_from=...))")
+                         "(ClusterRefine(reassign_from=...)); --controls with coupling_start get that refinement: "
+                         "snapped at epoch --couple-epochs after as many full-precision epochs, latent weights from "
+                         "the checkpoint's, the same lr window")
     ap.add_argument("--snap-ramp-steps", type=int, default=0,
                     help="gradual snap (ClusterRefine(snap_ramp_steps=...)): after the snap each weight moves a growing "
                          "fraction of the way to its cluster's mean per step, reaching the exact tie after this many "
@@ -1200,9 +1238,11 @@ def main() -> None:
         raise SystemExit("--edge-bits: an integer in [1, 16], for --points, --codebook-bits, --dkm-bits and --controls "
                          "runs (a control reads the K_l of the soft quantization row run with the same --edge-bits); "
                          "the full-precision control has no bits")
-    if args.reassign_from != "snap" and not (args.reassign and (args.points or args.codebook_bits or args.codebook_k)):
-        raise SystemExit("--reassign-from coupling_start: the latent weights of a reassigned refinement of soft quantization "
-                         "or method B; it needs --reassign and --points, --codebook-bits or --codebook-k")
+    if args.reassign_from != "snap" and not (args.reassign and args.couple_epochs >= 1
+                                             and (args.points or args.codebook_bits or args.codebook_k or args.controls)):
+        raise SystemExit("--reassign-from coupling_start: the latent weights of a reassigned refinement of soft quantization, "
+                         "method B or a control (given that row's refinement); it needs --reassign, --couple-epochs >= 1 "
+                         "and --points, --codebook-bits, --codebook-k or --controls")
     dm = CIFAR10DataModule(archive=args.archive, download=args.download, batch_size=128, seed=args.seed)
     jobs = [("softquant", p) for p in args.points] + [("codebook", b) for b in args.codebook_bits]
     jobs += [("codebook", f"k{k}") for k in args.codebook_k]

@@ -225,6 +225,15 @@ def test_reruns_skip_finished_runs_and_controls_take_their_own_source(tmp_path):
         "softquant", 3, "refined-heq", 3)
     assert set(ternary["k_per_layer"].values()) == {3} and control["source_acc"] == ternary["acc"]
     assert max(control["distinct_per_layer"].values()) == 3 and max(two_bit_control["distinct_per_layer"].values()) == 4
+    # With --reassign-from coupling_start the control gets its source row's own refinement: snapped at
+    # the coupling's end (epoch 1) after a full-precision epoch, refined over the last one.
+    script("--points", "1e-3:0.9", "--controls", "heq:1e-3:0.9", extra=["--reassign", "--reassign-from", "coupling_start"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    spread, late = rows[-2:]
+    assert (spread["method"], spread["reassign_from"], late["method"], late["reassign_from"]) == (
+        "softquant", "coupling_start", "refined-heq", "coupling_start")
+    assert late["source_acc"] == spread["acc"] and late["acc_snapped"] is not None
+    assert max(late["distinct_per_layer"].values()) == 4 and late["bits_weighted"] == pytest.approx(spread["bits_weighted"])
     # A control whose soft quantization row was never run says so instead of borrowing another's K_l.
     missing = script("--alpha", "0.9", "--controls", "heq:1e-3:0.9", ok=False)
     assert "no soft quantization row h=0.001 w=0.9" in missing.stderr and "run --points 0.001:0.9 first" in missing.stderr
@@ -263,9 +272,14 @@ def test_latent_start_is_its_own_configuration_and_needs_reassign(report, monkey
                 (["--codebook-k", "3", "--reassign"], ["--codebook-k", "3", "--reassign", "--reassign-from", "coupling_start"])]
     assert "reassign_from" not in codebook[0] and codebook[1]["reassign_from"] == "coupling_start"
     assert report._config_key(codebook[0]) != report._config_key(codebook[1])
-    monkeypatch.setattr(sys, "argv", ["cifar10_tradeoff.py", *argv[:4], "--reassign-from", "coupling_start"])
-    with pytest.raises(SystemExit, match="needs --reassign and --points, --codebook-bits or --codebook-k"):
-        report.main()
+    # A control takes it too: the source row's own refinement, another configuration than the plain control.
+    controls = [report._fields(report._parse([*argv, *x]), "refined-heq", (5e-3, 0.9)) for x in ([], ["--reassign-from", "coupling_start"])]
+    assert "reassign_from" not in controls[0] and controls[1]["reassign_from"] == "coupling_start"
+    assert report._config_key(controls[0]) != report._config_key(controls[1])
+    for extra in (["--points", "5e-3:0.9"], ["--controls", "heq:5e-3:0.9", "--reassign", "--couple-epochs", "0"]):
+        monkeypatch.setattr(sys, "argv", ["cifar10_tradeoff.py", *argv[:2], *extra, "--reassign-from", "coupling_start"])
+        with pytest.raises(SystemExit, match="needs --reassign, --couple-epochs >= 1 and --points, --codebook-bits"):
+            report.main()
 
 
 def test_latent_start_rows_pair_with_the_heq_controls_of_their_plain_configuration(report):
@@ -281,9 +295,15 @@ def test_latent_start_rows_pair_with_the_heq_controls_of_their_plain_configurati
 
     controls = [control(0.8044, 0, 0.66), control(0.8062, 1, 0.66), control(0.79, 1, 0.70),
                 {**control(0.9, 0, 0.66), "method": "refined-kmeans"}]
-    pairs = report._same_seed_pairs([*plain, other, *spread], controls)
+    # Controls given the option's own refinement take their K_l from its seed-0 row: paired apart.
+    own = [{**control(0.8101, 0, 0.813), "reassign_from": "coupling_start"},
+           {**control(0.8202, 2, 0.813), "reassign_from": "coupling_start"},
+           {**control(0.83, 1, 0.66), "reassign_from": "coupling_start"}]  # its source is no option row
+    pairs = report._same_seed_pairs([*plain, other, *spread], controls + own)
     # Seed 0 and 1 find the HEQ control of the plain configuration's seed-0 source; seed 2 has none.
     assert pairs == [(1.01, 0.813, 0.8044, ""), (1.01, 0.804, 0.8062, "cuda (NVIDIA H200) vs cpu")]
+    assert report._same_seed_pairs([*plain, other, *spread], controls + own, own_refinement=True) == [
+        (1.01, 0.813, 0.8101, ""), (1.01, 0.813, 0.8202, "")]
 
 
 def test_a_control_takes_its_source_from_its_own_device_first_then_from_another(report, monkeypatch):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
@@ -24,7 +25,7 @@ from sq_lightning.callbacks._strategy import check_strategy
 from sq_lightning.export import CODINGS, entropy_coder, save_compressed
 from sq_lightning.export import _write as write_state
 from sq_lightning.layers import LayerSelector
-from sq_lightning.ops.clustering import MergePolicy
+from sq_lightning.ops.clustering import Clusters, MergePolicy
 from sq_lightning.sharding import is_sharded
 from sq_lightning.snapper import ClusterSnapper, OnUnclustered, Placement, check_ramp_args
 
@@ -224,9 +225,56 @@ class ClusterRefine(Callback):
         self.latent_source: dict[str, Any] = {}
         self._saw_uncoupled = False  # a batch before the coupling started, in this fit
         self.clusters_from = clusters_from
+        self.given_clusters: Optional[dict[str, Clusters]] = None  # snap_to()
         self.refine = refine
         self.recalibrate_bn_batches = recalibrate_bn_batches
         self.histogram_every_n_epochs = histogram_every_n_epochs
+
+    def snap_to(self, clusters: Mapping[str, Clusters]) -> "ClusterRefine":
+        """Snaps, at ``snap_epoch``, to these clusters instead of finding them in that epoch's weights.
+
+        ``clusters`` maps a selected parameter's full name to its
+        :class:`~sq_lightning.ops.clustering.Clusters` (say a post-training quantizer's, through
+        :meth:`Clusters.from_quantization`, or another run's); the selected layers not in it
+        stay as they are. At the snap every member takes its cluster's given value whatever the
+        weights have become since, and with ``reassign_from="coupling_start"`` the latent weights
+        start from the weights before the coupling (before the fit's first step when no coupling
+        callback runs), shifted per cluster onto those values. ``on_unclustered`` still applies
+        to a layer that the given clusters fit badly. The clusters are configuration, as the
+        constructor's arguments are: they are not written to checkpoints before the snap, so
+        call this again on the callback of a run that resumes. Returns ``self``.
+
+        Raises:
+            ValueError: ``clusters`` empty or holding something else than ``Clusters``; at fit
+                start, a name that is not a selected layer, or assignments that do not match
+                the layer's shape or the number of centroids.
+        """
+        if not isinstance(clusters, Mapping) or not clusters:
+            raise ValueError(f"snap_to: `clusters` must be a non-empty mapping of parameter name to Clusters, got {clusters!r}.")
+        for name, cl in clusters.items():
+            if not isinstance(cl, Clusters):
+                raise ValueError(f"snap_to: clusters[{name!r}] must be a Clusters (e.g. Clusters.from_quantization(q)), "
+                                 f"got {type(cl).__name__}.")
+        if self.clusters_from == "codebook":
+            raise ValueError("snap_to: this ClusterRefine snaps to a learned codebook (`clusters_from='codebook'`); "
+                             "given clusters replace it: use `clusters_from='gaps'`.")
+        self.given_clusters = dict(clusters)
+        return self
+
+    def _check_given_clusters(self, pl_module: pl.LightningModule) -> None:
+        """Every given layer is a selected one and its clusters index it (before any step)."""
+        selected = dict(self.selector.select(pl_module))
+        for name, cl in (self.given_clusters or {}).items():
+            if name not in selected:
+                raise ValueError(f"snap_to: {name!r} is not a layer this ClusterRefine selects "
+                                 f"(selected: {sorted(selected)[:4]}{' ...' if len(selected) > 4 else ''}); "
+                                 "pass clusters for those, or widen `include`.")
+            shape = tuple(selected[name].shape)  # a sharded (DTensor) layer's is the whole layer's
+            if tuple(cl.assignments.shape) != shape:
+                raise ValueError(f"snap_to: the assignments given for {name} have shape {tuple(cl.assignments.shape)}, "
+                                 f"the layer {shape}.")
+            if cl.assignments.numel() and not 0 <= int(cl.assignments.min()) <= int(cl.assignments.max()) < cl.k:
+                raise ValueError(f"snap_to: the assignments given for {name} index outside its {cl.k} centroids.")
 
     @property
     def snapped(self) -> bool:
@@ -248,6 +296,7 @@ class ClusterRefine(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._saw_uncoupled = False
+        self._check_given_clusters(pl_module)
         if self.reassign_from == "coupling_start" and any(is_sharded(p) for _, p in self.selector.select(pl_module)):
             raise ValueError(
                 "`reassign_from='coupling_start'` supports whole layers only, and this model's are sharded (FSDP): "
@@ -382,7 +431,12 @@ class ClusterRefine(Callback):
         centroids = None
         if self.clusters_from == "codebook":
             centroids = self._codebook_callback(trainer).codebooks()
-        clusters = self.snapper.find(pl_module, w_l=self._soft_quant_w_l(trainer), centroids=centroids)
+        if self.given_clusters is not None:
+            params = dict(pl_module.named_parameters())
+            clusters = {n: Clusters(c.centroids.to(params[n].device), c.assignments.to(params[n].device), c.counts.to(params[n].device))
+                        for n, c in self.given_clusters.items()}
+        else:
+            clusters = self.snapper.find(pl_module, w_l=self._soft_quant_w_l(trainer), centroids=centroids)
         # Every rank holds the same weights, so the clusters agree; broadcasting rank 0's
         # makes that a guarantee rather than a property of floating-point determinism.
         clusters = trainer.strategy.broadcast(clusters, src=0)

@@ -642,6 +642,81 @@ def test_reassign_from_coupling_start_resumes_during_the_coupling_exactly(tmp_pa
     assert any(not torch.equal(a, b) for a, b in zip(full.state_dict().values(), other.state_dict().values()))
 
 
+def _heq_of(model, k=4):
+    """HEQ clusters of ``model``'s three weight matrices as they are now, and a copy of those weights."""
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if n in BN_WEIGHTS}
+    return {n: Clusters.from_quantization(quantize(w, k, "heq")) for n, w in weights.items()}, weights
+
+
+def test_snap_to_given_clusters_after_fp_epochs_refines_from_the_weights_before_the_fit():
+    # Two full-precision epochs, then a snap to HEQ clusters of the weights the fit began with, the
+    # latent weights starting from those same weights: a post-training quantizer's clusters given the
+    # refinement window a coupled run gets.
+    pl.seed_everything(0)
+    train, val = digits_loaders(shuffle=False)
+    model = TinyNet(bn=True)
+    given, initial = _heq_of(model)
+    refine = ClusterRefine(snap_epoch=2, recalibrate_bn_batches=20, on_unclustered="snap", reassign=True,
+                           reassign_from="coupling_start").snap_to(given)
+    probe, before = _LatentAtSnap(refine, 2), _WeightsAt(2)
+    trainer(max_epochs=3, callbacks=[refine, probe, before]).fit(model, train, val)
+    assert probe.seen.keys() == set(given)  # only the given layers snapped, all of them
+    for name, (lat, a, c, w) in probe.seen.items():
+        assert not torch.equal(before.seen[name].float(), initial[name])  # the fp epochs moved the weights
+        assert torch.equal(a, given[name].assignments) and torch.equal(c, given[name].centroids)
+        torch.testing.assert_close(w, c[a])  # the snapped weights are the given values, not the trained ones
+        # HEQ's values are its cells' means, so the per-cluster shift is zero: the latent weights are
+        # exactly the weights before the fit (numpy reference of the shift, as for a coupled run).
+        fp, lab = initial[name].double().numpy().ravel(), a.numpy().ravel()
+        ref = np.array([c[j].item() + fp[i] - fp[lab == j].mean() for i, j in enumerate(lab)])
+        np.testing.assert_allclose(lat.numpy().ravel(), ref, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(lat.numpy().ravel(), fp, rtol=0, atol=1e-5)
+    for name, p in model.named_parameters():  # refined on: at most 4 values a layer, tied to the latent means
+        if name in given:
+            assert torch.unique(p.detach()).numel() <= 4
+
+
+def test_snap_to_given_clusters_with_fixed_assignments_keeps_them():
+    pl.seed_everything(0)
+    train, val = digits_loaders(shuffle=False)
+    model = TinyNet(bn=True)
+    given, _ = _heq_of(model, k=3)
+    given.pop(BN_WEIGHTS[2])  # a selected layer without clusters stays full precision
+    refine = ClusterRefine(snap_epoch=1, recalibrate_bn_batches=0, on_unclustered="snap").snap_to(given)
+    trainer(max_epochs=3, callbacks=[refine]).fit(model, train, val)
+    params = dict(model.named_parameters())
+    assert set(refine.snapper.clusters) == set(given)
+    for name, cl in given.items():
+        assert torch.equal(refine.snapper.clusters[name].assignments.cpu(), cl.assignments)
+        values = params[name].detach()
+        assert torch.unique(values).numel() == 3
+        torch.testing.assert_close(values, refine.snapper.clusters[name].centroids[cl.assignments])
+    assert torch.unique(params[BN_WEIGHTS[2]].detach()).numel() > 100
+
+
+def test_snap_to_refuses_what_it_cannot_snap():
+    model = TinyNet(bn=True)
+    given, _ = _heq_of(model)
+    for bad, match in (({}, "non-empty mapping"), ({BN_WEIGHTS[0]: given[BN_WEIGHTS[0]].centroids}, "must be a Clusters")):
+        with pytest.raises(ValueError, match=match):
+            ClusterRefine(snap_epoch=1).snap_to(bad)
+    with pytest.raises(ValueError, match="use `clusters_from='gaps'`"):
+        ClusterRefine(snap_epoch=1, clusters_from="codebook").snap_to(given)
+    cl = given[BN_WEIGHTS[0]]
+    for bad, match in (
+        ({"net.0.bias": cl}, "'net.0.bias' is not a layer this ClusterRefine selects"),
+        ({BN_WEIGHTS[1]: Clusters(cl.centroids, given[BN_WEIGHTS[1]].assignments.t(), cl.counts)},
+         r"given for net.3.weight have shape \(64, 32\), the layer \(32, 64\)"),
+        ({BN_WEIGHTS[1]: Clusters(cl.centroids[:2], given[BN_WEIGHTS[1]].assignments, cl.counts[:2])}, "index outside its 2 centroids"),
+    ):
+        refine = ClusterRefine(snap_epoch=1).snap_to(bad)
+        train, val = digits_loaders(shuffle=False)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with pytest.raises(ValueError, match=match):
+            trainer(max_epochs=2, callbacks=[refine]).fit(model, train, val)
+        assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())  # refused before a step
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("reassign", [False, True])
 def test_cuda_tie_makes_no_host_sync(reassign):
