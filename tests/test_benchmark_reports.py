@@ -240,6 +240,40 @@ def test_reruns_skip_finished_runs_and_controls_take_their_own_source(tmp_path):
     assert len(out.read_text().splitlines()) == len(rows)
 
 
+@pytest.mark.slow
+def test_the_gpu_script_gathers_finished_rows_and_packs_a_run_cut_by_its_deadline(report, tmp_path, monkeypatch):
+    # benchmarks/cifar10_tradeoff_gpu.sh on the CPU (LIMIT batches an epoch) with a job file: one job
+    # (a point and its control) finishes, one (far too many epochs) is stopped at DEADLINE; the finished
+    # rows are gathered, the cut run's checkpoint packed, and a later call of the script finds the
+    # unpacked run again (written with the absolute checkpoint path, looked up with the relative one).
+    from tests.data.test_cifar10 import _make_archive
+
+    archive = _make_archive(tmp_path / "data")
+    (tmp_path / "jobs.txt").write_text("# name flags\na --points 1e-3:0.9 --max-bits 2 --controls heq:1e-3:0.9\n"
+                                       "b --fp-control --couple-epochs 100000\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "PY": sys.executable, "ARCHIVE": str(archive), "COUPLE": "1",
+           "REFINE": "1", "LIMIT": "2", "THREADS": "1", "DEADLINE": "45", "OUTDIR": str(out), "JOBFILE": str(tmp_path / "jobs.txt")}
+    done = subprocess.run(["bash", str(SCRIPT.with_name("cifar10_tradeoff_gpu.sh"))], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "rows finished: 2" in done.stdout, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["softquant", "refined-heq"] and rows[1]["source_acc"] == rows[0]["acc"]
+    assert all(r["couple_epochs"] == 1 and r["limit_train_batches"] == 2 for r in rows)
+    logs = (out / "logs.txt").read_text()
+    assert "=== a: --points 1e-3:0.9" in logs and "=== b: --fp-control" in logs and "epoch 2/100001" in logs
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    subprocess.run(["tar", "xzf", str(out / "unfinished.tgz"), "-C", str(unpacked)], check=True)
+    (cut,) = (unpacked / "b" / "runs").iterdir()  # only the cut run: a's finished runs left nothing
+    assert not (unpacked / "a").exists() and torch.load(cut / "last.ckpt", weights_only=False)["epoch"] >= 1
+    monkeypatch.chdir(SCRIPT.parent.parent)
+    argv = ["--pretrained", "benchmarks/checkpoints/resnet20_cifar10_fp.ckpt", "--schedule", "cosine", "--couple-epochs", "1",
+            "--refine-epochs", "1", "--limit", "2", "--archive", str(archive), "--ramp-steps", "391", "--fp-control",
+            "--couple-epochs", "100000", "--resume-dir", str(unpacked / "b" / "runs")]
+    assert report._run_dir(report._parse(argv), "fp-finetuned", None) == cut
+
+
 def test_coupled_weights_of_two_configurations_get_two_files(report, tmp_path):
     # The same point with another budget is another run: its --save-coupled file must not replace the first.
     ckpt = str(SCRIPT.parent / "checkpoints" / "resnet20_cifar10_fp.ckpt")
