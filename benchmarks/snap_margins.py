@@ -192,9 +192,7 @@ def main() -> None:
     lines, totals, heqs = [head, "|" + "---|" * 14], {}, {}
     for name, cl in snapped.items():
         theta_c, theta_f = coupled[name].detach(), fp[name].detach()
-        q = quantize(theta_f, cl.k, "heq")
-        heq = heqs[name] = Clusters(q.centroids.float(), q.assignments,
-                                    torch.bincount(q.assignments.flatten(), minlength=q.centroids.numel()))
+        heq = heqs[name] = Clusters.from_quantization(quantize(theta_f, cl.k, "heq"))
         mc, mf = boundary_margins(theta_c, cl.centroids), boundary_margins(theta_f, heq.centroids)
         zero = zero_cluster(found[name])
         row = {

@@ -433,8 +433,8 @@ class ClusterRefine(Callback):
             centroids = self._codebook_callback(trainer).codebooks()
         if self.given_clusters is not None:
             params = dict(pl_module.named_parameters())
-            clusters = {n: Clusters(c.centroids.to(params[n].device), c.assignments.to(params[n].device), c.counts.to(params[n].device))
-                        for n, c in self.given_clusters.items()}
+            # Copies: refinement moves the centroids (and assignments), never the caller's clusters.
+            clusters = {n: c.to(params[n].device, copy=True) for n, c in self.given_clusters.items()}
         else:
             clusters = self.snapper.find(pl_module, w_l=self._soft_quant_w_l(trainer), centroids=centroids)
         # Every rank holds the same weights, so the clusters agree; broadcasting rank 0's

@@ -69,6 +69,11 @@ class Clusters:
         """``ceil(log2 K)``: bits per stored index."""
         return math.ceil(math.log2(self.k)) if self.k > 1 else 0
 
+    def to(self, device: torch.device | str, copy: bool = False) -> "Clusters":
+        """The same clusters on ``device``, as a new ``Clusters``; its tensors are this one's where
+        they are on ``device`` already, unless ``copy`` (as :meth:`torch.Tensor.to`)."""
+        return Clusters(*(t.to(device, copy=copy) for t in (self.centroids, self.assignments, self.counts)))
+
     def values(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The snapped weights ``centroids[assignments]``."""
         return self.centroids[self.assignments].to(dtype)

@@ -656,6 +656,7 @@ def test_snap_to_given_clusters_after_fp_epochs_refines_from_the_weights_before_
     train, val = digits_loaders(shuffle=False)
     model = TinyNet(bn=True)
     given, initial = _heq_of(model)
+    kept = copy.deepcopy(given)
     refine = ClusterRefine(snap_epoch=2, recalibrate_bn_batches=20, on_unclustered="snap", reassign=True,
                            reassign_from="coupling_start").snap_to(given)
     probe, before = _LatentAtSnap(refine, 2), _WeightsAt(2)
@@ -674,6 +675,8 @@ def test_snap_to_given_clusters_after_fp_epochs_refines_from_the_weights_before_
     for name, p in model.named_parameters():  # refined on: at most 4 values a layer, tied to the latent means
         if name in given:
             assert torch.unique(p.detach()).numel() <= 4
+    for name, cl in given.items():  # the caller's clusters are not the ones refinement moved
+        assert all(torch.equal(getattr(cl, f), getattr(kept[name], f)) for f in ("centroids", "assignments", "counts"))
 
 
 def test_snap_to_given_clusters_with_fixed_assignments_keeps_them():

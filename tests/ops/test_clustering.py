@@ -44,3 +44,14 @@ def test_clusters_from_a_quantizer_count_its_members():
     assert cl.centroids.dtype == torch.float32 and cl.centroids.tolist() == pytest.approx([-0.95, 0.15, 2.0])
     assert cl.assignments.tolist() == [[0, 0, 1], [1, 1, 2]] and cl.counts.tolist() == [2, 3, 1]
     assert torch.allclose(cl.values(torch.float64), torch.tensor([[-0.95, -0.95, 0.15], [0.15, 0.15, 2.0]], dtype=torch.float64))
+
+
+def test_clusters_move_to_a_device_whole():
+    cl = Clusters(torch.tensor([-1.0, 1.0]), torch.tensor([[0, 1], [1, 1]]), torch.tensor([1, 3]))
+    same, copied = cl.to("cpu"), cl.to("cpu", copy=True)
+    assert same is not cl and same.centroids is cl.centroids  # already there: a new Clusters, the same tensors
+    assert all(torch.equal(x, y) and x.data_ptr() != y.data_ptr() for x, y in
+               ((copied.centroids, cl.centroids), (copied.assignments, cl.assignments), (copied.counts, cl.counts)))
+    moved = cl.to("meta")  # a device without data: every tensor moves, the original stays
+    assert {t.device.type for t in (moved.centroids, moved.assignments, moved.counts)} == {"meta"}
+    assert moved.assignments.shape == (2, 2) and cl.centroids.device.type == "cpu"
