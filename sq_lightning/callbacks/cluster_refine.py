@@ -242,7 +242,9 @@ class ClusterRefine(Callback):
         callback runs), shifted per cluster onto those values. ``on_unclustered`` still applies
         to a layer that the given clusters fit badly. The clusters are configuration, as the
         constructor's arguments are: they are not written to checkpoints before the snap, so
-        call this again on the callback of a run that resumes. Returns ``self``.
+        call this again on the callback of a run that resumes. Under DDP or FSDP2 give whole
+        layers (also for sharded ones): every rank snaps to rank 0's clusters, whatever the
+        others were given. Returns ``self``.
 
         Raises:
             ValueError: ``clusters`` empty or holding something else than ``Clusters``; at fit

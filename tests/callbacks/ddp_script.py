@@ -41,11 +41,15 @@ from sq_lightning.callbacks import ClusterRefine, SoftQuantCallback
 from sq_lightning.callbacks.learned_codebook import LearnedCodebook
 from sq_lightning.models import ImageClassifier
 from sq_lightning.models.classifier import build_model
+from sq_lightning.ops.baselines import quantize
+from sq_lightning.ops.clustering import Clusters
 from sq_lightning.sharding import is_sharded
 from tests.helpers import TinyNet, digits_loaders
 
-MODES = ("soft", "refine", "reassign", "spread", "resume", "codebook", "distill", "plain")
-DDP_MODES = ("soft", "refine", "reassign", "spread", "codebook", "distill")
+MODES = ("soft", "refine", "reassign", "spread", "given", "resume", "codebook", "distill", "plain")
+DDP_MODES = ("soft", "refine", "reassign", "spread", "given", "codebook", "distill")
+GIVEN_K = 4
+RANK_1_SHIFT = 0.01  # "given": what rank 1 adds to its given centroids (rank 0's must win)
 REFINE_SNAP_EPOCH = 2
 SEED = 0
 
@@ -136,6 +140,31 @@ class LatentAtSnap(Callback):
                          for n, cl in sn.clusters.items()}
 
 
+class GiveClustersPerRank(Callback):
+    """Placed before the ClusterRefine: at setup, when the rank is known, hands it this rank's
+    clusters through ``snap_to``: rank 0's ``given``, rank 1's the same with every centroid
+    shifted by ``RANK_1_SHIFT``, as clusters computed on each rank from rank-local data may be."""
+
+    def __init__(self, refine: ClusterRefine, given: dict) -> None:
+        self.refine, self.given = refine, given
+
+    def setup(self, trainer, pl_module, stage):
+        shift = RANK_1_SHIFT * trainer.global_rank
+        self.refine.snap_to({n: Clusters(c.centroids + shift, c.assignments, c.counts) for n, c in self.given.items()})
+
+
+class ClustersAtSnap(Callback):
+    """Placed after the ClusterRefine: its whole-layer clusters and latent weights right after the snap."""
+
+    def __init__(self, refine: ClusterRefine) -> None:
+        self.refine, self.seen = refine, {}
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == REFINE_SNAP_EPOCH:
+            # Copies: on the CPU the snapper's own tensors, which refinement goes on to move.
+            self.seen = {what: {n: t.clone() for n, t in d.items()} for what, d in _clusters_of(self.refine).items()}
+
+
 def _soft_then_refine(**refine_kwargs) -> tuple[SoftQuantCallback, ClusterRefine]:
     """The coupling, then the snap at ``REFINE_SNAP_EPOCH`` and refinement, of the refine modes."""
     soft = SoftQuantCallback(h=1e-2, w=0.45, stop_epoch=REFINE_SNAP_EPOCH)
@@ -196,6 +225,21 @@ def run_mode(
         trainer.fit(model, train)
         out.update(_clusters_of(refine))
         out["at_snap"] = probe.seen
+    elif mode == "given":
+        # No coupling: full-precision epochs, then a snap to HEQ clusters of the weights the fit
+        # began with (whole layers, also under FSDP2), handed to each rank by `snap_to`.
+        model = net(bn=True)
+        initial = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2}
+        given = {n: Clusters.from_quantization(quantize(w, GIVEN_K, "heq")) for n, w in initial.items()}
+        # Latent weights from before the fit where the layers are whole; FSDP2 refuses that source.
+        source = "snap" if strategy == "fsdp2" and devices > 1 else "coupling_start"
+        refine = ClusterRefine(snap_epoch=REFINE_SNAP_EPOCH, on_unclustered="snap", recalibrate_bn_batches=5,
+                               histogram_every_n_epochs=0, reassign=True, reassign_from=source)
+        probe = ClustersAtSnap(refine)
+        trainer = make_trainer(devices, REFINE_SNAP_EPOCH + 2, [GiveClustersPerRank(refine, given), refine, probe], strategy)
+        trainer.fit(model, train)
+        out.update(_clusters_of(refine))
+        out["initial"], out["given"], out["at_snap"] = initial, refine.given_clusters, probe.seen  # this rank's
     elif mode in ("refine", "reassign"):
         # BatchNorm so that the snap's statistics re-estimation runs under DDP too. A
         # strong `h` clusters every layer in two epochs; "snap" ties every layer even

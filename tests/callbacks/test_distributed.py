@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.callbacks.ddp_script import run_mode
+from tests.callbacks.ddp_script import RANK_1_SHIFT, run_mode
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ TIMEOUT_S = 900  # two cores shared with other jobs: a launch normally takes 20-
 _LAUNCHER_VARS = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")
 
 
-def _run_ddp_script(out: Path, strategy: str = "ddp", modes: str = "soft,refine,reassign,spread,codebook,distill") -> None:
+def _run_ddp_script(out: Path, strategy: str = "ddp", modes: str = "soft,refine,reassign,spread,given,codebook,distill") -> None:
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"
@@ -66,7 +66,7 @@ def ranks(tmp_path_factory):
 def fsdp2_ranks(tmp_path_factory):
     """As ``ranks``, under ``ModelParallelStrategy`` with every Linear sharded by FSDP2
     (``fully_shard``): each rank holds half of each layer."""
-    return _launch(tmp_path_factory.mktemp("fsdp2"), strategy="fsdp2", modes="soft,refine,reassign,resume,codebook")
+    return _launch(tmp_path_factory.mktemp("fsdp2"), strategy="fsdp2", modes="soft,refine,reassign,given,resume,codebook")
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +178,33 @@ def test_latent_weights_from_coupling_start_are_identical_on_both_ranks(ranks):
                                        rtol=0, atol=1e-5)
 
 
+def _assert_rank_0_given_clusters_won(r0: dict, r1: dict) -> None:
+    """``snap_to`` was handed different clusters on the two ranks: both snapped to rank 0's."""
+    assert r0["at_snap"]["assignments"].keys() == r0["given"].keys() == {"net.0.weight", "net.3.weight", "net.5.weight"}
+    for name, g in r0["given"].items():
+        torch.testing.assert_close(r1["given"][name].centroids, g.centroids + RANK_1_SHIFT)  # rank 1 was given others
+        for r in (r0, r1):
+            assert torch.equal(r["at_snap"]["assignments"][name], g.assignments), name
+            assert torch.equal(r["at_snap"]["centroids"][name], g.centroids), name
+    for what in ("assignments", "centroids", "latent"):
+        _assert_same_tensors(r0[what], r1[what], what)
+        _assert_same_tensors(r0["at_snap"][what], r1["at_snap"][what], f"{what} at the snap")
+    _assert_same_tensors(_parameters(r0["state_dict"]), _parameters(r1["state_dict"]), "weights")
+    # Refinement went on from the given clusters: every weight holds its (moved) cluster's value.
+    for name, a in r0["assignments"].items():
+        assert torch.equal(r0["state_dict"][name], r0["centroids"][name][a]), name
+    assert any(not torch.equal(r0["centroids"][n], g.centroids) for n, g in r0["given"].items())
+
+
+def test_snap_to_given_clusters_under_ddp_snaps_both_ranks_to_rank_0s(ranks):
+    r0, r1 = (r["given"] for r in ranks)
+    _assert_rank_0_given_clusters_won(r0, r1)
+    # reassign_from="coupling_start" without coupling: the latent weights at the snap are the
+    # weights the fit began with (HEQ's values are its cells' means: a zero per-cluster shift).
+    for name, w in r0["initial"].items():
+        torch.testing.assert_close(r0["at_snap"]["latent"][name], w, rtol=0, atol=1e-6)
+
+
 def test_cluster_refine_export_is_written_once_by_rank_0(ranks):
     from sq_lightning.export import load_compressed
 
@@ -236,6 +263,17 @@ def test_cluster_refine_under_fsdp2_ties_the_whole_layers_alike_on_both_ranks(fs
         assert moved > 0 and set(r0["latent"]) == set(r0["k"])
     else:  # fixed assignments: the ones found at the snap (on the gathered layers, on each rank)
         assert moved == 0 and r0["latent"] == {}
+
+
+def test_snap_to_given_whole_layer_clusters_under_fsdp2_snaps_both_ranks_to_rank_0s(fsdp2_ranks):
+    # The given clusters are whole layers while each rank holds half of each: both ranks snap
+    # their slices to rank 0's clusters (latent weights from the snap: FSDP2 refuses the other source).
+    r0, r1 = (r["given"] for r in fsdp2_ranks)
+    _assert_rank_0_given_clusters_won(r0, r1)
+    for name, g in r0["given"].items():
+        lat = r0["at_snap"]["latent"][name]
+        assert lat.shape == g.assignments.shape, name
+        assert not torch.equal(lat, g.centroids[g.assignments]), f"{name}: the latent weights are the snapped values"
 
 
 def test_reassigned_refinement_under_fsdp2_resumes_from_a_sharded_checkpoint_bit_exact(fsdp2_ranks):
