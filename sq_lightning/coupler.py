@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from typing import Literal, Optional
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 
 from sq_lightning.layers import LayerSelector
@@ -137,7 +138,8 @@ class WeightCoupler:
         for name, param in self.selector.select_or_raise(model, type(self).__name__):
             std = _std(param.detach()) if param.numel() > 1 else 0.0
             if not math.isfinite(std) or std <= 0:
-                log.warning("soft quantization skips %s: its weights have std %s, so `w_l = w·σ_l` is undefined.", name, std)
+                if rank_zero_only.rank == 0:  # every rank holds the same weights: one warning, not one a rank
+                    log.warning("soft quantization skips %s: its weights have std %s, so `w_l = w·σ_l` is undefined.", name, std)
                 continue
             self.sigma[name] = std
             self.numel[name] = param.numel()
@@ -193,7 +195,8 @@ class WeightCoupler:
             if rms > 0 and math.isfinite(rms):
                 result[name] = self.target_step * self.w_l(name) / (lr_eff * rms)
             else:
-                log.warning("target_step: %s has no pair of weights within w_l; it keeps h·N_l^-alpha.", name)
+                if rank_zero_only.rank == 0:
+                    log.warning("target_step: %s has no pair of weights within w_l; it keeps h·N_l^-alpha.", name)
                 result[name] = layer_strength(self.h, self.numel[name], self.alpha)
         self.h_calibrated = result
         return result

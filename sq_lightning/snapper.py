@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 
 from sq_lightning.layers import LayerSelector, check_overrides, first_override
@@ -323,7 +324,8 @@ class ClusterSnapper:
                 if self.on_unclustered == "raise":
                     raise UnclusteredLayerError(msg)
                 action = "it stays in full precision" if self.on_unclustered == "keep" else "snapping it anyway"
-                log.warning("%s (on_unclustered=%r: %s)", msg, self.on_unclustered, action)
+                if rank_zero_only.rank == 0:  # every rank snaps the same clusters: one warning, not one a rank
+                    log.warning("%s (on_unclustered=%r: %s)", msg, self.on_unclustered, action)
             snapped = ok or self.on_unclustered == "snap"
             reports[name] = LayerReport(
                 name, theta.numel(), cl.k, cl.bits if snapped else 32.0, err, snapped, cl.entropy if snapped else 32.0

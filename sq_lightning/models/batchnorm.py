@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Any, Optional, Union
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -72,7 +73,8 @@ def recalibrate_batchnorm(
         raise ValueError(f"`num_batches` must be an int >= 1, got {num_batches!r}.")
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not bns:
-        log.warning("recalibrate_batchnorm: %s has no batch-norm layer; nothing to do.", type(model).__name__)
+        if rank_zero_only.rank == 0:  # called on every rank alike
+            log.warning("recalibrate_batchnorm: %s has no batch-norm layer; nothing to do.", type(model).__name__)
         return model
     if device is None:
         tensor = next(model.parameters(), None)
@@ -107,5 +109,6 @@ def recalibrate_batchnorm(
         for bn, (_, state) in saved.items():
             bn.load_state_dict(state)
         raise ValueError("`loader` yielded no batch; the batch-norm statistics were left as they were.")
-    log.info("Recalibrated %d batch-norm layers on %d batches.", len(bns), seen)
+    if rank_zero_only.rank == 0:
+        log.info("Recalibrated %d batch-norm layers on %d batches.", len(bns), seen)
     return model

@@ -29,7 +29,8 @@ TIMEOUT_S = 900  # two cores shared with other jobs: a launch normally takes 20-
 _LAUNCHER_VARS = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")
 
 
-def _run_ddp_script(out: Path, strategy: str = "ddp", modes: str = "soft,refine,reassign,spread,given,codebook,distill") -> None:
+def _run_ddp_script(out: Path, strategy: str = "ddp", modes: str = "soft,refine,reassign,spread,given,codebook,distill") -> str:
+    """Runs the script on 2 processes; what both wrote to stdout and stderr."""
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"
@@ -45,14 +46,17 @@ def _run_ddp_script(out: Path, strategy: str = "ddp", modes: str = "soft,refine,
         output, _ = proc.communicate()
         pytest.fail(f"the DDP script did not finish in {TIMEOUT_S} s:\n{output[-5000:]}")
     assert proc.returncode == 0, f"the DDP script failed (exit {proc.returncode}):\n{output[-5000:]}"
+    return output
 
 
 def _launch(out: Path, **kwargs) -> tuple[dict, dict]:
-    """Runs the script on 2 processes into ``out``; each rank's ``{mode: {...}}``."""
-    _run_ddp_script(out, **kwargs)
+    """Runs the script on 2 processes into ``out``; each rank's ``{mode: {...}}``, and under
+    ``"output"`` what the two processes printed."""
+    output = _run_ddp_script(out, **kwargs)
     r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     for r in (r0, r1):
         assert all(res["world_size"] == 2 for res in r.values())
+        r["output"] = output
     return r0, r1
 
 
@@ -203,6 +207,16 @@ def test_snap_to_given_clusters_under_ddp_snaps_both_ranks_to_rank_0s(ranks):
     # weights the fit began with (HEQ's values are its cells' means: a zero per-cluster shift).
     for name, w in r0["initial"].items():
         torch.testing.assert_close(r0["at_snap"]["latent"][name], w, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_a_warning_every_rank_would_give_alike_is_logged_once(strategy, ranks, fsdp2_ranks):
+    # The "given" mode's HEQ clusters fit its three layers badly (on_unclustered="snap"): the
+    # snapper's warning, one a layer, comes from rank 0 alone, as do the BatchNorm re-estimations.
+    output = (ranks if strategy == "ddp" else fsdp2_ranks)[0]["output"]
+    for name in ("net.0.weight", "net.3.weight", "net.5.weight"):
+        warning = f"layer {name} is not clustered: snapping it to K=4 values"
+        assert sum(warning in line and "The clusters passed" in line for line in output.splitlines()) == 1, name
 
 
 def test_cluster_refine_export_is_written_once_by_rank_0(ranks):
