@@ -212,7 +212,7 @@ def test_snap_to_given_clusters_under_ddp_snaps_both_ranks_to_rank_0s(ranks):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_a_warning_every_rank_would_give_alike_is_logged_once(strategy, ranks, fsdp2_ranks):
     # The "given" mode's HEQ clusters fit its three layers badly (on_unclustered="snap"): the
-    # snapper's warning, one a layer, comes from rank 0 alone, as do the BatchNorm re-estimations.
+    # snapper's warning, one a layer, comes from rank 0 alone (each rank gave it before).
     output = (ranks if strategy == "ddp" else fsdp2_ranks)[0]["output"]
     for name in ("net.0.weight", "net.3.weight", "net.5.weight"):
         warning = f"layer {name} is not clustered: snapping it to K=4 values"
