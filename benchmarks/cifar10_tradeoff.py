@@ -610,15 +610,12 @@ def _method(r: dict) -> str:
     return r.get("method", "softquant")
 
 
-def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
-    """``cifar10_tradeoff.md`` and ``.png`` in ``directory`` from all result lines."""
-    if not lines:
-        return
-    fp = next(r["acc"] for r in lines[0]["baselines"] if r["method"] == "full precision")
-    cell = lambda b, m, key: f"{b[m][key]:.4f}" if b.get(m) and b[m].get(key) is not None else "-"  # noqa: E731
-    step = lambda r: f"{r['step_ms_median']:.0f}" if r.get("step_ms_median") else "-"  # noqa: E731
-    sched = lambda r: (", cosine lr" if r.get("schedule") == "cosine" else "") + (  # noqa: E731
-        f", seed {r['seed']}" if r.get("seed") else "") + {"kmeans": ", k-means snap", "heq": ", HEQ snap"}.get(r.get("placement"), "") + (
+def _config_text(r: dict) -> str:
+    """How the report's tables name a row's configuration beyond ``_label`` (method, point, epochs) and its
+    device: the options it ran away from their defaults (the lr among them), so that no two configurations
+    read alike (tests/test_benchmark_reports.py checks the results file)."""
+    return (", cosine lr" if r.get("schedule") == "cosine" else "") + (
+        f", lr {r['lr']:g}" if r.get("lr", 0.01) != 0.01 else "") + (f", seed {r['seed']}" if r.get("seed") else "") + {"kmeans": ", k-means snap", "heq": ", HEQ snap"}.get(r.get("placement"), "") + (
         f", alpha {r.get('alpha', r.get('source_alpha')):g}" if r.get("alpha", r.get("source_alpha", 0.66)) != 0.66 else "") + (
         f", h ramp x{r['ramp_from']:g} over {r['ramp_steps']} steps" if r.get("ramp_steps") else "") + (
         f", source h ramp x{r['source_ramp_from']:g} over {r['source_ramp_steps']} steps" if r.get("source_ramp_steps") else "") + (
@@ -636,6 +633,16 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         ", source lr restarted at the snap" if r.get("source_restart_at_snap") else "") + (
         f", distilled from full precision (weight {r['distill']:g}, T {r['distill_temperature']:g})" if r.get("distill") else "") + (
         f", first conv and fc at {'most ' if r.get('h') is not None else ''}{r['edge_bits']} bits" if r.get("edge_bits") else "")
+
+
+def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
+    """``cifar10_tradeoff.md`` and ``.png`` in ``directory`` from all result lines."""
+    if not lines:
+        return
+    fp = next(r["acc"] for r in lines[0]["baselines"] if r["method"] == "full precision")
+    cell = lambda b, m, key: f"{b[m][key]:.4f}" if b.get(m) and b[m].get(key) is not None else "-"  # noqa: E731
+    step = lambda r: f"{r['step_ms_median']:.0f}" if r.get("step_ms_median") else "-"  # noqa: E731
+    sched = _config_text
     phase = lambda r, key: f"{r[key]:.4f}" if r.get(key) is not None else "-"  # noqa: E731
     ent = lambda r: f"{r['entropy_weighted']:.2f}" if r.get("entropy_weighted") is not None else "-"  # noqa: E731
     out = [

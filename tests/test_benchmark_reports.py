@@ -180,6 +180,22 @@ def test_a_row_stores_no_option_the_lookups_cannot_see(report):
         report._row(None, {}, None, None, {}, None, 0.0, acc_snapped=0.5, max_bits=2)
 
 
+def test_no_two_configurations_of_the_results_file_read_alike(report):
+    # The tables name a row by _label (method, point, epochs), its device and _config_text: two configurations
+    # that ran differently (two lr, say) must not read as one, or a reader pools what the report keeps apart.
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    seen = {}
+    for r in rows:
+        text = (report._label(r, report.SHORT_NAMES), r["device"], report._config_text({**r, "seed": 0}))
+        seen.setdefault(text, set()).add(report._config_key(r))
+    clashes = {t: keys for t, keys in seen.items() if len(keys) > 1}
+    assert not clashes, f"configurations that read alike: {clashes}"
+    # And the lr names itself once it is not the default, on the rows that changed it.
+    lr = [r for r in rows if r.get("lr") != 0.01]
+    assert lr and all(", lr " in report._config_text(r) for r in lr)
+    assert ", lr " not in report._config_text(_soft(0.8, 1.0))
+
+
 @pytest.mark.slow
 def test_reruns_skip_finished_runs_and_controls_take_their_own_source(tmp_path):
     # The script end to end on a synthetic CIFAR-10 archive: every method once, then the same command
