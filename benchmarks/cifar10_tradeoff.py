@@ -602,6 +602,7 @@ def _run_dir(args, method: str, spec) -> Path | None:
     return run_dir
 
 
+LR = 0.01  # the SGD lr of every run unless --lr says otherwise
 # How the size table, its front and the summary name the training-time methods.
 SHORT_NAMES = {"softquant": "soft quantization + refine", "codebook": "method B + refine", "dkm": "coremltools DKM"}
 
@@ -615,7 +616,7 @@ def _config_text(r: dict) -> str:
     device: the options it ran away from their defaults (the lr among them), so that no two configurations
     read alike (tests/test_benchmark_reports.py checks the results file)."""
     return (", cosine lr" if r.get("schedule") == "cosine" else "") + (
-        f", lr {r['lr']:g}" if r.get("lr", 0.01) != 0.01 else "") + (f", seed {r['seed']}" if r.get("seed") else "") + {"kmeans": ", k-means snap", "heq": ", HEQ snap"}.get(r.get("placement"), "") + (
+        f", lr {r['lr']:g}" if r.get("lr", LR) != LR else "") + (f", seed {r['seed']}" if r.get("seed") else "") + {"kmeans": ", k-means snap", "heq": ", HEQ snap"}.get(r.get("placement"), "") + (
         f", alpha {r.get('alpha', r.get('source_alpha')):g}" if r.get("alpha", r.get("source_alpha", 0.66)) != 0.66 else "") + (
         f", h ramp x{r['ramp_from']:g} over {r['ramp_steps']} steps" if r.get("ramp_steps") else "") + (
         f", source h ramp x{r['source_ramp_from']:g} over {r['source_ramp_steps']} steps" if r.get("source_ramp_steps") else "") + (
@@ -1198,7 +1199,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="seed of the run and of the data order/augmentation")
     ap.add_argument("--couple-epochs", type=int, default=1)
     ap.add_argument("--refine-epochs", type=int, default=1)
-    ap.add_argument("--lr", type=float, default=0.01, help="SGD lr over coupling and refinement")
+    ap.add_argument("--lr", type=float, default=LR, help="SGD lr over coupling and refinement")
     ap.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                     help="lr schedule over all the epochs of a run (cosine: decays to 0 at the end)")
     ap.add_argument("--limit", type=float, default=1.0, help="limit_train_batches (for a smoke run)")
