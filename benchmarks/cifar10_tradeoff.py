@@ -643,7 +643,6 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
     fp = next(r["acc"] for r in lines[0]["baselines"] if r["method"] == "full precision")
     cell = lambda b, m, key: f"{b[m][key]:.4f}" if b.get(m) and b[m].get(key) is not None else "-"  # noqa: E731
     step = lambda r: f"{r['step_ms_median']:.0f}" if r.get("step_ms_median") else "-"  # noqa: E731
-    sched = _config_text
     phase = lambda r, key: f"{r[key]:.4f}" if r.get(key) is not None else "-"  # noqa: E731
     ent = lambda r: f"{r['entropy_weighted']:.2f}" if r.get("entropy_weighted") is not None else "-"  # noqa: E731
     out = [
@@ -667,7 +666,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     fps = sorted((r for r in lines if _method(r) == "fp-finetuned"), key=lambda r: r["couple_epochs"] + r["refine_epochs"])
-    glance, frontier = _summary(fp, lines, fps, sched)
+    glance, frontier = _summary(fp, lines, fps, _config_text)
     out[out.index("## Soft quantization + refinement (SoftQuantCallback, ClusterRefine)"):0] = glance
     soft = sorted((r for r in lines if _method(r) == "softquant"), key=lambda r: (r["w"], r["h"], r["couple_epochs"]))
     for r in soft:
@@ -678,7 +677,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
             f"{phase(r, 'acc_coupled')} | {phase(r, 'acc_snapped')} | {r['acc']:.4f} | {fp - r['acc']:+.4f} | {cell(b, 'heq', 'acc')} | {cell(b, 'heq', 'acc_bn')} | "
             f"{cell(b, 'kmeans', 'acc')} | {cell(b, 'kmeans', 'acc_bn')} | {cell(b, 'uniform', 'acc')} | "
             f"{cell(b, 'uniform', 'acc_bn')} | {step(r)} | "
-            f"{r['couple_epochs']}/{r['refine_epochs']}{sched(r)} | {r['date']}, {r['device']} |"
+            f"{r['couple_epochs']}/{r['refine_epochs']}{_config_text(r)} | {r['date']}, {r['device']} |"
         )
     others = sorted((r for r in lines if _method(r) in ("codebook", "dkm")), key=lambda r: (_method(r), r["n_bits"]))
     controls = sorted((r for r in lines if _method(r).startswith("refined-")), key=lambda r: (r["w"], r["h"], _method(r)))
@@ -702,7 +701,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
             out.append(
                 f"| {_method(r).removeprefix('refined-')} | {r['h']:g}, {r['w']:g} | {r['bits_weighted']:.2f} | {ent(r)} | "
                 f"{phase(r, 'acc_snapped')} | {r['acc']:.4f} | {r['source_acc']:.4f} | {step(r)} | "
-                f"{_control_epochs(r)}{'' if r.get('reassign') else ' tied'}{sched(r)} | {r['date']}, {r['device']} |"
+                f"{_control_epochs(r)}{'' if r.get('reassign') else ' tied'}{_config_text(r)} | {r['date']}, {r['device']} |"
             )
     if fps:
         out += [
@@ -717,7 +716,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
             "| --- | --- | --- | --- | --- |",
         ]
         for r in fps:
-            out.append(f"| {r['couple_epochs'] + r['refine_epochs']}{sched(r)} | {r['acc']:.4f} | "
+            out.append(f"| {r['couple_epochs'] + r['refine_epochs']}{_config_text(r)} | {r['acc']:.4f} | "
                        f"{r['acc'] - fp:+.4f} | {step(r)} | {r['date']}, {r['device']} |")
     if others:
         names = {"codebook": "method B (LearnedCodebook) + refine", "dkm": "coremltools DKM palettization"}
@@ -738,7 +737,7 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
                 f"| {names.get(_method(r), _method(r))} | {r['n_bits']} | {r['bits_weighted']:.2f} | {ent(r)} | "
                 f"{phase(r, 'acc_coupled')} | {phase(r, 'acc_snapped')} | {r['acc']:.4f} | "
                 f"{fp - r['acc']:+.4f} | {cell(b, 'heq', 'acc_bn')} | {cell(b, 'kmeans', 'acc_bn')} | {step(r)} | "
-                f"{r['couple_epochs']}/{r['refine_epochs']}{sched(r)} | {r['date']}, {r['device']} |"
+                f"{r['couple_epochs']}/{r['refine_epochs']}{_config_text(r)} | {r['date']}, {r['device']} |"
             )
     sized = [r for r in lines if r.get("file_bytes")]
     if sized:
@@ -761,12 +760,12 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
             label, what = _label(r, names)
             fb = r["file_bytes"]
             out.append(
-                f"| {label} | {what}{sched(r)} | {r['bits_weighted']:.2f} | {ent(r)} | {r['acc']:.4f} | "
+                f"| {label} | {what}{_config_text(r)} | {r['bits_weighted']:.2f} | {ent(r)} | {r['acc']:.4f} | "
                 f"{fb['packed'] / 1000:.1f} | {fb['ans'] / 1000:.1f} | {fb['ans_header'] / 1000:.1f} | {fb.get('format', 2)} | "
                 f"{fb['fp32'] / 1000:.1f} | {r['date']}, {r['device']} |"
             )
-        out += _pareto(sized, names, sched)
-    out += _targets(fp, soft, controls, others, fps, sched)
+        out += _pareto(sized, names, _config_text)
+    out += _targets(fp, soft, controls, others, fps, _config_text)
     out += _relation([r for r in soft if not r.get("target_step") and not r.get("seed")
                       and r.get("placement", "mean") == "mean" and r.get("alpha", 0.66) == 0.66 and not r.get("ramp_steps")
                       and not r.get("max_bits") and not r.get("max_clusters") and not r.get("restart_at_snap") and not r.get("reassign")
