@@ -61,6 +61,7 @@ import os
 import platform
 import shutil
 import sys
+import statistics
 import tempfile
 import time
 import warnings
@@ -887,6 +888,18 @@ def _best_config(rows: list[dict]) -> tuple[list[dict], float, dict] | None:
     return best, sum(r["acc"] for r in best) / len(best), min(best, key=lambda r: r.get("seed", 0))
 
 
+def _spread(rows: list[dict]) -> str:
+    """The seeds behind a mean: each seed's accuracy, the sample standard deviation and the standard error
+    of the mean, so that a target within the seed noise reads as such; empty for one seed."""
+    if len(rows) < 2:
+        return ""
+    rows = sorted(rows, key=lambda r: r.get("seed", 0))
+    accs = [r["acc"] for r in rows]
+    sd = statistics.stdev(accs)
+    return (f" (seeds {' / '.join(str(r.get('seed', 0)) for r in rows)}: {' / '.join(f'{a:.4f}' for a in accs)}; "
+            f"sd {sd:.4f}, standard error {sd / math.sqrt(len(accs)):.4f})")
+
+
 def _control_epochs(r: dict) -> str:
     """A control's epochs: all of them refined, or (given its source's own refinement) the full-precision
     epochs before the snap and the refined ones."""
@@ -1059,11 +1072,11 @@ def _targets(fp: float, soft: list[dict], controls: list[dict], others: list[dic
         out.append(
             f"- Degradation at <= {bits} {unit}, +0.05), target under {goal * 100:g} point(s): best soft quantization "
             f"configuration h={r0['h']:g}, w={r0['w']:g}{sched(r0)} ({r0['couple_epochs']}/{r0['refine_epochs']} epochs, "
-            f"{_devices(best)}): {mean:.4f} over {len(best)} seed(s), "
+            f"{_devices(best)}): {mean:.4f} over {len(best)} seed(s){_spread(best)}, "
             f"{(fp - mean) * 100:.2f} points below full precision ({'met' if fp - mean < goal else 'not met'}){budget(r0, mean)}"
             + (f"; best other training-time configuration: {_method(peer)} {peer['n_bits']} bit(s){sched(peer)} "
                f"({peer['couple_epochs']}/{peer['refine_epochs']} epochs, {_devices(peer_best)}): {peer_mean:.4f} over "
-               f"{len(peer_best)} seed(s), {(fp - peer_mean) * 100:.2f} points below{budget(peer, peer_mean)}" if peer else "") + "."
+               f"{len(peer_best)} seed(s){_spread(peer_best)}, {(fp - peer_mean) * 100:.2f} points below{budget(peer, peer_mean)}" if peer else "") + "."
         )
     out.append("- The h -> bits relation and the N_l exponent: see the next section and `strength_scaling.md`.")
     return out

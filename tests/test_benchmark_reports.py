@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -115,6 +116,23 @@ def test_targets_judge_the_best_configuration_by_its_seed_mean(report):
     # but whose mean over two seeds is lower (0.835).
     assert "codebook 2 bit(s)" in two and "0.8380 over 1 seed(s), 0.20 points below" in two
     assert "1.20 below the full-precision model trained on for the same 6 epochs" in two.split("best other")[1]
+
+
+def test_a_target_line_shows_the_seeds_behind_its_mean(report):
+    # Three seeds of one configuration, listed out of order: the line gives each seed's accuracy in seed
+    # order, the sample standard deviation and the standard error of their mean (numpy as the reference).
+    heq = {"method": "heq (histogram-equalized)", "acc": 0.3, "acc_bn": 0.5}
+    accs = {2: 0.8221, 0: 0.8290, 1: 0.8140}
+    soft = [_soft(a, 1.01, seed=s, h=1e-3, baselines=[heq]) for s, a in accs.items()]
+    lines = report._targets(0.8437, soft, [], [_peer("dkm", 0.826, 1)], [], lambda r: "")
+    one = next(line for line in lines if line.startswith("- Degradation at <= 1 bits"))
+    values = np.array([accs[s] for s in sorted(accs)])
+    sd = values.std(ddof=1)
+    assert (f"0.8217 over 3 seed(s) (seeds 0 / 1 / 2: 0.8290 / 0.8140 / 0.8221; sd {sd:.4f}, "
+            f"standard error {sd / np.sqrt(3):.4f}), 2.20 points below full precision (not met)") in one
+    assert f"{sd:.4f}" == "0.0075"
+    # A single seed has no spread to show.
+    assert "0.8260 over 1 seed(s), 1.77 points below" in one
 
 
 def test_a_target_step_run_is_its_own_configuration(report):
