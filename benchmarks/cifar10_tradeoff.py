@@ -5,7 +5,8 @@
 
 For each ``h:w`` point, starting from the full-precision checkpoint:
 
-1. soft quantization (``SoftQuantCallback``) for ``--couple-epochs`` at a constant lr;
+1. soft quantization (``SoftQuantCallback``) for ``--couple-epochs`` at a constant lr
+   (``--couple-from E``: the first ``E`` of them in full precision, the coupling after);
 2. snap + BatchNorm recalibration + refinement (``ClusterRefine``) for ``--refine-epochs``
    (assignments fixed; with ``--reassign``, latent weights that may change cluster; with
    ``--snap-ramp-steps N``, the snap spread over the first ``N`` refinement steps);
@@ -381,8 +382,10 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule, run_dir: Path | N
     pl.seed_everything(args.seed)
     module = _module(args, restart_at_snap=True)
     e2 = args.couple_epochs
-    soft = SoftQuantCallback(h=h, w=w, alpha=args.alpha, stop_epoch=e2, target_step=args.target_step,
-                             ramp_steps=args.ramp_steps, ramp_from=args.ramp_from)
+    # --couple-from E: full-precision epochs before the coupling (its window [E, e2)); with
+    # reassign_from="coupling_start" the refinement's latent weights start from those trained weights.
+    soft = SoftQuantCallback(h=h, w=w, alpha=args.alpha, start_epoch=args.couple_from, stop_epoch=e2,
+                             target_step=args.target_step, ramp_steps=args.ramp_steps, ramp_from=args.ramp_from)
     # With a bit budget every layer is snapped to it (as the controls are), whatever its snap error.
     refine = ClusterRefine(snap_epoch=e2, w=w, recalibrate_bn_batches=100, placement=args.placement,
                            max_bits=args.max_bits, max_clusters=args.max_clusters,
@@ -440,6 +443,7 @@ def _ramp(args) -> dict:
     """The row fields of the options that only some runs use (the h ramp, a bit budget, moving
     assignments in refinement, the lr restart)."""
     out = {"ramp_steps": args.ramp_steps, "ramp_from": args.ramp_from} if args.ramp_steps else {}
+    out = {**out, "couple_from": args.couple_from} if args.couple_from else out
     out = {**out, "max_bits": args.max_bits} if args.max_bits else out
     out = {**out, "max_clusters": args.max_clusters} if args.max_clusters else out
     out = {**out, "reassign": True} if args.reassign else out
@@ -563,7 +567,7 @@ _NOT_THE_RUN = {"points", "codebook_bits", "codebook_k", "dkm_bits", "controls",
 
 # Arguments added after runs became resumable, at the value that runs started before them
 # used: left out of a run's identity at that value, so those runs still resume.
-_LATER_ARGS = {"max_clusters": None, "snap_ramp_steps": 0, "snap_ramp_from": 1e-3}
+_LATER_ARGS = {"max_clusters": None, "snap_ramp_steps": 0, "snap_ramp_from": 1e-3, "couple_from": 0}
 
 
 def _identity(what: dict) -> dict:
@@ -619,6 +623,7 @@ def _config_text(r: dict) -> str:
     return (", cosine lr" if r.get("schedule") == "cosine" else "") + (
         f", lr {r['lr']:g}" if r.get("lr", LR) != LR else "") + (f", seed {r['seed']}" if r.get("seed") else "") + {"kmeans": ", k-means snap", "heq": ", HEQ snap"}.get(r.get("placement"), "") + (
         f", alpha {r.get('alpha', r.get('source_alpha')):g}" if r.get("alpha", r.get("source_alpha", 0.66)) != 0.66 else "") + (
+        f", full precision for {r['couple_from']} epochs before the coupling" if r.get("couple_from") else "") + (
         f", h ramp x{r['ramp_from']:g} over {r['ramp_steps']} steps" if r.get("ramp_steps") else "") + (
         f", source h ramp x{r['source_ramp_from']:g} over {r['source_ramp_steps']} steps" if r.get("source_ramp_steps") else "") + (
         f", at most {r['max_bits']} bit(s) a layer" if r.get("max_bits") else "") + (
@@ -1210,6 +1215,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                          "their --codebook-bits / --dkm-bits; soft quantization: at most B bits there, --max-bits elsewhere")
     ap.add_argument("--seed", type=int, default=0, help="seed of the run and of the data order/augmentation")
     ap.add_argument("--couple-epochs", type=int, default=1)
+    ap.add_argument("--couple-from", type=int, default=0, metavar="E",
+                    help="soft quantization: the first E of the --couple-epochs train in full precision, the coupling "
+                         "runs from epoch E to the snap (SoftQuantCallback(start_epoch=E)); with --reassign-from "
+                         "coupling_start the refinement's latent weights start from the weights after those E epochs")
     ap.add_argument("--refine-epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=LR, help="SGD lr over coupling and refinement")
     ap.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
@@ -1237,6 +1246,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
             if not ok:
                 ap.error(f"{flag}: {spec!r} is not " + ("h:w" if parts == 2 else "Q:h:w") + " with positive numbers "
                          "h and w (e.g. " + ("1e-3:0.9" if parts == 2 else "heq:1e-3:0.9") + ")")
+    if args.couple_from and not (0 < args.couple_from < args.couple_epochs and args.points
+                                 and not (args.codebook_bits or args.codebook_k or args.dkm_bits or args.controls
+                                          or args.fp_control)):
+        ap.error(f"--couple-from {args.couple_from}: an epoch in [0, --couple-epochs) (here {args.couple_epochs}), "
+                 "for soft quantization runs only (--points, without --codebook-bits, --codebook-k, --dkm-bits, "
+                 "--controls or --fp-control in the same command)")
     if args.limit >= 1:
         args.limit = 1.0 if args.limit == 1 else int(args.limit)
     return args

@@ -437,3 +437,39 @@ def test_the_committed_report_is_the_one_its_results_file_generates_now(report, 
     assert (tmp_path / "cifar10_tradeoff.md").read_text() == committed, (
         "benchmarks/results/cifar10_tradeoff.md is stale: run "
         "`python benchmarks/cifar10_tradeoff.py --report-only --pretrained x`")
+
+
+def test_full_precision_epochs_before_the_coupling_are_their_own_configuration(report, monkeypatch, capsys):
+    ckpt = str(SCRIPT.parent / "checkpoints" / "resnet20_cifar10_fp.ckpt")
+    argv = ["--pretrained", ckpt, "--points", "1e-3:0.9", "--couple-epochs", "32", "--refine-epochs", "16", "--max-bits", "1",
+            "--reassign", "--reassign-from", "coupling_start"]
+    plain, late = report._parse(argv), report._parse([*argv, "--couple-from", "24"])
+    fields = [report._fields(a, "softquant", (1e-3, 0.9)) for a in (plain, late)]
+    assert "couple_from" not in fields[0] and fields[1]["couple_from"] == 24
+    assert report._config_key(fields[0]) != report._config_key(fields[1])
+    assert "full precision for 24 epochs before the coupling" in report._config_text(fields[1])
+    # Runs started before the option existed keep their resume directory; the new ones get another.
+    assert "couple_from" not in report._what(plain, "softquant", "1e-3:0.9")
+    assert report._run_hash(plain, "softquant", "1e-3:0.9") != report._run_hash(late, "softquant", "1e-3:0.9")
+
+    # The coupling callback of the run gets the window [E, couple_epochs).
+    class Built(Exception):
+        pass
+
+    seen = {}
+
+    def soft(**kw):
+        seen.update(kw)
+        raise Built
+
+    monkeypatch.setattr(report, "SoftQuantCallback", soft)
+    with pytest.raises(Built):
+        report.run_point(late, 1e-3, 0.9, dm=None)
+    assert (seen["start_epoch"], seen["stop_epoch"]) == (24, 32)
+
+    # An epoch outside the coupling, or a command that runs other methods too, is refused by name.
+    for extra in (["--couple-from", "32"], ["--couple-from", "-1"], ["--couple-from", "8", "--dkm-bits", "1"],
+                  ["--couple-from", "8", "--controls", "heq:1e-3:0.9"]):
+        with pytest.raises(SystemExit):
+            report._parse([*argv, *extra])
+        assert "--couple-from" in capsys.readouterr().err
