@@ -1218,8 +1218,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--couple-from", type=int, default=0, metavar="E",
                     help="soft quantization: the first E of the --couple-epochs train in full precision, the coupling "
                          "runs from epoch E to the snap (SoftQuantCallback(start_epoch=E)); with --reassign-from "
-                         "coupling_start the refinement's latent weights start from the weights after those E epochs; 0 (default): "
-                         "coupling from the first epoch")
+                         "coupling_start the refinement's latent weights start from the weights after those E "
+                         "epochs; 0 (default): coupling from the first epoch")
     ap.add_argument("--refine-epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=LR, help="SGD lr over coupling and refinement")
     ap.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
@@ -1250,8 +1250,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     if args.couple_from and not (0 < args.couple_from < args.couple_epochs and args.points
                                  and not (args.codebook_bits or args.codebook_k or args.dkm_bits or args.controls
                                           or args.fp_control)):
-        ap.error(f"--couple-from {args.couple_from}: an epoch from 1 to --couple-epochs - 1 (here {args.couple_epochs - 1}; "
-                 "0, the default, couples from the first epoch), for soft quantization runs only (--points, without --codebook-bits, --codebook-k, --dkm-bits, "
+        ap.error(f"--couple-from {args.couple_from}: an epoch from 1 to --couple-epochs - 1 "
+                 f"(here {args.couple_epochs - 1}; 0, the default, couples from the first epoch), for soft "
+                 "quantization runs only (--points, without --codebook-bits, --codebook-k, --dkm-bits, "
                  "--controls or --fp-control in the same command)")
     if args.limit >= 1:
         args.limit = 1.0 if args.limit == 1 else int(args.limit)
