@@ -48,10 +48,9 @@ checksum per tensor, see below):
   file's header, as much as its entropy-coded weights), version 1 only bit-packed layers.
   The caller's own ``metadata`` entries sit beside these (any key not starting ``"sq."``).
 
-Two saves of the same model hold the same tensors, layout and checksums, but not always
-the same bytes: safetensors writes the header's metadata entries in a random order
-(safetensors issue #584); compare files by :func:`load_compressed`'s output or by
-their ``sq.checksum``, not by a hash of the file.
+Two saves of the same model are the same bytes. safetensors itself writes the header's
+metadata entries in a random order (safetensors issue #584); the writer here puts them
+back in sorted order (same entries, same header length) before the file is written.
 
 Bit order (little-endian): index ``i`` occupies the bits ``[i·b, (i+1)·b)`` of one bit
 stream, least significant bit first; stream bit ``p`` is bit ``p mod 8`` (bit 0 = least
@@ -323,7 +322,7 @@ def _write(
         meta["sq.entropy_coder"] = f"constriction {_ans_version(ans)}"
     meta["sq.checksum"] = _content_digest(tensors, meta)
 
-    data = safetensors.torch.save(tensors, metadata=meta)
+    data = _sorted_metadata(safetensors.torch.save(tensors, metadata=meta))
     path = os.fspath(path)
     _atomic_write(path, data, overwrite)
     payload = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -782,6 +781,25 @@ def _load_into(model: nn.Module, state: dict[str, Tensor], strict: bool, path: s
 
 
 # --------------------------------------------------------------------------- writing
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """safetensors bytes ``data`` with the header's ``__metadata__`` entries in sorted order.
+
+    The header is re-serialized compactly, as safetensors does, with every other entry in
+    the order it had; where that does not give a header of exactly the same length (an
+    escape written differently), ``data`` is returned unchanged.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    if "__metadata__" not in header:
+        return data
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    old = data[8 : 8 + n]
+    if len(text) > n or old[len(text) :].strip(b" ") or len(old.rstrip(b" ")) != len(text):
+        return data
+    return data[:8] + text + b" " * (n - len(text)) + data[8 + n :]
 
 
 def _atomic_write(path: str, data: bytes, overwrite: bool) -> None:

@@ -156,6 +156,21 @@ def test_round_trip_bit_exact(tmp_path, k, snap, coding):
 
 
 @pytest.mark.parametrize("coding", ["packed", "ans"])
+def test_saves_of_the_same_model_are_the_same_bytes(tmp_path, coding):
+    # safetensors alone writes the metadata in a random order on each call (issue #584).
+    model = _model()
+    clusters = _snap(model, 5)
+    files = []
+    for i in range(6):
+        save_compressed(model, tmp_path / f"{i}.safetensors", clusters, coding=coding, metadata={"run": "a", "b": "x"})
+        files.append((tmp_path / f"{i}.safetensors").read_bytes())
+    assert len(set(files)) == 1
+    header = json.loads(files[0][8 : 8 + int.from_bytes(files[0][:8], "little")])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    _assert_state_equal(load_compressed(tmp_path / "0.safetensors"), _clone_state(model))
+
+
+@pytest.mark.parametrize("coding", ["packed", "ans"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
 def test_round_trip_other_dtypes(tmp_path, dtype, coding):
     model = _model().to(dtype)

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 from typing_extensions import override
 
-from sq_lightning.data.tensor_loader import ShardedBatchSampler, TensorBatchLoader, derive_seed
+from sq_lightning.data.tensor_loader import ShardedBatchSampler, TensorBatchLoader, derive_seed, rank_and_world
 
 log = logging.getLogger(__name__)
 
@@ -428,13 +428,9 @@ class CIFAR10DataModule(LightningDataModule):
             self.setup()
         return self._arrays[f"{name}_x"], self._arrays[f"{name}_y"]
 
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
     def _loader(self, name: str, train: bool) -> TensorBatchLoader:
         x, y = self._split(name)
-        rank, world = self._rank_world()
+        rank, world = rank_and_world(self.trainer)
         sampler = ShardedBatchSampler(len(x), self.batch_size, shuffle=train, seed=self.seed, rank=rank,
                                       world_size=world)
         transform = _train_transform if train and self.augment else _eval_transform

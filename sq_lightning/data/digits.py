@@ -11,8 +11,10 @@ from typing import Optional
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 from typing_extensions import override
+
+from sq_lightning.data.tensor_loader import ShardedBatchSampler, TensorBatchLoader, rank_and_world
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,10 @@ class DigitsDataModule(LightningDataModule):
     Args:
         batch_size: samples per batch.
         val_fraction: share of the 1,797 images held out for validation, in (0, 1).
-        seed: seed of the split and of the training order.
+        seed: seed of the split and of the training order. The order of each epoch is
+            drawn from ``(seed, epoch)`` alone (and each DDP rank takes its own shard of
+            it), so a run resumed from a checkpoint sees the batches the uninterrupted run
+            saw.
         flatten: ``True`` yields 64-dimensional vectors (for an MLP), ``False``
             ``1 x 8 x 8`` images (for a CNN).
 
@@ -94,25 +99,27 @@ class DigitsDataModule(LightningDataModule):
         self.val_set = to_set(x_val, y_val)
         log.info("Digits: %d train / %d validation images.", len(self.train_set), len(self.val_set))
 
-    def _loader(self, train: bool) -> DataLoader:
+    def _loader(self, train: bool) -> TensorBatchLoader:
         if self.train_set is None:
             self.setup()
-        dataset = self.train_set if train else self.val_set
-        generator = torch.Generator().manual_seed(self.seed) if train else None
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, generator=generator)
+        x, y = (self.train_set if train else self.val_set).tensors
+        rank, world = rank_and_world(self.trainer)
+        sampler = ShardedBatchSampler(len(x), self.batch_size, shuffle=train, seed=self.seed, rank=rank,
+                                      world_size=world)
+        return TensorBatchLoader(x, y, sampler)
 
     @override
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> TensorBatchLoader:
         return self._loader(train=True)
 
     @override
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> TensorBatchLoader:
         return self._loader(train=False)
 
     @override
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> TensorBatchLoader:
         return self._loader(train=False)
 
     @override
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> TensorBatchLoader:
         return self._loader(train=False)

@@ -14,12 +14,19 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-__all__ = ["ShardedBatchSampler", "TensorBatchLoader", "derive_seed"]
+__all__ = ["ShardedBatchSampler", "TensorBatchLoader", "derive_seed", "rank_and_world"]
 
 
 def derive_seed(*keys: int) -> int:
     """A 63-bit seed mixed from integers (seed, epoch, rank, stream ...), stable across runs."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def rank_and_world(trainer: Optional[object]) -> tuple[int, int]:
+    """``(global_rank, world_size)`` of a DataModule's ``trainer``; ``(0, 1)`` without one."""
+    if trainer is None:
+        return 0, 1
+    return trainer.global_rank, trainer.world_size
 
 
 class ShardedBatchSampler:
