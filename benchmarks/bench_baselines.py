@@ -1,6 +1,6 @@
 """Wall-clock time of the post-training quantizers (HEQ, optimal k-means, uniform) on CPU.
 
-Baselines of DESIGN.md section 4, for comparison with soft quantization (Bernstein, Di Carlo,
+Baselines of docs/design.md section 4, for comparison with soft quantization (Bernstein, Di Carlo,
 Schwab, arXiv:2601.21219). Weights are float32 N(0, 1) samples (all distinct, the worst
 case for the k-means dynamic program, which runs on distinct values). Each cell is the
 best of ``--repeats`` runs, in seconds. The table is printed and appended, with the

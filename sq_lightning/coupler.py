@@ -8,7 +8,7 @@ loss, for every quantized layer ``l`` with ``N_l`` weights::
     h_l = h · N_l^(-α)     α = 0.66 by default
 
 (the relative range ``w_l`` and the ``N_l^(-α)`` scaling are the project's definitions,
-DESIGN.md section 1). :class:`WeightCoupler` holds ``σ_l``, ``w_l``, ``h_l`` and adds
+docs/design.md section 1). :class:`WeightCoupler` holds ``σ_l``, ``w_l``, ``h_l`` and adds
 ``∂L_C/∂θ`` to ``param.grad``; it works on a plain ``nn.Module`` in a hand-written loop,
 and :class:`sq_lightning.callbacks.SoftQuantCallback` drives it from a ``Trainer``.
 """
@@ -81,7 +81,7 @@ class WeightCoupler:
             typical weight of every layer by the same fraction of its well per step:
             ``S_l = lr_eff · RMS(∂L_C/∂θ_l) / w_l = target_step`` with ``lr_eff =
             lr / (1 - momentum)`` of SGD. ``S_l`` near 0.3-0.5 in the largest layer
-            marks the onset of chaotic training (DESIGN.md section 8).
+            marks the onset of chaotic training (docs/design.md section 8).
 
     Example::
 

@@ -42,7 +42,7 @@ class ClusterRefine(Callback):
     ``Trainer`` when there is one), small clusters are merged as ``merge`` says, and
     every weight is set to its cluster's mean. BatchNorm running statistics are then
     re-estimated on ``recalibrate_bn_batches`` training batches (snapping makes them
-    stale: 7-8 accuracy points on ResNet-20, DESIGN.md section 8). For the remaining
+    stale: 7-8 accuracy points on ResNet-20, docs/design.md section 8). For the remaining
     epochs, after every optimizer step each weight is set back to the mean of its
     cluster (assignments fixed), so the model ends with exactly ``K_l`` distinct
     values per layer.
@@ -379,7 +379,7 @@ class ClusterRefine(Callback):
             raise ValueError(problem)
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # All ranks hold the same tied weights; rank 0 writes (DESIGN.md section 7) and logs
+        # All ranks hold the same tied weights; rank 0 writes (docs/design.md section 7) and logs
         # the size. Sharded layers (FSDP2) are gathered first, by every rank; after that no
         # collective: a failed write on rank 0 must not leave the others waiting.
         sharded = any(is_sharded(p) for p in pl_module.parameters())

@@ -2,7 +2,7 @@
 
 Malchiodi, Frasca, Ferraretto, "Quantization-Aware Regularizers for Deep Neural
 Networks Compression", arXiv:2602.03614 (2026). Only the abstract is public; the
-regularizer implemented here is this project's definition (``DESIGN.md`` section 3),
+regularizer implemented here is this project's definition (``docs/design.md`` section 3),
 its formulas and gradients are in :mod:`sq_lightning.ops.codebook`.
 """
 

@@ -84,7 +84,7 @@ class SoftQuantCallback(Callback):
             layers unclustered. Only ``lr / (1 - momentum) · h`` matters for SGD.
         w: range of the well relative to the layer's std. Larger ``w`` merges more:
             fewer clusters, fewer bits (0.15 / 0.3 / 0.45 gave about 4 / 3 / 2.5 bits on
-            an MLP, DESIGN.md section 8).
+            an MLP, docs/design.md section 8).
         alpha: exponent of the layer-size scaling of ``h_l`` (paper: 0.66).
         n_bins: grid points per layer of the histogram backend (paper: 2^14).
         backend: ``"histogram"``, ``"exact"`` or ``"auto"`` (exact for small layers).
@@ -117,7 +117,7 @@ class SoftQuantCallback(Callback):
             equals this value in every layer (SGD only; the calibrated ``h_l`` are logged,
             saved and restored). ``S_l`` is how far, in units of ``w_l``, the coupling
             alone moves a typical weight per step: it carries over across learning rates
-            and layer sizes where a raw ``h`` does not (DESIGN.md section 8). Measured
+            and layer sizes where a raw ``h`` does not (docs/design.md section 8). Measured
             (benchmarks/results/strength_scaling.md): layers of 640 to 32768 weights all
             started clustering at ``S_l ≈ 0.003`` over 184 steps (``S_l · steps ≈ 0.5``:
             the weights travel about half a well); the small classifier layer was thrown

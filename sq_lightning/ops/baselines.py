@@ -2,7 +2,7 @@
 
 These are the baselines against which soft quantization (Bernstein, Di Carlo, Schwab,
 "Soft Quantization: Model Compression Via Weight Coupling", arXiv:2601.21219) is compared
-at the same number of levels ``K_l`` per layer (DESIGN.md, section 4). Each quantizer
+at the same number of levels ``K_l`` per layer (docs/design.md, section 4). Each quantizer
 sees one tensor as a flat list of ``N`` numbers ``θ_1 ≤ ... ≤ θ_N`` (after sorting) and
 returns a codebook ``c`` of ``K' ≤ K`` levels and an assignment ``a_i`` per entry.
 

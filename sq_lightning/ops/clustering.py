@@ -107,7 +107,7 @@ def find_clusters(
         merge: ``"storage"`` merges candidates (cheapest squared-error cost first)
             only while that lowers ``ceil(log2 K)``, because a merge that does not
             save an index bit only adds error (tail weights merged into big clusters
-            dominated the snap error of the prototype, DESIGN.md section 8);
+            dominated the snap error of the prototype, docs/design.md section 8);
             ``"all"`` merges every candidate; ``"none"`` keeps every group.
 
     Returns:

@@ -4,7 +4,7 @@ Malchiodi, Frasca, Ferraretto, "Quantization-Aware Regularizers for Deep Neural
 Networks Compression", arXiv:2602.03614 (2026). Only the abstract is public: per-layer
 regularization terms drive the weights into clusters during training, and the
 quantization representatives are learned by backpropagation. The formulas below are
-this project's definition (``DESIGN.md`` section 3), not the paper's.
+this project's definition (``docs/design.md`` section 3), not the paper's.
 
 For the weights ``θ`` (N entries, any shape, flattened) of one layer and its
 codebook ``c`` (K representatives), with ``d_ik = (θ_i - c_k)^2``::

@@ -642,5 +642,5 @@ def coupling(
 
 
 def layer_strength(h: float, n: int, alpha: float) -> float:
-    """``h_l = h · N_l^(-α)`` (project definition, DESIGN.md section 1)."""
+    """``h_l = h · N_l^(-α)`` (project definition, docs/design.md section 1)."""
     return h * float(n) ** (-alpha)

@@ -1,6 +1,6 @@
 """The callbacks under DDP: 2 CPU processes (gloo) against each other and against 1 process.
 
-DESIGN.md section 7: all ranks hold the same weights, so they compute the same coupling
+docs/design.md section 7: all ranks hold the same weights, so they compute the same coupling
 gradient, the same clusters and the same codebooks. ``ddp_script.py`` trains under
 ``Trainer(strategy="ddp", devices=2)`` (Lightning starts rank 1 by re-running the script,
 which cannot be done from inside pytest) and saves each rank's final state; these tests

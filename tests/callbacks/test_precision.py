@@ -1,7 +1,7 @@
 """SoftQuantCallback under mixed precision, gradient clipping, two optimizers, gradient
 accumulation and bfloat16 weights: a real ``Trainer`` on TinyNet and the digits, CPU.
 
-The coupling gradient is added in ``on_before_optimizer_step`` (DESIGN.md section 1).
+The coupling gradient is added in ``on_before_optimizer_step`` (docs/design.md section 1).
 Lightning calls that hook after the backward pass, after AMP's loss scaler has unscaled
 the gradients, once per optimizer step whatever ``accumulate_grad_batches`` is, and
 *before* gradient clipping (``Precision._after_closure``: callbacks' hook, module hook,

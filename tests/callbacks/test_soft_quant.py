@@ -163,7 +163,7 @@ def test_coupling_clusters_the_weights_far_more_than_plain_training():
     print("clusters per layer (plain / coupled):", plain, coupled, "accuracy:", results["plain"][1], results["coupled"][1])
     for name in plain:
         assert coupled[name] * 2 <= plain[name], (name, plain[name], coupled[name])
-    # The smallest layer clusters last (DESIGN.md section 8); the big ones by far.
+    # The smallest layer clusters last (docs/design.md section 8); the big ones by far.
     assert sum(coupled.values()) * 5 <= sum(plain.values())
     assert results["coupled"][1] > results["plain"][1] - 0.05
 
