@@ -1,3 +1,4 @@
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -89,10 +90,12 @@ OVERLAYS = sorted(REPO.glob("configs/overlays/*.yaml"))
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=[c.name for c in OVERLAYS])
-def test_overlay_composes_with_the_quickstart(overlay, tmp_path):
-    """Overlays change a base config (one extra `--config`): they parse composed with it."""
+def test_overlay_composes_with_its_base_config(overlay, tmp_path):
+    """Overlays change a base config (one extra `--config`), the config whose name starts
+    theirs: they parse composed with it."""
+    base = max((c for c in CONFIGS if overlay.stem.startswith(c.stem)), key=lambda c: len(c.stem))
     result = subprocess.run(
-        [sys.executable, "-m", "sq_lightning", "fit", "--config", str(REPO / "configs/quickstart_digits.yaml"),
+        [sys.executable, "-m", "sq_lightning", "fit", "--config", str(base),
          "--config", str(overlay), "--print_config"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
@@ -140,3 +143,35 @@ def test_cifar10_stage_runs_a_few_batches_on_the_offline_copy(tmp_path, monkeypa
     assert logs, "no TensorBoard run written"
     scalars = _scalars(logs[0])
     assert "sq/coupling_loss" in scalars and "sq/grad_ratio_max" in scalars and "val/acc" in scalars
+
+
+@pytest.mark.slow
+def test_shakespeare_quickstart_through_the_cli_clusters_every_selected_layer(tmp_path):
+    """The smallest Tiny Shakespeare configuration, end to end through `lightning fit --config`
+    on the real corpus: every attention and MLP weight clusters, TensorBoard holds its bits,
+    and the weights hold exactly the logged number of values."""
+    import torch
+
+    corpus = REPO.parent / "shared" / "datasets" / "tinyshakespeare.txt"
+    if not corpus.exists():
+        pytest.skip(f"Tiny Shakespeare not found at {corpus}")
+    result = subprocess.run(
+        [sys.executable, "-m", "sq_lightning", "fit", "--config", str(REPO / "configs/shakespeare_gpt_quickstart.yaml"),
+         f"--data.init_args.path={corpus}", "--trainer.enable_progress_bar=false"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=1200,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "shakespeare_gpt_quickstart" / "version_0"
+    scalars = _scalars(run)
+    layers = [f"model.blocks.{b}.{m}.weight" for b in range(2) for m in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")]
+    bits = {tag.split("/", 2)[2]: values[-1] for tag, values in scalars.items() if tag.startswith("sq/bits/")}
+    assert sorted(bits) == sorted(layers)  # the head is excluded, the embeddings are not Linear
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    for name in layers:
+        k = scalars[f"sq/clusters/{name}"][-1]
+        assert 2 <= k <= 32 and bits[name] == pytest.approx(math.log2(k), abs=1e-4), (name, k, bits[name])
+        assert state[name].unique().numel() == k, name
+    assert scalars["sq/bits_weighted"][-1] <= 5
+    val = scalars["val/loss"]
+    assert val[-1] < min(val[0], 2.4)  # uniform guessing: ln 65 = 4.17 nats
+    assert (run / "model.sq.safetensors").is_file()

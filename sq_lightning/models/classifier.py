@@ -12,8 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal, Optional
 
 import torch
@@ -24,6 +23,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from sq_lightning.models._checkpoint import check_state_match, read_network_state
 from sq_lightning.models.resnet_cifar import MLP, CifarResNet
 
 log = logging.getLogger(__name__)
@@ -33,35 +33,7 @@ __all__ = ["ImageClassifier", "build_model", "lr_factor", "ARCHS"]
 _RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56}
 ARCHS = (*_RESNET_DEPTHS, "mlp")
 _SCHEDULES = ("cosine", "step", "constant")
-# How many offending keys an error message spells out before summarising the rest.
-_MAX_KEYS_SHOWN = 8
-
-
 _ARCH_ARGS = ("arch", "num_classes", "in_channels", "mlp_hidden", "in_features", "shortcut")
-
-
-def _read_network_state(path: str, arg: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The bare network's tensors in checkpoint ``path`` (the ``model.`` prefix of a Lightning
-    checkpoint removed) and the checkpoint's saved hyperparameters (empty for a plain
-    ``state_dict``). ``arg`` names the argument in the errors."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"`{arg}` checkpoint {path!r} does not exist (working directory {os.getcwd()!r}). "
-            "Point it at the previous stage's checkpoint, e.g. "
-            "`runs/cifar10_resnet20/pretrain/checkpoints/best.ckpt`."
-        )
-    try:
-        # weights_only: a checkpoint is data; never execute code found in one.
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise RuntimeError(f"`{arg}` checkpoint {path!r} could not be read: {err}") from err
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise RuntimeError(f"`{arg}` file {path!r} holds neither a Lightning checkpoint nor a state_dict of tensors.")
-    if any(k.startswith("model.") for k in state):
-        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    saved = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, Mapping) else {}
-    return dict(state), dict(saved) if isinstance(saved, Mapping) else {}
 
 
 def build_model(
@@ -118,12 +90,6 @@ def lr_factor(
         span = max(end - start, 1)
         return 0.5 * (1.0 + math.cos(math.pi * min(epoch - start, span) / span))
     raise ValueError(f"`schedule` must be one of {list(_SCHEDULES)}, got {schedule!r}.")
-
-
-def _show(keys: Sequence[str]) -> str:
-    keys = list(keys)
-    shown = ", ".join(keys[:_MAX_KEYS_SHOWN])
-    return shown + (f", ... ({len(keys) - _MAX_KEYS_SHOWN} more)" if len(keys) > _MAX_KEYS_SHOWN else "")
 
 
 class ImageClassifier(LightningModule):
@@ -278,37 +244,10 @@ class ImageClassifier(LightningModule):
             FileNotFoundError: ``path`` does not exist.
             RuntimeError: the file cannot be read, or its keys/shapes differ from the model's.
         """
-        state, saved = _read_network_state(path, "init_from")
-        self._check_match(path, "init_from", self.model, state, saved, dict(self.hparams))
+        state, saved = read_network_state(path, "init_from")
+        check_state_match(path, "init_from", self.model, state, saved, dict(self.hparams), _ARCH_ARGS)
         self.model.load_state_dict(state, strict=True)
         rank_zero_info(f"Loaded {len(state)} tensors of {type(self.model).__name__} from {path}.")
-
-    @staticmethod
-    def _check_match(path: str, arg: str, model: nn.Module, state: Mapping, saved: Mapping, arch: Mapping) -> None:
-        """Raises a RuntimeError naming ``arg`` if ``state`` does not fit ``model`` (built with ``arch``)."""
-        own = model.state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        shapes = [
-            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-            for k, v in own.items()
-            if k in state and state[k].shape != v.shape
-        ]
-        if missing or unexpected or shapes:
-            differ = [k for k in _ARCH_ARGS if k in saved and saved[k] != arch[k]]
-            parts = [f"`{arg}` checkpoint {path!r} does not match this model (arch={arch['arch']!r})."]
-            if differ:
-                theirs = ", ".join(f"{k}={saved[k]!r}" for k in differ)
-                ours = ", ".join(f"{k}={arch[k]!r}" for k in differ)
-                parts.append(f"The checkpoint was trained with {theirs}; this model has {ours}.")
-            if shapes:
-                parts.append(f"Shape mismatches: {_show(shapes)}.")
-            if missing:
-                parts.append(f"Missing in checkpoint: {_show(missing)}.")
-            if unexpected:
-                parts.append(f"Unexpected in checkpoint: {_show(unexpected)}.")
-            parts.append("Build the model with the checkpoint's architecture arguments. The model was not changed.")
-            raise RuntimeError(" ".join(parts))
 
     @property
     def teacher(self) -> Optional[nn.Module]:
@@ -325,7 +264,7 @@ class ImageClassifier(LightningModule):
             RuntimeError: the file cannot be read or does not fit the architecture.
         """
         path = self.hparams.distill_from
-        state, saved = _read_network_state(path, "distill_from")
+        state, saved = read_network_state(path, "distill_from")
         arch = {k: saved.get(k, self.hparams[k]) for k in _ARCH_ARGS}
         if arch["num_classes"] != self.hparams.num_classes:
             raise RuntimeError(
@@ -333,7 +272,7 @@ class ImageClassifier(LightningModule):
                 f"{self.hparams.num_classes}. Distil from a teacher trained on the same classes."
             )
         teacher = build_model(**arch)
-        self._check_match(path, "distill_from", teacher, state, {}, arch)
+        check_state_match(path, "distill_from", teacher, state, {}, arch, _ARCH_ARGS)
         teacher.load_state_dict(state, strict=True)
         teacher.requires_grad_(False).eval()
         object.__setattr__(self, "_teacher", teacher)
