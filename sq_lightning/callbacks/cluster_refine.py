@@ -21,7 +21,7 @@ from torch import nn
 from typing_extensions import override
 
 from sq_lightning.callbacks._logging import log_histograms, log_scalars
-from sq_lightning.callbacks._strategy import check_strategy
+from sq_lightning.callbacks._checks import check_setup, has_forward
 from sq_lightning.export import CODINGS, entropy_coder, save_compressed
 from sq_lightning.export import _write as write_state
 from sq_lightning.layers import LayerSelector
@@ -30,6 +30,20 @@ from sq_lightning.sharding import is_sharded
 from sq_lightning.snapper import ClusterSnapper, OnUnclustered, Placement, check_ramp_args
 
 log = logging.getLogger(__name__)
+
+
+def _training_step_forward(pl_module: pl.LightningModule):
+    """Runs ``pl_module.training_step`` on a batch with ``log``/``log_dict`` silenced: the
+    forward pass of a module that defines no ``forward``."""
+
+    def forward(batch: Any) -> None:
+        pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None  # instance attributes shadow the methods
+        try:
+            pl_module.training_step(batch, 0)
+        finally:
+            del pl_module.log, pl_module.log_dict
+
+    return forward
 
 
 class ClusterRefine(Callback):
@@ -105,8 +119,10 @@ class ClusterRefine(Callback):
             statistics after the snap (0 disables).
         histogram_every_n_epochs: weight-histogram interval (0 disables).
         module_types: module class names whose ``weight`` is snapped.
-        include: regexes on full parameter names to snap whatever their module.
-        exclude: regexes on full parameter names never to snap.
+        include: regexes on full parameter names (``re.search``); when given, only the
+            matching weights of ``module_types`` are snapped. A pattern that matches no
+            weight fails at setup, naming the closest ones.
+        exclude: regexes on full parameter names never to snap (each must match one).
         min_size: layers with fewer weights are not snapped.
         max_bits: bit budget per layer: a layer with more than ``2^max_bits``
             discovered clusters (or one that did not cluster) is snapped to exactly
@@ -285,8 +301,11 @@ class ClusterRefine(Callback):
     # -- hooks --------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_strategy(trainer, type(self).__name__)
-        self.selector.select_or_raise(pl_module, type(self).__name__)
+        owner = type(self).__name__
+        check_setup(trainer, pl_module, owner, self.selector, stage)
+        if stage == "fit":
+            self._check_snap_epoch(trainer)
+            self._check_forward(pl_module)
         if self.clusters_from == "codebook" and self._codebook_callback(trainer) is None:
             raise ValueError(
                 "`clusters_from='codebook'` needs a LearnedCodebook callback in the same Trainer; "
@@ -294,6 +313,44 @@ class ClusterRefine(Callback):
             )
         if self.export_path is not None and stage == "fit":
             self._check_export_target(trainer)
+
+    def _check_snap_epoch(self, trainer: pl.Trainer) -> None:
+        """The snap comes inside the fit and after the coupling of the same Trainer has started."""
+        if self.snap_epoch is None:
+            return
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 0 and self.snap_epoch >= max_epochs:
+            raise ValueError(
+                f"ClusterRefine: `snap_epoch`={self.snap_epoch} but the Trainer stops after `max_epochs`={max_epochs} "
+                f"epochs (0 to {max_epochs - 1}): the snap would come after training, with no refinement. Set "
+                "`snap_epoch` below `max_epochs`, or `snap_epoch=None` to snap at the end of fit on purpose."
+            )
+        coupling = self._coupling_callback(trainer)
+        if coupling is not None and self.snap_epoch <= coupling.start_epoch:
+            raise ValueError(
+                f"ClusterRefine: `snap_epoch`={self.snap_epoch} is not after the start of the {type(coupling).__name__} "
+                f"in the same Trainer (`start_epoch`={coupling.start_epoch}): the layers would be snapped before "
+                "any coupling. Snap where the coupling stops (its `stop_epoch`)."
+            )
+
+    def _check_forward(self, pl_module: pl.LightningModule) -> None:
+        """Says at setup how BatchNorm will be re-estimated in a module without ``forward``."""
+        self._bn_via_training_step = False
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules())
+        if not (has_bn and self.recalibrate_bn_batches) or has_forward(pl_module):
+            return
+        if pl_module.automatic_optimization:
+            self._bn_via_training_step = True
+            rank_zero_info(
+                f"ClusterRefine: {type(pl_module).__name__} defines no `forward`; BatchNorm statistics will be "
+                "re-estimated after the snap by running its `training_step` without gradients (nothing logged)."
+            )
+        else:
+            rank_zero_warn(
+                f"ClusterRefine: {type(pl_module).__name__} defines no `forward` and optimizes manually, so its "
+                "`training_step` cannot be run just to re-estimate BatchNorm: the re-estimation after the snap is "
+                "skipped. Define `forward` (or set `recalibrate_bn_batches=0` to silence this)."
+            )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -460,10 +517,17 @@ class ClusterRefine(Callback):
 
     def _recalibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules())
-        if has_bn and self.recalibrate_bn_batches and trainer.train_dataloader is not None:
-            from sq_lightning.models.batchnorm import recalibrate_batchnorm
+        if not (has_bn and self.recalibrate_bn_batches and trainer.train_dataloader is not None):
+            return
+        from sq_lightning.models.batchnorm import recalibrate_batchnorm
 
-            recalibrate_batchnorm(pl_module, trainer.train_dataloader, self.recalibrate_bn_batches, device=pl_module.device)
+        forward = None
+        if not has_forward(pl_module):
+            if not getattr(self, "_bn_via_training_step", pl_module.automatic_optimization):
+                return  # manual optimization: skipped, as said at setup
+            forward = _training_step_forward(pl_module)
+        recalibrate_batchnorm(pl_module, trainer.train_dataloader, self.recalibrate_bn_batches,
+                              device=pl_module.device, forward=forward)
 
     def _metrics(self) -> dict[str, float]:
         out: dict[str, float] = {"sq/snap_pull": self.snapper.pull()} if self.snapper.ramp_steps else {}

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from sq_lightning.callbacks._strategy import check_strategy
+from sq_lightning.callbacks._checks import check_setup, check_window
 from sq_lightning.layers import LayerSelector, check_overrides, first_override
 from sq_lightning.ops.codebook import INIT_METHODS, codebook_regularizer, init_centroids, nearest_centroid
 from sq_lightning.sharding import all_reduce_sum, is_sharded, shard_group, shard_spec
@@ -103,8 +103,10 @@ class LearnedCodebook(Callback):
         codebook_optimizer: ``"adam"`` or ``"sgd"`` (plain, no momentum).
         module_types: class names whose ``weight`` is regularized; ``None`` selects
             ``Conv1d/2d/3d`` and ``Linear`` (see :class:`~sq_lightning.layers.LayerSelector`).
-        include: regexes on full parameter names that select a parameter of any type.
-        exclude: regexes on full parameter names that always deselect.
+        include: regexes on full parameter names (``re.search``); when given, only the
+            matching weights of ``module_types`` are regularized. A pattern that matches no
+            weight fails at setup, naming the closest ones.
+        exclude: regexes on full parameter names that always deselect (each must match one).
         min_size: parameters with fewer entries are left alone.
         start_epoch: first epoch (0-based) of the active window.
         stop_epoch: first epoch after the window (exclusive); ``None`` runs to the end.
@@ -291,10 +293,10 @@ class LearnedCodebook(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        check_strategy(trainer, type(self).__name__)
+        check_setup(trainer, pl_module, type(self).__name__, self._selector, stage)
         self.prepare(pl_module)
         if stage == "fit":
-            self._check_trainer(trainer)
+            check_window(trainer, type(self).__name__, self.start_epoch, self.stop_epoch, "the regularizer")
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -356,14 +358,6 @@ class LearnedCodebook(Callback):
     def _active(self, trainer: Trainer) -> bool:
         epoch = trainer.current_epoch
         return epoch >= self.start_epoch and (self.stop_epoch is None or epoch < self.stop_epoch)
-
-    def _check_trainer(self, trainer: Trainer) -> None:
-        max_epochs = trainer.max_epochs
-        if max_epochs is not None and max_epochs >= 0 and self.start_epoch >= max_epochs:
-            raise ValueError(
-                f"`start_epoch` must be < the Trainer's `max_epochs` ({max_epochs}), got {self.start_epoch}: "
-                "the regularizer would never run. Lower `start_epoch` or raise `max_epochs`."
-            )
 
     def _check_restored(self) -> None:
         if list(self._centroids) != list(self._k_of):

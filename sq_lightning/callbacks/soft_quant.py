@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from sq_lightning.callbacks._logging import log_histograms, log_scalars
-from sq_lightning.callbacks._strategy import check_strategy
+from sq_lightning.callbacks._checks import check_setup, check_window
 from sq_lightning.coupler import WeightCoupler, check_coupling_args
 from sq_lightning.layers import LayerSelector
 from sq_lightning.ops.coupling import DEFAULT_N_BINS
@@ -90,8 +90,10 @@ class SoftQuantCallback(Callback):
         backend: ``"histogram"``, ``"exact"`` or ``"auto"`` (exact for small layers).
         module_types: module class names whose ``weight`` is coupled
             (default Conv1d/2d/3d and Linear).
-        include: regexes on full parameter names to couple whatever their module.
-        exclude: regexes on full parameter names never to couple.
+        include: regexes on full parameter names (``re.search``); when given, only the
+            matching weights of ``module_types`` are coupled. A pattern that matches no
+            weight fails at setup, naming the closest ones.
+        exclude: regexes on full parameter names never to couple (each must match one).
         min_size: layers with fewer weights are not coupled.
         start_epoch: first epoch with coupling.
         stop_epoch: first epoch without coupling again (``None``: to the end).
@@ -205,8 +207,9 @@ class SoftQuantCallback(Callback):
     # -- hooks --------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_strategy(trainer, type(self).__name__)
-        self.selector.select_or_raise(pl_module, type(self).__name__)
+        check_setup(trainer, pl_module, type(self).__name__, self.selector, stage)
+        if stage == "fit":
+            check_window(trainer, type(self).__name__, self.start_epoch, self.stop_epoch, "the coupling")
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:

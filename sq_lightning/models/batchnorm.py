@@ -10,7 +10,7 @@ does for SWA, Izmailov et al. 2018, arXiv:1803.05407) removes that part of the d
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Optional, Union
 
 import torch
@@ -33,12 +33,23 @@ def _inputs_of(batch: Any) -> torch.Tensor:
     return batch
 
 
+def _to_device(batch: Any, device: Union[str, torch.device]) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(
     model: nn.Module,
     loader: Iterable[Any],
     num_batches: int = 100,
     device: Optional[Union[str, torch.device]] = None,
+    forward: Optional[Callable[[Any], Any]] = None,
 ) -> nn.Module:
     """Re-estimates the running statistics of every batch-norm layer of ``model``.
 
@@ -55,6 +66,9 @@ def recalibrate_batchnorm(
         num_batches: the pass stops after this many batches (> 0).
         device: where to run the pass; defaults to the device of the model's first
             parameter (or buffer), else CPU. The model is not moved.
+        forward: called with each whole batch (tensors moved to ``device``) instead of
+            ``model(x)``: for a model whose forward pass is reached another way (a
+            LightningModule without ``forward``, through its ``training_step``).
 
     Returns:
         ``model``, recalibrated in place.
@@ -93,7 +107,10 @@ def recalibrate_batchnorm(
         for batch in loader:
             if seen >= num_batches:
                 break
-            model(_inputs_of(batch).to(device, non_blocking=True))
+            if forward is None:
+                model(_inputs_of(batch).to(device, non_blocking=True))
+            else:
+                forward(_to_device(batch, device))
             seen += 1
     except BaseException:
         # A failed pass must not leave reset (meaningless) statistics behind.
