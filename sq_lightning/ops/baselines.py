@@ -35,7 +35,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Quantization", "heq_quantize", "kmeans_quantize", "quantize", "uniform_quantize"]
+__all__ = [
+    "Quantization", "heq_quantize", "kmeans_quantize", "quantize", "rtn_bits_per_weight", "rtn_per_channel",
+    "uniform_quantize",
+]
 
 Method = Literal["heq", "kmeans", "uniform"]
 
@@ -215,6 +218,50 @@ def uniform_quantize(theta: Tensor, k: int) -> Quantization:
     used = torch.bincount(grid, minlength=k) > 0
     rank = torch.cumsum(used, 0) - 1
     return _finish(theta, levels[used], rank[grid])
+
+
+def rtn_per_channel(theta: Tensor, bits: int) -> Tensor:
+    """Round-to-nearest onto a per-output-channel min-max grid of ``2**bits`` levels.
+
+    The standard weight-only baseline for transformers (asymmetric, one scale and one zero
+    point per output channel, no training): row ``r`` of ``theta`` viewed as
+    ``(out_channels, -1)`` gets the levels ``min_r + q·s_r``, ``q = 0..2**bits - 1``,
+    ``s_r = (max_r - min_r) / (2**bits - 1)``, and each entry the nearest level (a
+    constant row is kept as it is). Unlike the per-layer quantizers above, a layer holds
+    up to ``out_channels · 2**bits`` distinct values: storage is ``bits`` per weight plus
+    two scalars per channel (:func:`rtn_bits_per_weight`).
+
+    Args:
+        theta: floating-point tensor with at least 1 dimension (dimension 0 = output channels),
+            finite, non-empty.
+        bits: bits per weight, ``>= 1``.
+
+    Returns:
+        The quantized tensor, same shape and dtype.
+
+    Raises:
+        ValueError: ``bits < 1``, empty or non-finite ``theta``.
+        TypeError: ``theta`` is not a floating-point tensor or ``bits`` not an integer.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"`bits` must be an int, got {bits!r}.")
+    if bits < 1:
+        raise ValueError(f"`bits` must be >= 1, got {bits}.")
+    levels = _check(theta, 2**bits)
+    rows = theta.detach().reshape(theta.shape[0] if theta.dim() else 1, -1).to(torch.float64)
+    lo, hi = rows.min(1, keepdim=True).values, rows.max(1, keepdim=True).values
+    step = (hi - lo) / (levels - 1)
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    q = torch.floor((rows - lo) / safe + 0.5).clamp_(0, levels - 1)
+    out = torch.where(step > 0, lo + q * step, rows)
+    return out.reshape(theta.shape).to(theta.dtype)
+
+
+def rtn_bits_per_weight(shape: tuple[int, ...], bits: int, scale_bits: int = 16) -> float:
+    """Storage of :func:`rtn_per_channel` per weight: ``bits`` plus a scale and a zero point of
+    ``scale_bits`` each per output channel, spread over the channel's weights."""
+    per_channel = math.prod(shape[1:]) if len(shape) > 1 else 1
+    return bits + 2 * scale_bits / per_channel
 
 
 _METHODS = {"heq": heq_quantize, "kmeans": kmeans_quantize, "uniform": uniform_quantize}

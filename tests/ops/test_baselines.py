@@ -281,3 +281,25 @@ def test_unknown_method():
 def test_numpy_integer_k_accepted():
     q = quantize(torch.randn(20), np.int64(3), "kmeans")
     assert q.centroids.numel() == 3
+
+
+def test_rtn_per_channel_matches_a_row_by_row_reference():
+    from sq_lightning.ops.baselines import rtn_bits_per_weight, rtn_per_channel
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, 3)
+    w[2] = 0.5  # a constant channel stays as it is
+    out = rtn_per_channel(w, 2)
+    for r in range(6):
+        row = w[r].reshape(-1).double()
+        lo, hi = row.min(), row.max()
+        if lo == hi:
+            assert torch.equal(out[r], w[r])
+            continue
+        grid = lo + (hi - lo) / 3 * torch.arange(4, dtype=torch.float64)
+        nearest = grid[(row[:, None] - grid).abs().argmin(1)]
+        torch.testing.assert_close(out[r].reshape(-1).double(), nearest, rtol=0, atol=1e-6)
+        assert out[r].unique().numel() <= 4
+    assert rtn_bits_per_weight((6, 4, 3), 2) == pytest.approx(2 + 32 / 12)
+    with pytest.raises(ValueError, match="`bits` must be >= 1"):
+        rtn_per_channel(w, 0)
