@@ -87,9 +87,10 @@ class ClusterRefine(Callback):
             (snap anyway) or ``"raise"``; always reported as a warning.
         clusters_from: ``"gaps"`` (discover clusters) or ``"codebook"`` (the learned
             representatives of a :class:`LearnedCodebook` callback in the same ``Trainer``).
-        placement: ``"mean"`` (each discovered cluster snaps to its mean), ``"kmeans"``
-            (keep the discovered ``K_l``, place the values by optimal 1-D k-means: never a
-            larger snap error) or ``"heq"`` (keep ``K_l``, equal-population bins: an
+        placement: ``"kmeans"`` (default: keep the discovered ``K_l``, place the values by
+            optimal 1-D k-means: never a larger snap error than the cluster means, so never
+            worse than post-training k-means at the same ``K_l``), ``"mean"`` (each
+            discovered cluster snaps to its mean, the paper's snap) or ``"heq"`` (keep ``K_l``, equal-population bins: an
             experiment on the partition); see :class:`~sq_lightning.snapper.ClusterSnapper`.
         refine: keep the weights tied after the snap (``False``: snap only).
         reassign: refine with moving assignments: every snapped weight keeps a
@@ -179,7 +180,7 @@ class ClusterRefine(Callback):
         max_snap_error: float = 0.3,
         on_unclustered: OnUnclustered = "keep",
         clusters_from: Literal["gaps", "codebook"] = "gaps",
-        placement: Placement = "mean",
+        placement: Placement = "kmeans",
         refine: bool = True,
         reassign: bool = False,
         reassign_from: Literal["snap", "coupling_start"] = "snap",
