@@ -293,17 +293,27 @@ class ClusterSnapper:
         clusters: Optional[dict[str, Clusters]] = None,
         w_l: Optional[dict[str, float]] = None,
         centroids: Optional[dict[str, Tensor]] = None,
+        given: Optional[bool] = None,
     ) -> dict[str, LayerReport]:
         """Snaps every selected layer to its clusters and returns the per-layer report.
+
+        Layers whose snap error exceeds ``max_snap_error`` are named together in one
+        warning (or one :class:`UnclusteredLayerError`), whose advice depends on where the
+        clusters came from: ``given`` (default: whether ``clusters`` was passed) says they
+        were the caller's, not found in the weights.
 
         Raises:
             UnclusteredLayerError: a layer's snap error exceeds ``max_snap_error`` and
                 ``on_unclustered="raise"`` (the model is then left unchanged).
         """
         # What to do about a layer too far from its clusters depends on where they came from.
-        hint = ("Coupling was too weak for it: raise `h`, couple longer, or exclude the layer." if clusters is None else
-                "The clusters passed for it are too few for its weights: pass more, or exclude the layer.")
+        given = clusters is not None if given is None else given
+        hint = ("The clusters given for them fit their weights badly: give more, or exclude those layers." if given else
+                "The coupling was too weak or too short for them: raise `h` (or `target_step`) or couple for more "
+                "steps, watching `sq/grad_ratio/<layer>` (the coupling's gradient against the task's in each layer); "
+                "or set `max_bits` to quantize them by k-means at a bit budget; or exclude them.")
         clusters = clusters if clusters is not None else self.find(model, w_l=w_l, centroids=centroids)
+        loose: list[str] = []
         params = dict(model.named_parameters())
         reports: dict[str, LayerReport] = {}
         keep: dict[str, Clusters] = {}
@@ -320,21 +330,22 @@ class ClusterSnapper:
                 err = cl.snap_error(theta)
             ok = err <= self.max_snap_error
             if not ok:
-                msg = (
-                    f"layer {name} is not clustered: snapping it to K={cl.k} values would cause a relative error "
-                    f"of {err:.3f} (> max_snap_error={self.max_snap_error}). {hint}"
-                )
-                if self.on_unclustered == "raise":
-                    raise UnclusteredLayerError(msg)
-                action = "it stays in full precision" if self.on_unclustered == "keep" else "snapping it anyway"
-                if rank_zero_only.rank == 0:  # every rank snaps the same clusters: one warning, not one a rank
-                    log.warning("%s (on_unclustered=%r: %s)", msg, self.on_unclustered, action)
+                loose.append(f"{name} (K={cl.k}, error {err:.3f})")
             snapped = ok or self.on_unclustered == "snap"
             reports[name] = LayerReport(
                 name, theta.numel(), cl.k, cl.bits if snapped else 32.0, err, snapped, cl.entropy if snapped else 32.0
             )
             if snapped:
                 keep[name] = cl
+        if loose:
+            # One line for all of them: every rank snaps the same clusters, so rank 0 alone says it.
+            msg = (f"{len(loose)} of {len(clusters)} layers did not cluster (relative snap error above "
+                   f"max_snap_error={self.max_snap_error}): {', '.join(loose)}. {hint}")
+            if self.on_unclustered == "raise":
+                raise UnclusteredLayerError(msg)
+            action = "they stay in full precision" if self.on_unclustered == "keep" else "they are snapped anyway"
+            if rank_zero_only.rank == 0:
+                log.warning("%s (on_unclustered=%r: %s)", msg, self.on_unclustered, action)
         self.latent, self._shards = {}, {}
         for name, cl in keep.items():
             p = params[name]

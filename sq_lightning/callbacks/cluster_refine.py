@@ -500,7 +500,7 @@ class ClusterRefine(Callback):
         # Every rank holds the same weights, so the clusters agree; broadcasting rank 0's
         # makes that a guarantee rather than a property of floating-point determinism.
         clusters = trainer.strategy.broadcast(clusters, src=0)
-        self.snapper.snap(pl_module, clusters=clusters)
+        self.snapper.snap(pl_module, clusters=clusters, given=self.given_clusters is not None)
         if self.reassign_from == "coupling_start":  # reassign=True: a snap at once, never a gradual one
             if self.latent_source:
                 self.snapper.start_latent_from({n: t for n, t in self.latent_source.items() if n in self.snapper.clusters})
