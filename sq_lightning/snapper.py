@@ -27,7 +27,7 @@ from sq_lightning.sharding import ShardSpec, all_reduce_sum, is_sharded, shard_s
 
 log = logging.getLogger(__name__)
 
-OnUnclustered = Literal["keep", "snap", "raise"]
+OnUnclustered = Literal["kmeans", "keep", "snap", "raise"]
 Placement = Literal["mean", "kmeans", "heq"]
 
 
@@ -61,8 +61,8 @@ def check_snap_args(
         raise ValueError(f"`merge` must be 'storage', 'all' or 'none', got {merge!r}.")
     if max_snap_error <= 0:
         raise ValueError(f"`max_snap_error` must be > 0, got {max_snap_error}.")
-    if on_unclustered not in ("keep", "snap", "raise"):
-        raise ValueError(f"`on_unclustered` must be 'keep', 'snap' or 'raise', got {on_unclustered!r}.")
+    if on_unclustered not in ("kmeans", "keep", "snap", "raise"):
+        raise ValueError(f"`on_unclustered` must be 'kmeans', 'keep', 'snap' or 'raise', got {on_unclustered!r}.")
     if placement not in ("mean", "kmeans", "heq"):
         raise ValueError(f"`placement` must be 'mean' (cluster means), 'kmeans' (optimal 1-D k-means at the "
                          f"discovered K) or 'heq' (equal-population bins at the discovered K), got {placement!r}.")
@@ -116,9 +116,12 @@ class ClusterSnapper:
         merge: ``"storage"``, ``"all"`` or ``"none"``; see :func:`find_clusters`.
         max_snap_error: a layer whose relative snap error ``‖θ - snap(θ)‖ / ‖θ‖``
             exceeds this is "unclustered" (coupling was too weak for it).
-        on_unclustered: ``"keep"`` leaves such a layer in full precision (reported as
-            32 bits), ``"snap"`` snaps it anyway, ``"raise"`` stops with an error.
-            Every case is logged as a warning with the layer's name and error.
+        on_unclustered: ``"kmeans"`` (default) quantizes such a layer by optimal 1-D
+            k-means at the budget's number of values (``max_clusters``, ``2^max_bits``, or
+            16 without a budget) instead of its
+            clusters, ``"keep"`` leaves it in full precision (reported as 32 bits),
+            ``"snap"`` snaps it to its clusters anyway, ``"raise"`` stops with an error.
+            The layers are named in one warning with their errors.
         selector: which parameters are snapped.
         placement: where the ``K_l`` values of a discovered layer go. ``"mean"``: each
             gap-separated cluster snaps to its mean (the paper's snap). ``"kmeans"``:
@@ -190,7 +193,7 @@ class ClusterSnapper:
         min_cluster_frac: float = 0.001,
         merge: MergePolicy = "storage",
         max_snap_error: float = 0.3,
-        on_unclustered: OnUnclustered = "keep",
+        on_unclustered: OnUnclustered = "kmeans",
         selector: Optional[LayerSelector] = None,
         placement: Placement = "kmeans",
         max_bits: Optional[int] = None,
@@ -212,6 +215,8 @@ class ClusterSnapper:
         )
         self.w, self.gap, self.min_cluster_frac, self.merge = w, gap, min_cluster_frac, merge
         self.max_snap_error, self.on_unclustered = max_snap_error, on_unclustered
+        # Values of a layer that did not cluster under on_unclustered="kmeans".
+        self.fallback_k = max_clusters if max_clusters is not None else 2 ** (max_bits if max_bits is not None else 4)
         self.selector = selector or LayerSelector()
         self.clusters: dict[str, Clusters] = {}
         self.reports: dict[str, LayerReport] = {}
@@ -331,7 +336,10 @@ class ClusterSnapper:
             ok = err <= self.max_snap_error
             if not ok:
                 loose.append(f"{name} (K={cl.k}, error {err:.3f})")
-            snapped = ok or self.on_unclustered == "snap"
+                if self.on_unclustered == "kmeans" and name not in sliced:
+                    cl = _quantized_clusters(theta.detach(), self.fallback_k, "kmeans")
+                    err = cl.snap_error(theta)
+            snapped = ok or self.on_unclustered == "snap" or (self.on_unclustered == "kmeans" and name not in sliced)
             reports[name] = LayerReport(
                 name, theta.numel(), cl.k, cl.bits if snapped else 32.0, err, snapped, cl.entropy if snapped else 32.0
             )
@@ -343,7 +351,9 @@ class ClusterSnapper:
                    f"max_snap_error={self.max_snap_error}): {', '.join(loose)}. {hint}")
             if self.on_unclustered == "raise":
                 raise UnclusteredLayerError(msg)
-            action = "they stay in full precision" if self.on_unclustered == "keep" else "they are snapped anyway"
+            action = {"keep": "they stay in full precision", "snap": "they are snapped anyway",
+                      "kmeans": f"they are quantized by optimal 1-D k-means at {self.fallback_k} values "
+                                "(layers sharded by FSDP stay in full precision)"}[self.on_unclustered]
             if rank_zero_only.rank == 0:
                 log.warning("%s (on_unclustered=%r: %s)", msg, self.on_unclustered, action)
         self.latent, self._shards = {}, {}

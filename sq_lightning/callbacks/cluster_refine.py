@@ -83,8 +83,11 @@ class ClusterRefine(Callback):
         merge: ``"storage"`` (merge only where it saves an index bit), ``"all"``, ``"none"``.
         max_snap_error: relative snap error ``‖θ - snap(θ)‖ / ‖θ‖`` above which a layer
             counts as not clustered.
-        on_unclustered: ``"keep"`` (full precision, 32 bits in the report), ``"snap"``
-            (snap anyway) or ``"raise"``; always reported as a warning.
+        on_unclustered: what happens to a layer whose snap error exceeds ``max_snap_error``:
+            ``"kmeans"`` (default: optimal 1-D k-means at the budget's values, ``max_clusters``
+            or ``2^max_bits``, 16 without a budget), ``"keep"`` (full precision, 32 bits in
+            the report), ``"snap"`` (to its clusters anyway) or ``"raise"``. Such layers
+            are named in one warning that says what to change.
         clusters_from: ``"gaps"`` (discover clusters) or ``"codebook"`` (the learned
             representatives of a :class:`LearnedCodebook` callback in the same ``Trainer``).
         placement: ``"kmeans"`` (default: keep the discovered ``K_l``, place the values by
@@ -178,7 +181,7 @@ class ClusterRefine(Callback):
         min_cluster_frac: float = 0.001,
         merge: MergePolicy = "storage",
         max_snap_error: float = 0.3,
-        on_unclustered: OnUnclustered = "keep",
+        on_unclustered: OnUnclustered = "kmeans",
         clusters_from: Literal["gaps", "codebook"] = "gaps",
         placement: Placement = "kmeans",
         refine: bool = True,
