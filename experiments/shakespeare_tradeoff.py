@@ -154,7 +154,9 @@ def run_ptq(k_from: dict) -> list[dict]:
     rows = []
     base = _model()
     names = _quantized_names(base)
-    rows.append({"method": "fp", "seed": 0, "val_loss": val_loss(base, dm), "bits": 32.0, "bits_all": 32.0})
+    have = {(r["method"], r.get("rtn_bits")) for r in _rows()}  # rows that do not depend on --k-from: once
+    if ("fp", None) not in have:
+        rows.append({"method": "fp", "seed": 0, "val_loss": val_loss(base, dm), "bits": 32.0, "bits_all": 32.0})
     for quantizer in ("heq", "kmeans"):
         model = _model()
         params = dict(model.named_parameters())
@@ -171,6 +173,8 @@ def run_ptq(k_from: dict) -> list[dict]:
         rows.append({"method": f"ptq-{quantizer}", "seed": 0, "val_loss": val_loss(model, dm), "bits": bits,
                      "bits_all": bits_all, "k_from": k_from["label"], "k": k_from["k"]})
     for b in (2, 3, 4):
+        if ("ptq-rtn", b) in have:
+            continue
         model = _model()
         params = dict(model.named_parameters())
         ks = {}
@@ -208,8 +212,19 @@ def _append(row: dict, argv: list[str]) -> None:
     print(json.dumps({k: v for k, v in row.items() if k != "k"}))
 
 
+def _unique(rows: list[dict]) -> list[dict]:
+    """Rows without repeats of the same measurement (the same method, setting and result)."""
+    seen, out = set(), []
+    for r in rows:
+        key = (r["method"], r.get("rtn_bits"), r.get("k_from"), r.get("w"), r.get("seed"), r["val_loss"])
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
 def report() -> str:
-    rows = _rows()
+    rows = sorted(_unique(_rows()), key=lambda r: (-r.get("bits", 32.0), r["method"]))
     fp = next((r["val_loss"] for r in rows if r["method"] == "fp"), float("nan"))
     lines = [
         "# Character GPT / Tiny Shakespeare: validation loss against weighted bits",
@@ -245,7 +260,7 @@ def plot(path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in _rows() if r["method"] != "fp-continued"]
+    rows = [r for r in _unique(_rows()) if r["method"] != "fp-continued"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for method in dict.fromkeys(r["method"] for r in rows):
         pts = sorted((r.get("bits", 32.0), r["val_loss"]) for r in rows if r["method"] == method and r.get("bits", 32) < 32
