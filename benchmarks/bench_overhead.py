@@ -1,12 +1,13 @@
-"""Training-step overhead of the soft-quantization coupling gradient on a CIFAR ResNet-20 (CPU).
+"""Training-step overhead of the soft-quantization coupling gradient (CPU): CIFAR ResNet-20, torchvision
+ResNet-18 or the character GPT (``--model``).
 
 Soft quantization (Bernstein, Di Carlo, Schwab, arXiv:2601.21219) adds the gradient of
 the weight-coupling loss to ``param.grad`` between ``backward`` and ``optimizer.step``
 (what ``SoftQuantCallback.on_before_optimizer_step`` does). This script measures what
 that costs per training step.
 
-Plain loop: ResNet-20 (``sq_lightning.models.resnet20``), a batch of random 3x32x32
-inputs, cross-entropy, SGD with momentum 0.9. Each round times one step WITHOUT the
+Plain loop: the ``--model`` (ResNet-20 by default; see :func:`_setup_model`), a batch of random
+inputs, cross-entropy, its optimizer. Each round times one step WITHOUT the
 coupling and one step WITH it for every backend (``auto``, ``histogram``, ``exact``),
 in an order rotated every round, all in one process; the reported overhead is the
 median over rounds of (step with coupling) / (step without) of the same round, with
@@ -60,13 +61,44 @@ class _CodebookArm:
         return self.cb.step(model)
 
 
+def _setup_model(name: str, batch: int):
+    """``(model, inputs, targets, loss_fn, optimizer, selector, label)`` of the model measured.
+
+    ``resnet20``: CIFAR ResNet-20, 3x32x32 inputs, SGD (momentum 0.9). ``resnet18``: torchvision's
+    ResNet-18 with 10 classes on 3x32x32 inputs, SGD. ``gpt``: the Tiny Shakespeare character GPT
+    (4 x 192, 1.82 M parameters), ``batch`` blocks of 128 tokens, AdamW; its attention and MLP
+    weights are coupled, the output head is not (as in ``configs/shakespeare_gpt_*.yaml``).
+    """
+    from sq_lightning.layers import LayerSelector
+
+    if name == "gpt":
+        from sq_lightning.models import CharGPT
+
+        model = CharGPT(65, 128, 4, 4, 192)
+        x = torch.randint(0, 65, (batch, 128))
+        y = torch.randint(0, 65, (batch, 128))
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.0)
+        return (model, x, y, lambda out, t: F.cross_entropy(out.reshape(-1, 65), t.reshape(-1)), opt,
+                LayerSelector(exclude=["^head\\."]), f"character GPT 4 x 192, batch {batch} x 128 tokens, AdamW")
+    if name == "resnet18":
+        from torchvision.models import resnet18
+
+        model = resnet18(num_classes=10)
+        label = f"torchvision ResNet-18, batch {batch}, 3x32x32, SGD"
+    else:
+        model = resnet20()
+        label = f"ResNet-20, batch {batch}, SGD"
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    return model, x, y, F.cross_entropy, opt, LayerSelector(), label
+
+
 def plain_loop(args) -> tuple[list[str], dict]:
     torch.manual_seed(0)
-    model = resnet20()
-    x = torch.randn(args.batch, 3, 32, 32)
-    y = torch.randint(0, 10, (args.batch,))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    couplers = {b: (_CodebookArm(model) if b == "codebook" else WeightCoupler(h=H, w=W, backend=b)) for b in args.backends}
+    model, x, y, loss_fn, opt, selector, label = _setup_model(args.model, args.batch)
+    couplers = {b: (_CodebookArm(model) if b == "codebook" else WeightCoupler(h=H, w=W, backend=b, selector=selector))
+                for b in args.backends}
     for c in couplers.values():
         c.prepare(model)  # σ_l captured once, as the callback does at its first step
     coupling_time: dict[str, list[float]] = {b: [] for b in args.backends}
@@ -74,7 +106,7 @@ def plain_loop(args) -> tuple[list[str], dict]:
     def step(backend: str | None, compute_loss: bool = False) -> float:
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        loss_fn(model(x), y).backward()
         if backend is not None:
             t0 = time.perf_counter()
             couplers[backend].add_gradients(model, compute_loss=compute_loss)
@@ -106,7 +138,8 @@ def plain_loop(args) -> tuple[list[str], dict]:
 
     base = times["none"]
     rows = [
-        f"Plain loop: ResNet-20, batch {args.batch}, h={H}, w={W}, {args.rounds} rounds after "
+        f"Plain loop: {label}, {sum(p.numel() for _, p in selector.select(model)) / 1e6:.2f} M weights coupled, "
+        f"h={H}, w={W}, {args.rounds} rounds after "
         f"{args.warmup} warm-up round(s); every round runs one step per arm in rotated order.",
         "",
         "| backend | step ratio with/without: median [p25, p75] | ratio of medians | step without (ms) | "
@@ -286,6 +319,8 @@ def trainer_variant(args) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--model", choices=["resnet20", "resnet18", "gpt"], default="resnet20",
+                        help="resnet20 (CIFAR), resnet18 (torchvision, CIFAR-sized input) or gpt (Tiny Shakespeare)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds (one step per arm each)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
