@@ -28,6 +28,8 @@ from sq_lightning.sharding import ShardSpec, all_reduce_sum, is_sharded, shard_s
 log = logging.getLogger(__name__)
 
 OnUnclustered = Literal["kmeans", "keep", "snap", "raise"]
+# Values of a layer that did not cluster under on_unclustered="kmeans" when it has no bit budget.
+_FALLBACK_K = 16
 Placement = Literal["mean", "kmeans", "heq"]
 
 
@@ -117,9 +119,10 @@ class ClusterSnapper:
         max_snap_error: a layer whose relative snap error ``‖θ - snap(θ)‖ / ‖θ‖``
             exceeds this is "unclustered" (coupling was too weak for it).
         on_unclustered: ``"kmeans"`` (default) quantizes such a layer by optimal 1-D
-            k-means at the budget's number of values (``max_clusters``, ``2^max_bits``, or
-            16 without a budget) instead of its
-            clusters, ``"keep"`` leaves it in full precision (reported as 32 bits),
+            k-means at its bit budget's number of values (``max_bits_overrides``,
+            ``max_clusters``, ``2^max_bits``, or 16 without a budget) instead of its
+            clusters (clusters the caller gave are snapped to anyway),
+            ``"keep"`` leaves it in full precision (reported as 32 bits),
             ``"snap"`` snaps it to its clusters anyway, ``"raise"`` stops with an error.
             The layers are named in one warning with their errors.
         selector: which parameters are snapped.
@@ -215,8 +218,6 @@ class ClusterSnapper:
         )
         self.w, self.gap, self.min_cluster_frac, self.merge = w, gap, min_cluster_frac, merge
         self.max_snap_error, self.on_unclustered = max_snap_error, on_unclustered
-        # Values of a layer that did not cluster under on_unclustered="kmeans".
-        self.fallback_k = max_clusters if max_clusters is not None else 2 ** (max_bits if max_bits is not None else 4)
         self.selector = selector or LayerSelector()
         self.clusters: dict[str, Clusters] = {}
         self.reports: dict[str, LayerReport] = {}
@@ -319,6 +320,8 @@ class ClusterSnapper:
                 "or set `max_bits` to quantize them by k-means at a bit budget; or exclude them.")
         clusters = clusters if clusters is not None else self.find(model, w_l=w_l, centroids=centroids)
         loose: list[str] = []
+        # Given clusters are the caller's choice: "kmeans" snaps to them anyway rather than replace them.
+        fallback = self.on_unclustered == "kmeans" and not given
         params = dict(model.named_parameters())
         reports: dict[str, LayerReport] = {}
         keep: dict[str, Clusters] = {}
@@ -336,8 +339,8 @@ class ClusterSnapper:
             ok = err <= self.max_snap_error
             if not ok:
                 loose.append(f"{name} (K={cl.k}, error {err:.3f})")
-                if self.on_unclustered == "kmeans" and name not in sliced:
-                    cl = _quantized_clusters(theta.detach(), self.fallback_k, "kmeans")
+                if fallback and name not in sliced:
+                    cl = _quantized_clusters(theta.detach(), self.max_clusters_for(name) or _FALLBACK_K, "kmeans")
                     err = cl.snap_error(theta)
             snapped = ok or self.on_unclustered == "snap" or (self.on_unclustered == "kmeans" and name not in sliced)
             reports[name] = LayerReport(
@@ -352,8 +355,9 @@ class ClusterSnapper:
             if self.on_unclustered == "raise":
                 raise UnclusteredLayerError(msg)
             action = {"keep": "they stay in full precision", "snap": "they are snapped anyway",
-                      "kmeans": f"they are quantized by optimal 1-D k-means at {self.fallback_k} values "
-                                "(layers sharded by FSDP stay in full precision)"}[self.on_unclustered]
+                      "kmeans": "they are quantized by optimal 1-D k-means at their bit budget's number of values "
+                                f"({_FALLBACK_K} without one; layers sharded by FSDP stay in full precision)"
+                                if fallback else "they are snapped to the given clusters anyway"}[self.on_unclustered]
             if rank_zero_only.rank == 0:
                 log.warning("%s (on_unclustered=%r: %s)", msg, self.on_unclustered, action)
         self.latent, self._shards = {}, {}

@@ -43,7 +43,8 @@ def test_every_layer_snaps_at_no_larger_error_than_kmeans_at_its_k(caplog):
     torch.testing.assert_close(dict(net.named_parameters())["4.weight"].detach(),
                                kmeans_quantize(weights["4.weight"], 16).values)
     lines = [r.message for r in caplog.records if "did not cluster" in r.message]
-    assert len(lines) == 1 and "4.weight (K=" in lines[0] and "k-means at 16 values" in lines[0]
+    assert len(lines) == 1 and "4.weight (K=" in lines[0] and "k-means at their bit budget" in lines[0]
+    assert "16 without one" in lines[0]
 
 
 @pytest.mark.parametrize(("budget", "k"), [({"max_bits": 2}, 4), ({"max_clusters": 3}, 3)])
@@ -59,3 +60,19 @@ def test_keep_stays_an_option():
     reports = ClusterSnapper(w=0.3, on_unclustered="keep").snap(net)
     assert not reports["4.weight"].snapped and reports["4.weight"].bits == 32.0
     assert torch.equal(net[4].weight.detach(), before)
+
+
+def test_given_clusters_are_snapped_to_not_replaced():
+    from sq_lightning.ops.clustering import Clusters
+
+    net = _net()
+    two = {"4.weight": Clusters.from_quantization(kmeans_quantize(net[4].weight.detach(), 2))}
+    reports = ClusterSnapper(w=0.3).snap(net, clusters=two)
+    assert reports["4.weight"].snapped and reports["4.weight"].k == 2  # the caller's choice, loose or not
+    assert net[4].weight.unique().numel() == 2
+
+
+def test_a_per_layer_budget_sets_that_layers_fallback():
+    net = _net()
+    reports = ClusterSnapper(w=0.3, max_bits=1, max_bits_overrides={"^4\\.": 3}).snap(net)
+    assert reports["4.weight"].k == 8
