@@ -16,6 +16,8 @@ Protocol (fixed before any row was run):
 - ``kmeans-refine``: each layer snapped at the first step to optimal 1-D k-means of the
   checkpoint's weights at the ``K_l`` of a ``softquant`` row (``--k-from``), then refined with
   tied weights for all the steps (the fair control: same steps, clusters without training);
+- ``codebook`` (method B): ``LearnedCodebook(lam=30, bits)`` for the coupling steps, then
+  ``ClusterRefine(clusters_from="codebook")`` snaps to the learned values and refines;
 - ``fp-continued``: the same steps without quantization (what the extra training alone gives);
 - ``ptq``: no training, at the ``K_l`` of a ``softquant`` row: HEQ and k-means; and
   round-to-nearest per output channel (``rtn``) at 2, 3 and 4 bits, its scales counted in
@@ -102,8 +104,8 @@ def _trainer(epochs: int, callbacks) -> pl.Trainer:
 
 
 def run_training(method: str, seed: int, couple_steps: int, refine_steps: int, h: float, w: float,
-                 k_from: dict | None) -> dict:
-    from sq_lightning import ClusterRefine, SoftQuantCallback
+                 k_from: dict | None, bits: int = 3) -> dict:
+    from sq_lightning import ClusterRefine, LearnedCodebook, SoftQuantCallback
     from sq_lightning.ops.baselines import kmeans_quantize
     from sq_lightning.ops.clustering import Clusters
 
@@ -123,6 +125,9 @@ def run_training(method: str, seed: int, couple_steps: int, refine_steps: int, h
         refine = ClusterRefine(snap_epoch=0, w=w, exclude=EXCLUDE, recalibrate_bn_batches=0,
                                on_unclustered="snap").snap_to(clusters)
         callbacks = [refine]
+    elif method == "codebook":
+        callbacks = [LearnedCodebook(lam=30.0, bits=bits, init="kmeans", exclude=EXCLUDE, stop_epoch=c_ep),
+                     ClusterRefine(snap_epoch=c_ep, clusters_from="codebook", exclude=EXCLUDE, recalibrate_bn_batches=0)]
     elif method != "fp-continued":
         raise SystemExit(f"unknown training method {method!r}")
     start = time.perf_counter()
@@ -133,6 +138,8 @@ def run_training(method: str, seed: int, couple_steps: int, refine_steps: int, h
            "val_loss": val_loss(model, dm), "seconds": round(seconds, 1)}
     if method == "softquant":
         row.update(h=h, w=w)
+    if method == "codebook":
+        row.update(codebook_bits=bits, lam=30.0)
     if callbacks:
         snapper = callbacks[-1].snapper
         names = _quantized_names(model)
@@ -242,6 +249,7 @@ def report() -> str:
         steps = f"{r['couple_steps']} + {r['refine_steps']}" if "couple_steps" in r else "-"
         setting = (f"h={r.get('h')}, w={r.get('w')}" if r["method"] == "softquant"
                    else f"{r['rtn_bits']} bits per channel" if r["method"] == "ptq-rtn"
+                   else f"K={2 ** r['codebook_bits']}, lam={r['lam']}" if r["method"] == "codebook"
                    else f"K_l of {r['k_from']}" if "k_from" in r else "-")
         clustered = f"{r['clustered']}/{r['layers']}" if "clustered" in r else "-"
         lines.append(
@@ -284,7 +292,8 @@ def plot(path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--method", choices=["softquant", "kmeans-refine", "fp-continued", "ptq"])
+    p.add_argument("--method", choices=["softquant", "codebook", "kmeans-refine", "fp-continued", "ptq"])
+    p.add_argument("--bits", type=int, default=3, help="codebook: K = 2^bits learned representatives per layer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--couple-steps", type=int, default=1000)
     p.add_argument("--refine-steps", type=int, default=500)
@@ -308,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if ns.method == "kmeans-refine" and k_from is None:
             raise SystemExit("--method kmeans-refine needs --k-from")
-        _append(run_training(ns.method, ns.seed, ns.couple_steps, ns.refine_steps, ns.h, ns.w, k_from), argv)
+        _append(run_training(ns.method, ns.seed, ns.couple_steps, ns.refine_steps, ns.h, ns.w, k_from, ns.bits), argv)
     return 0
 
 
