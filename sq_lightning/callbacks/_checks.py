@@ -13,8 +13,8 @@ from sq_lightning.callbacks._strategy import check_strategy
 from sq_lightning.layers import LayerSelector
 
 
-def check_setup(trainer: pl.Trainer, pl_module: pl.LightningModule, owner: str, selector: LayerSelector,
-                stage: str) -> list[tuple[str, nn.Parameter]]:
+def check_setup(trainer: pl.Trainer, pl_module: pl.LightningModule, owner: str,
+                selector: LayerSelector) -> list[tuple[str, nn.Parameter]]:
     """The strategy is supported and the selection is valid and not empty; returns the selection."""
     check_strategy(trainer, owner)
     return selector.select_or_raise(pl_module, owner)

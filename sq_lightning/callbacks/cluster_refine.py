@@ -305,8 +305,7 @@ class ClusterRefine(Callback):
     # -- hooks --------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        owner = type(self).__name__
-        check_setup(trainer, pl_module, owner, self.selector, stage)
+        check_setup(trainer, pl_module, type(self).__name__, self.selector)
         if stage == "fit":
             self._check_snap_epoch(trainer)
             self._check_forward(pl_module)

@@ -18,7 +18,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from sq_lightning.callbacks._checks import check_setup, check_window
+from sq_lightning.callbacks._checks import check_window
+from sq_lightning.callbacks._strategy import check_strategy
 from sq_lightning.layers import LayerSelector, check_overrides, first_override
 from sq_lightning.ops.codebook import INIT_METHODS, codebook_regularizer, init_centroids, nearest_centroid
 from sq_lightning.sharding import all_reduce_sum, is_sharded, shard_group, shard_spec
@@ -293,8 +294,8 @@ class LearnedCodebook(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        check_setup(trainer, pl_module, type(self).__name__, self._selector, stage)
-        self.prepare(pl_module)
+        check_strategy(trainer, type(self).__name__)
+        self.prepare(pl_module)  # selects (patterns checked, not empty) as check_setup does
         if stage == "fit":
             check_window(trainer, type(self).__name__, self.start_epoch, self.stop_epoch, "the regularizer")
 

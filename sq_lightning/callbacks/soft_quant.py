@@ -207,7 +207,7 @@ class SoftQuantCallback(Callback):
     # -- hooks --------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_setup(trainer, pl_module, type(self).__name__, self.selector, stage)
+        check_setup(trainer, pl_module, type(self).__name__, self.selector)
         if stage == "fit":
             check_window(trainer, type(self).__name__, self.start_epoch, self.stop_epoch, "the coupling")
 
