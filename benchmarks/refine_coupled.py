@@ -49,6 +49,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from sq_lightning.callbacks import ClusterRefine
+from sq_lightning.handoff import SnapHint
 from sq_lightning.data import CIFAR10DataModule
 from sq_lightning.evaluate import accuracy
 from sq_lightning.models import ImageClassifier
@@ -77,17 +78,6 @@ class TailCosine(ImageClassifier):
         start, total = self.tail
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(e + start, "cosine", total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-
-
-class RunSnap(ClusterRefine):
-    """ClusterRefine with the coupling run's ``w_l`` (from the full-precision std) given."""
-
-    def __init__(self, w_l: dict[str, float], **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.given_w_l = w_l
-
-    def _soft_quant_w_l(self, trainer) -> dict[str, float]:
-        return self.given_w_l
 
 
 class LatentFromFP(Callback):
@@ -180,17 +170,20 @@ def main() -> None:
         raise SystemExit(f"--coupled {args.coupled}: not a ResNet-20 state_dict (missing {missing.missing_keys[:3]})")
     edges = {rf"^model\.{m}\.weight$": args.edge_bits for m in EDGE_LAYERS} if args.edge_bits else {}
 
-    def run_snap() -> RunSnap:
-        return RunSnap({f"model.{n}": args.w * float(p.float().std()) for n, p in fp.items()},
-                       snap_epoch=0, w=args.w, recalibrate_bn_batches=100, max_bits=args.max_bits,
-                       max_clusters=args.max_clusters, on_unclustered="snap", reassign=True, max_bits_overrides=edges)
+    # The coupling run's w_l (w times the full-precision std), handed to a snap without a coupling.
+    hint = SnapHint(w_l={f"model.{n}": args.w * float(p.float().std()) for n, p in fp.items()})
+
+    def run_snap() -> ClusterRefine:
+        return ClusterRefine(snap_epoch=0, w=args.w, recalibrate_bn_batches=100, max_bits=args.max_bits,
+                             max_clusters=args.max_clusters, on_unclustered="snap", reassign=True,
+                             max_bits_overrides=edges).with_hint(hint)
 
     if args.moves_only:
         print(f"{Path(args.coupled).name}: share of the snapped weights nearer another centroid after the latent start")
         for latent in ("coupled", "fp", "spread"):
             trial = copy.deepcopy(module)
             refine = run_snap()
-            refine.snapper.snap(trial, clusters=refine.snapper.find(trial, w_l=refine.given_w_l))
+            refine.snapper.snap(trial, clusters=refine.snapper.find(trial, w_l=dict(hint.w_l)))
             if latent != "coupled":
                 LatentFromFP(refine, fp, spread=latent == "spread").on_train_epoch_start(SimpleNamespace(current_epoch=0), trial)
             print(f"  {latent:8s} {first_step_moves(refine.snapper):.4f}")

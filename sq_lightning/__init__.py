@@ -13,14 +13,17 @@ __version__ = "0.1.0"
 from sq_lightning.callbacks import ClusterRefine, LearnedCodebook, SoftQuantCallback
 from sq_lightning.coupler import WeightCoupler
 from sq_lightning.export import export_checkpoint, load_compressed, save_compressed
+from sq_lightning.handoff import ClusterSource, SnapHint
 from sq_lightning.layers import LayerSelector
 from sq_lightning.snapper import ClusterSnapper, UnclusteredLayerError
 
 __all__ = [
     "ClusterRefine",
     "ClusterSnapper",
+    "ClusterSource",
     "LayerSelector",
     "LearnedCodebook",
+    "SnapHint",
     "SoftQuantCallback",
     "UnclusteredLayerError",
     "WeightCoupler",

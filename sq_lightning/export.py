@@ -84,6 +84,7 @@ __all__ = [
     "export_checkpoint",
     "load_compressed",
     "save_compressed",
+    "save_state_compressed",
 ]
 
 log = logging.getLogger(__name__)
@@ -244,6 +245,22 @@ def save_compressed(
     return _write(
         model.state_dict(), dict(model.named_parameters()), type(model).__name__, path, clusters, metadata, overwrite, coding
     )
+
+
+def save_state_compressed(
+    state: Mapping[str, Tensor],
+    path: PathLike,
+    clusters: Mapping[str, Sequence[Tensor]],
+    metadata: Optional[dict[str, str]] = None,
+    overwrite: bool = False,
+    coding: str = "packed",
+) -> ExportReport:
+    """:func:`save_compressed` for a ``state_dict`` (say one gathered from FSDP2 shards) instead
+    of a module: every entry of ``clusters`` names a key of ``state`` whose tensor holds the
+    snapped values. Same file, same checks, same errors."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"`state` must be a state_dict (a mapping of name to tensor), got {type(state).__name__}.")
+    return _write(state, state, "the state_dict", path, clusters, metadata, overwrite, coding)
 
 
 def _write(

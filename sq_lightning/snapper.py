@@ -20,6 +20,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 
 from sq_lightning.layers import LayerSelector, check_overrides, first_override
+from sq_lightning.schedule import Ramp
 from sq_lightning.ops.baselines import quantize
 from sq_lightning.ops.codebook import nearest_centroid
 from sq_lightning.ops.clustering import Clusters, MergePolicy, assign_to_centroids, bits_summary, find_clusters, tie_to_clusters
@@ -81,17 +82,15 @@ def check_snap_args(
                          f"in values: give one of them (max_bits=b is max_clusters=2**b).")
 
 
-def check_ramp_args(ramp_steps: int, ramp_from: float, reassign: bool, prefix: str = "") -> None:
-    """``prefix``: how the caller names the arguments (``"snap_"`` in :class:`ClusterRefine`)."""
-    steps, start = f"`{prefix}ramp_steps`", f"`{prefix}ramp_from`"
-    if isinstance(ramp_steps, bool) or not isinstance(ramp_steps, int) or ramp_steps < 0:
-        raise ValueError(f"{steps} must be an int >= 0 (0: snap at once), got {ramp_steps!r}.")
-    if isinstance(ramp_from, bool) or not isinstance(ramp_from, (int, float)) or not 0 < ramp_from <= 1:
-        raise ValueError(f"{start} must be a number in (0, 1] (the first step's pull toward the cluster "
-                         f"means; 1e-3 is a good start), got {ramp_from!r}.")
+def check_ramp_args(ramp_steps: int, ramp_from: float, reassign: bool, prefix: str = "") -> Ramp:
+    """The gradual snap's ramp (``prefix``: how the caller names the arguments, ``"snap_"`` in
+    :class:`ClusterRefine`); it needs fixed assignments."""
+    ramp = Ramp(ramp_steps, ramp_from, prefix=prefix,
+                what="the first step's pull toward the cluster means; 1e-3 is a good start", zero="snap at once")
     if ramp_steps and reassign:
-        raise ValueError(f"{steps} > 0 needs `reassign=False`: the gradual snap pulls each weight toward a "
-                         f"fixed cluster. Set {steps}=0 to refine with moving assignments.")
+        raise ValueError(f"`{prefix}ramp_steps` > 0 needs `reassign=False`: the gradual snap pulls each weight toward a "
+                         f"fixed cluster. Set `{prefix}ramp_steps`=0 to refine with moving assignments.")
+    return ramp
 
 
 class UnclusteredLayerError(RuntimeError):
@@ -209,7 +208,7 @@ class ClusterSnapper:
         check_snap_args(w, gap, min_cluster_frac, merge, max_snap_error, on_unclustered, placement, max_bits, max_clusters)
         if not isinstance(reassign, bool):
             raise ValueError(f"`reassign` must be True or False, got {reassign!r}.")
-        check_ramp_args(ramp_steps, ramp_from, reassign)
+        self.ramp = check_ramp_args(ramp_steps, ramp_from, reassign)
         self.ramp_steps, self.ramp_from = ramp_steps, float(ramp_from)
         self.ties = 0  # ties since the snap: the position in the ramp
         self.placement, self.max_bits, self.max_clusters, self.reassign = placement, max_bits, max_clusters, reassign
@@ -234,9 +233,7 @@ class ClusterSnapper:
     def pull(self) -> float:
         """``β`` of the next :meth:`tie`: the fraction of the way to its cluster's mean that
         each weight moves (1: the exact tie; always 1 without a ramp)."""
-        if self.ties >= self.ramp_steps:
-            return 1.0
-        return self.ramp_from ** (1.0 - self.ties / self.ramp_steps)
+        return self.ramp.factor(self.ties)
 
     @property
     def exact(self) -> bool:
@@ -247,6 +244,11 @@ class ClusterSnapper:
     def max_bits_for(self, name: str) -> Optional[int]:
         """Bit budget of the parameter ``name``: first matching ``max_bits_overrides``, else ``max_bits``."""
         return first_override(self.max_bits_overrides, name, self.max_bits)
+
+    def _fallback_k(self, name: str) -> int:
+        """Values of a layer quantized by ``on_unclustered="kmeans"``: its budget, else the size of
+        the codebook it was assigned to, else 16."""
+        return self.max_clusters_for(name) or getattr(self, "_given_k", {}).get(name) or _FALLBACK_K
 
     def max_clusters_for(self, name: str) -> Optional[int]:
         """Most values the parameter ``name`` may keep: ``2**bits`` of its first matching
@@ -271,11 +273,13 @@ class ClusterSnapper:
                 listed here are assigned to their nearest representative instead.
         """
         found: dict[str, Clusters] = {}
+        self._given_k = {}  # a learned codebook's size is the layer's budget for the fallback
         for name, param in self.selector.select_or_raise(model, type(self).__name__):
             # A sharded layer is gathered (collective): its clusters are the whole layer's.
             theta = param.detach().full_tensor() if is_sharded(param) else param.detach()
             if centroids is not None and name in centroids:
                 found[name] = assign_to_centroids(theta, centroids[name])
+                self._given_k[name] = int(centroids[name].numel())
                 continue
             wl = (w_l or {}).get(name)
             if wl is None:
@@ -340,7 +344,7 @@ class ClusterSnapper:
             if not ok:
                 loose.append(f"{name} (K={cl.k}, error {err:.3f})")
                 if fallback and name not in sliced:
-                    cl = _quantized_clusters(theta.detach(), self.max_clusters_for(name) or _FALLBACK_K, "kmeans")
+                    cl = _quantized_clusters(theta.detach(), self._fallback_k(name), "kmeans")
                     err = cl.snap_error(theta)
             snapped = ok or self.on_unclustered == "snap" or (self.on_unclustered == "kmeans" and name not in sliced)
             reports[name] = LayerReport(

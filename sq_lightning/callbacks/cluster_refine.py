@@ -10,9 +10,10 @@ The work is done by :class:`sq_lightning.snapper.ClusterSnapper`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -22,14 +23,17 @@ from typing_extensions import override
 
 from sq_lightning.callbacks._logging import log_histograms, log_scalars
 from sq_lightning.callbacks._checks import check_setup, has_forward
-from sq_lightning.export import CODINGS, entropy_coder, save_compressed
-from sq_lightning.export import _write as write_state
+from sq_lightning._validate import check_choice, check_int, check_number
+from sq_lightning.export import CODINGS, entropy_coder, save_compressed, save_state_compressed
+from sq_lightning.handoff import ClusterSource, SnapHint, find_source
 from sq_lightning.layers import LayerSelector
 from sq_lightning.ops.clustering import Clusters, MergePolicy
 from sq_lightning.sharding import is_sharded
 from sq_lightning.snapper import ClusterSnapper, OnUnclustered, Placement, check_ramp_args
 
 log = logging.getLogger(__name__)
+
+DEFAULT_W = 0.3  # w of a snap without a coupling in the Trainer (SoftQuantCallback's default)
 
 
 def _training_step_forward(pl_module: pl.LightningModule):
@@ -49,11 +53,10 @@ def _training_step_forward(pl_module: pl.LightningModule):
 class ClusterRefine(Callback):
     """Snaps the selected layers to their clusters, then keeps them tied while training on.
 
-    At the start of epoch ``snap_epoch`` (``0``: at fit start, for a stage that starts
-    from a soft-quantized checkpoint; ``None``: at the end of fit, no refinement) each
-    layer's weights are sorted and split where neighbours are more than ``gap · w_l``
-    apart (``w_l = w · σ_l``; taken from a :class:`SoftQuantCallback` in the same
-    ``Trainer`` when there is one), small clusters are merged as ``merge`` says, and
+    At the start of epoch ``snap_epoch`` (by default where the training stage of the same
+    ``Trainer`` stops, see below) each layer's weights are sorted and split where
+    neighbours are more than ``gap · w_l`` apart (``w_l = w · σ_l``, from the coupling of
+    the same ``Trainer`` when there is one), small clusters are merged as ``merge`` says, and
     every weight is set to its cluster's mean. BatchNorm running statistics are then
     re-estimated on ``recalibrate_bn_batches`` training batches (snapping makes them
     stale: 7-8 accuracy points on ResNet-20, docs/design.md section 8). For the remaining
@@ -73,10 +76,23 @@ class ClusterRefine(Callback):
     :func:`~sq_lightning.export.save_compressed` (global rank 0 only) and its size is
     logged as ``sq/export_bytes`` (by rank 0).
 
+    The hand-off (:mod:`sq_lightning.handoff`): the training stage of the same ``Trainer``
+    (a :class:`SoftQuantCallback`, a :class:`LearnedCodebook` or any callback that is a
+    :class:`~sq_lightning.handoff.ClusterSource`) tells the snap where its window ends and,
+    at the snap, its per-layer ``w_l`` or learned centroids. Nothing is given twice:
+    ``SoftQuantCallback(stop_epoch=4)`` and ``ClusterRefine()`` snap at epoch 4 with the
+    coupling's ``w_l``. Without a training stage (a refinement stage started from a saved
+    checkpoint) the snap works from the weights alone.
+
     Args:
-        snap_epoch: epoch at whose start the snap happens; ``None`` snaps at fit end.
-        w: range of the well relative to the layer std, as in ``SoftQuantCallback``
-            (used only when no ``SoftQuantCallback`` runs in the same ``Trainer``).
+        snap_epoch: epoch at whose start the snap happens. ``"auto"`` (default): the
+            training stage's ``stop_epoch``; at the end of fit when it has none (or it is
+            past ``max_epochs``); ``0`` (at fit start) without a training stage. ``None``
+            snaps at the end of fit, with no refinement.
+        w: range of the well relative to the layer std, for a snap without a coupling in
+            the same ``Trainer`` (``None``: 0.3, ``SoftQuantCallback``'s default). Given
+            next to a coupling with another ``w``, setup fails (the snap uses the
+            coupling's ``w_l``).
         gap: split threshold as a fraction of ``w_l``.
         min_cluster_frac: clusters below this fraction of a layer's weights may be
             merged into their nearest neighbour.
@@ -88,8 +104,10 @@ class ClusterRefine(Callback):
             or ``2^max_bits``, 16 without a budget), ``"keep"`` (full precision, 32 bits in
             the report), ``"snap"`` (to its clusters anyway) or ``"raise"``. Such layers
             are named in one warning that says what to change.
-        clusters_from: ``"gaps"`` (discover clusters) or ``"codebook"`` (the learned
-            representatives of a :class:`LearnedCodebook` callback in the same ``Trainer``).
+        clusters_from: ``"gaps"`` (discover clusters), ``"codebook"`` (the learned
+            representatives of a :class:`LearnedCodebook` in the same ``Trainer``) or
+            ``"auto"`` (default: ``"codebook"`` when the training stage learns
+            centroids, else ``"gaps"``).
         placement: ``"kmeans"`` (default: keep the discovered ``K_l``, place the values by
             optimal 1-D k-means: never a larger snap error than the cluster means, so never
             worse than post-training k-means at the same ``K_l``), ``"mean"`` (each
@@ -122,7 +140,10 @@ class ClusterRefine(Callback):
         recalibrate_bn_batches: training batches used to re-estimate BatchNorm
             statistics after the snap (0 disables).
         histogram_every_n_epochs: weight-histogram interval (0 disables).
-        module_types: module class names whose ``weight`` is snapped.
+        module_types: module class names whose ``weight`` is snapped. With none of
+            ``module_types``, ``include``, ``exclude``, ``min_size`` given, the snap takes
+            the layers of the training stage in the same ``Trainer`` (the default ones
+            without a stage).
         include: regexes on full parameter names (``re.search``); when given, only the
             matching weights of ``module_types`` are snapped. A pattern that matches no
             weight fails at setup, naming the closest ones.
@@ -161,7 +182,8 @@ class ClusterRefine(Callback):
 
     Raises:
         ValueError: a bad argument, a selection that matches no layer,
-            ``clusters_from="codebook"`` without a ``LearnedCodebook`` callback, an
+            ``clusters_from="codebook"`` without a ``LearnedCodebook`` callback, a ``w``
+            that disagrees with the coupling's, two training stages in one ``Trainer``, an
             ``export_path`` that exists already.
         sq_lightning.snapper.UnclusteredLayerError: with ``on_unclustered="raise"``.
 
@@ -169,20 +191,20 @@ class ClusterRefine(Callback):
 
         trainer = Trainer(max_epochs=6, callbacks=[
             SoftQuantCallback(h=1e-3, w=0.3, stop_epoch=4),
-            ClusterRefine(snap_epoch=4, w=0.3),
+            ClusterRefine(),  # snaps at epoch 4 with the coupling's w_l, refines epochs 4-5
         ])
     """
 
     def __init__(
         self,
-        snap_epoch: Optional[int] = 0,
-        w: float = 0.3,
+        snap_epoch: Union[int, Literal["auto"], None] = "auto",
+        w: Optional[float] = None,
         gap: float = 0.5,
         min_cluster_frac: float = 0.001,
         merge: MergePolicy = "storage",
         max_snap_error: float = 0.3,
         on_unclustered: OnUnclustered = "kmeans",
-        clusters_from: Literal["gaps", "codebook"] = "gaps",
+        clusters_from: Literal["auto", "gaps", "codebook"] = "auto",
         placement: Placement = "kmeans",
         refine: bool = True,
         reassign: bool = False,
@@ -208,24 +230,25 @@ class ClusterRefine(Callback):
                 f"`snap_ramp_steps` > 0 spreads the snap over the training steps after it: it needs `refine=True` and "
                 f"a `snap_epoch` (got refine={refine!r}, snap_epoch={snap_epoch!r}). Set `snap_ramp_steps=0` to snap at once."
             )
-        if snap_epoch is not None and (isinstance(snap_epoch, bool) or not isinstance(snap_epoch, int) or snap_epoch < 0):
-            raise ValueError(f"`snap_epoch` must be an int >= 0 or None (snap at fit end), got {snap_epoch!r}.")
+        if snap_epoch != "auto":
+            check_int("snap_epoch", snap_epoch, 0, allow_none=True, hint=" (None: snap at fit end), or 'auto'")
         if reassign_from not in ("snap", "coupling_start"):
             raise ValueError(f"`reassign_from` must be 'snap' or 'coupling_start', got {reassign_from!r}.")
-        if reassign_from == "coupling_start" and (reassign is not True or not refine or snap_epoch is None or snap_epoch < 1):
+        if reassign_from == "coupling_start" and (
+            reassign is not True or not refine or snap_epoch is None or (snap_epoch != "auto" and snap_epoch < 1)
+        ):
             raise ValueError(
                 "`reassign_from='coupling_start'` starts the latent weights of a refinement with moving assignments "
                 f"from the weights before coupling: it needs `reassign=True`, `refine=True` and `snap_epoch >= 1` "
                 f"(got reassign={reassign!r}, refine={refine!r}, snap_epoch={snap_epoch!r}). A fit that starts at the "
                 "snap (`snap_epoch=0`) has no coupling in it: use `reassign_from='snap'`."
             )
-        if clusters_from not in ("gaps", "codebook"):
-            raise ValueError(f"`clusters_from` must be 'gaps' or 'codebook', got {clusters_from!r}.")
-        for name, value in (("recalibrate_bn_batches", recalibrate_bn_batches), ("histogram_every_n_epochs", histogram_every_n_epochs)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"`{name}` must be an int >= 0, got {value!r}.")
-        if export_coding not in CODINGS:
-            raise ValueError(f"`export_coding` must be one of {CODINGS}, got {export_coding!r}.")
+        check_choice("clusters_from", clusters_from, ("auto", "gaps", "codebook"))
+        check_int("recalibrate_bn_batches", recalibrate_bn_batches, 0)
+        check_int("histogram_every_n_epochs", histogram_every_n_epochs, 0)
+        check_choice("export_coding", export_coding, CODINGS)
+        if w is not None:
+            check_number("w", w, 0.0, strict=True)
         if export_path is not None and (not isinstance(export_path, (str, os.PathLike)) or not os.fspath(export_path)):
             raise ValueError(f"`export_path` must be a file path (str) or None, got {export_path!r}.")
         if export_path is not None and export_coding == "ans":
@@ -234,12 +257,17 @@ class ClusterRefine(Callback):
         self.export_coding = export_coding
         self.exported: Optional[str] = None
         self.selector = LayerSelector(module_types, include, exclude, min_size)
+        # No selection given: the training stage's, when there is one (setup).
+        self._own_selection = bool(module_types or include or exclude or min_size)
+        self.w = w  # None: the training stage's w_l, else DEFAULT_W
         self.snapper = ClusterSnapper(
-            w, gap, min_cluster_frac, merge, max_snap_error, on_unclustered, self.selector, placement=placement,
+            DEFAULT_W if w is None else w, gap, min_cluster_frac, merge, max_snap_error, on_unclustered, self.selector, placement=placement,
             max_bits=max_bits, reassign=reassign, max_bits_overrides=max_bits_overrides, max_clusters=max_clusters,
             ramp_steps=snap_ramp_steps, ramp_from=snap_ramp_from,
         )
         self.snap_epoch = snap_epoch
+        self._snap_at: Optional[int] = None if snap_epoch == "auto" else snap_epoch  # resolved in setup
+        self._source: Optional[ClusterSource] = None  # the training stage of the same Trainer
         self.reassign_from = reassign_from
         # reassign_from="coupling_start": the selected weights before the coupling (float32, CPU), until the snap.
         self.latent_source: dict[str, Any] = {}
@@ -305,33 +333,85 @@ class ClusterRefine(Callback):
     # -- hooks --------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._source = find_source(trainer.callbacks)
+        self._check_source()
         check_setup(trainer, pl_module, type(self).__name__, self.selector)
         if stage == "fit":
             self._check_snap_epoch(trainer)
             self._check_forward(pl_module)
-        if self.clusters_from == "codebook" and self._codebook_callback(trainer) is None:
-            raise ValueError(
-                "`clusters_from='codebook'` needs a LearnedCodebook callback in the same Trainer; "
-                "add one or use `clusters_from='gaps'`."
-            )
         if self.export_path is not None and stage == "fit":
             self._check_export_target(trainer)
 
+    def _check_source(self) -> None:
+        """The training stage of the same Trainer provides what this snap is asked to use."""
+        src = self._source
+        if self.clusters_from == "codebook" and (src is None or src.provides != "centroids"):
+            raise ValueError(
+                "`clusters_from='codebook'` needs a training stage that learns centroids (a LearnedCodebook) in the "
+                "same Trainer; add one or use `clusters_from='gaps'`."
+            )
+        hint = src.snap_hint() if src is not None else SnapHint()
+        if hint.selector is not None and not self._own_selection:
+            self.selector = self.snapper.selector = hint.selector  # the same layers, said once
+        w_src = hint.w
+        if self.w is not None and w_src is not None and not math.isclose(self.w, w_src, rel_tol=1e-9):
+            raise ValueError(
+                f"ClusterRefine: `w`={self.w:g} but the {type(src).__name__} of the same Trainer couples with "
+                f"`w`={w_src:g}, and the snap splits the clusters at the coupling's w_l. Leave ClusterRefine's `w` "
+                "unset (it is only for a snap without a coupling in the Trainer)."
+            )
+
+    @property
+    def _from_codebook(self) -> bool:
+        src = self._source
+        return self.clusters_from == "codebook" or (
+            self.clusters_from == "auto" and src is not None and src.provides == "centroids"
+        )
+
+    def _resolve_snap_epoch(self, trainer: pl.Trainer) -> None:
+        """``snap_epoch='auto'``: where the training stage stops; at fit start without one."""
+        if self.snap_epoch != "auto":
+            self._snap_at = self.snap_epoch
+            return
+        src, max_epochs = self._source, trainer.max_epochs
+        bounded = max_epochs is not None and max_epochs >= 0
+        if src is None:
+            self._snap_at = 0
+        elif src.stop_epoch is not None and (not bounded or src.stop_epoch < max_epochs):
+            self._snap_at = src.stop_epoch
+        else:
+            self._snap_at = None
+            rank_zero_info(
+                f"ClusterRefine: the {type(src).__name__} acts to the end of fit, so the snap comes at the end of fit, "
+                "with no refinement after it. Give it a `stop_epoch` below `max_epochs` to refine."
+            )
+        if self._snap_at is None and self.snapper.ramp_steps:
+            raise ValueError(
+                "`snap_ramp_steps` > 0 needs epochs after the snap, but the snap comes at the end of fit (the training "
+                "stage has no `stop_epoch`): give it one, or set `snap_ramp_steps=0`."
+            )
+        if self.reassign_from == "coupling_start" and (self._snap_at is None or self._snap_at < 1):
+            raise ValueError(
+                "`reassign_from='coupling_start'` needs the coupling and the snap in one fit (a snap at epoch >= 1 "
+                f"before the end), but the snap comes at {self._snap_at!r}: give the training stage a `stop_epoch`."
+            )
+
     def _check_snap_epoch(self, trainer: pl.Trainer) -> None:
         """The snap comes inside the fit and after the coupling of the same Trainer has started."""
-        if self.snap_epoch is None:
+        self._resolve_snap_epoch(trainer)
+        if self._snap_at is None:
             return
         max_epochs = trainer.max_epochs
-        if max_epochs is not None and max_epochs >= 0 and self.snap_epoch >= max_epochs:
+        if max_epochs is not None and max_epochs >= 0 and self._snap_at >= max_epochs:
             raise ValueError(
                 f"ClusterRefine: `snap_epoch`={self.snap_epoch} but the Trainer stops after `max_epochs`={max_epochs} "
                 f"epochs (0 to {max_epochs - 1}): the snap would come after training, with no refinement. Set "
                 "`snap_epoch` below `max_epochs`, or `snap_epoch=None` to snap at the end of fit on purpose."
             )
-        coupling = self._coupling_callback(trainer)
-        if coupling is not None and self.snap_epoch <= coupling.start_epoch:
+        coupling = self._source
+        if coupling is not None and self._snap_at <= coupling.start_epoch:
             raise ValueError(
-                f"ClusterRefine: `snap_epoch`={self.snap_epoch} is not after the start of the {type(coupling).__name__} "
+                f"ClusterRefine: `snap_epoch`={self._snap_at} is not after the start of the {type(coupling).__name__} "
                 f"in the same Trainer (`start_epoch`={coupling.start_epoch}): the layers would be snapped before "
                 "any coupling. Snap where the coupling stops (its `stop_epoch`)."
             )
@@ -369,8 +449,8 @@ class ClusterRefine(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.reassign_from != "coupling_start" or self.snapped or self.latent_source:
             return  # a run resumed after the coupling started has its copy from the checkpoint
-        coupling = self._coupling_callback(trainer)
-        if coupling is not None and not coupling._active(trainer):
+        coupling = self._source
+        if coupling is not None and not coupling.is_active(trainer):
             self._saw_uncoupled = True
             return
         if trainer.ckpt_path is not None and not self._saw_uncoupled:
@@ -383,7 +463,7 @@ class ClusterRefine(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.snapped and self.snap_epoch is not None and trainer.current_epoch >= self.snap_epoch:
+        if not self.snapped and self._snap_at is not None and trainer.current_epoch >= self._snap_at:
             self._run_snap(trainer, pl_module)
 
     @override
@@ -455,8 +535,7 @@ class ClusterRefine(Callback):
         os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
         if sharded:
             clusters = {n: (c.cpu(), a.cpu()) for n, (c, a) in clusters.items()}
-            params = {n: state[n] for n, _ in pl_module.named_parameters()}
-            report = write_state(state, params, type(pl_module).__name__, target, clusters, None, False, self.export_coding)
+            report = save_state_compressed({n: state[n] for n in state}, target, clusters, coding=self.export_coding)
         else:
             report = save_compressed(pl_module, target, self.clusters(), coding=self.export_coding)
         self.exported = target
@@ -464,41 +543,34 @@ class ClusterRefine(Callback):
         log_scalars(trainer, {"sq/export_bytes": float(report.file_bytes)})
 
     # -- helpers --------------------------------------------------------------------
-    def _codebook_callback(self, trainer: pl.Trainer):
-        for cb in trainer.callbacks:
-            if hasattr(cb, "codebooks") and callable(cb.codebooks):
-                return cb
-        return None
+    def with_hint(self, hint: SnapHint) -> "ClusterRefine":
+        """Snaps with this hint when no training stage runs in the Trainer: say the per-layer
+        ``w_l`` of a coupling run whose checkpoint this fit starts from
+        (``SnapHint(w_l=...)``, :meth:`SoftQuantCallback.snap_hint` of that run). A training stage
+        in the same Trainer wins over it. Returns ``self``."""
+        if not isinstance(hint, SnapHint):
+            raise ValueError(f"with_hint: `hint` must be a sq_lightning.handoff.SnapHint, got {type(hint).__name__}.")
+        self._fixed_hint = hint
+        return self
 
-    def _coupling_callback(self, trainer: pl.Trainer):
-        """The SoftQuantCallback or LearnedCodebook of the same Trainer (the first), or None."""
-        from sq_lightning.callbacks.learned_codebook import LearnedCodebook
-        from sq_lightning.callbacks.soft_quant import SoftQuantCallback
-
-        return next((cb for cb in trainer.callbacks if isinstance(cb, (SoftQuantCallback, LearnedCodebook))), None)
-
-    def _soft_quant_w_l(self, trainer: pl.Trainer) -> dict[str, float]:
-        from sq_lightning.callbacks.soft_quant import SoftQuantCallback
-
-        for cb in trainer.callbacks:
-            if isinstance(cb, SoftQuantCallback) and cb.coupler.prepared:
-                return {n: cb.coupler.w_l(n) for n in cb.coupler.sigma}
-        return {}
+    def _hint(self) -> SnapHint:
+        if self._source is not None:
+            return self._source.snap_hint()
+        return getattr(self, "_fixed_hint", None) or SnapHint()
 
     def _weights(self, pl_module: pl.LightningModule) -> dict:
         return {n: p for n, p in self.selector.select(pl_module)}
 
     def _run_snap(self, trainer: pl.Trainer, pl_module: pl.LightningModule, recalibrate: bool = True) -> None:
         log_histograms(trainer, self._weights(pl_module), "sq/weights_pre_snap")
-        centroids = None
-        if self.clusters_from == "codebook":
-            centroids = self._codebook_callback(trainer).codebooks()
+        hint = self._hint()
+        centroids = dict(hint.centroids) if self._from_codebook else None
         if self.given_clusters is not None:
             params = dict(pl_module.named_parameters())
             # Copies: refinement moves the centroids (and assignments), never the caller's clusters.
             clusters = {n: c.to(params[n].device, copy=True) for n, c in self.given_clusters.items()}
         else:
-            clusters = self.snapper.find(pl_module, w_l=self._soft_quant_w_l(trainer), centroids=centroids)
+            clusters = self.snapper.find(pl_module, w_l=dict(hint.w_l), centroids=centroids)
         # Every rank holds the same weights, so the clusters agree; broadcasting rank 0's
         # makes that a guarantee rather than a property of floating-point determinism.
         clusters = trainer.strategy.broadcast(clusters, src=0)

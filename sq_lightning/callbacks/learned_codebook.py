@@ -9,7 +9,6 @@ its formulas and gradients are in :mod:`sq_lightning.ops.codebook`.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Literal, Optional
 
 import torch
@@ -18,10 +17,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from sq_lightning._validate import check_int, check_number
 from sq_lightning.callbacks._checks import check_window
+from sq_lightning.handoff import SnapHint
 from sq_lightning.callbacks._strategy import check_strategy
 from sq_lightning.layers import LayerSelector, check_overrides, first_override
 from sq_lightning.ops.codebook import INIT_METHODS, codebook_regularizer, init_centroids, nearest_centroid
+from sq_lightning.schedule import Window
 from sq_lightning.sharding import all_reduce_sum, is_sharded, shard_group, shard_spec
 
 log = logging.getLogger(__name__)
@@ -151,27 +153,23 @@ class LearnedCodebook(Callback):
         stop_epoch: Optional[int] = None,
         log_every_n_steps: int = 50,
     ) -> None:
-        _check_number("lam", lam, minimum=0.0)
+        check_number("lam", lam, minimum=0.0)
         self.k = _resolve_k(bits, k)
         self.k_overrides = _check_k_overrides(k_overrides)
         if init not in INIT_METHODS:
             raise ValueError(f"`init` must be one of {list(INIT_METHODS)}, got {init!r}.")
-        _check_number("temperature", temperature, minimum=0.0)
-        _check_number("codebook_lr", codebook_lr, minimum=0.0, strict=True)
+        check_number("temperature", temperature, minimum=0.0)
+        check_number("codebook_lr", codebook_lr, minimum=0.0, strict=True)
         if codebook_optimizer not in _OPTIMIZERS:
             raise ValueError(f"`codebook_optimizer` must be one of {list(_OPTIMIZERS)}, got {codebook_optimizer!r}.")
-        _check_int("start_epoch", start_epoch, minimum=0)
-        if stop_epoch is not None:
-            _check_int("stop_epoch", stop_epoch, minimum=start_epoch + 1, hint=" (it is exclusive: > `start_epoch`)")
-        _check_int("log_every_n_steps", log_every_n_steps, minimum=1)
+        self.window = Window(start_epoch, stop_epoch)
+        check_int("log_every_n_steps", log_every_n_steps, minimum=1)
         self.lam = float(lam)
         self.bits = bits
         self.init = init
         self.temperature = float(temperature)
         self.codebook_lr = float(codebook_lr)
         self.codebook_optimizer = codebook_optimizer
-        self.start_epoch = start_epoch
-        self.stop_epoch = stop_epoch
         self.log_every_n_steps = log_every_n_steps
         self._selector = LayerSelector(module_types, include, exclude, min_size)
 
@@ -306,12 +304,12 @@ class LearnedCodebook(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._active(trainer) and not self._centroids:
+        if self.is_active(trainer) and not self._centroids:
             self.init_codebooks(pl_module)
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        if trainer.sanity_checking or not self._active(trainer):
+        if trainer.sanity_checking or not self.is_active(trainer):
             return
         self._run_step(trainer, pl_module, optimizer)
 
@@ -356,9 +354,19 @@ class LearnedCodebook(Callback):
 
     # ------------------------------------------------------------------ internals
 
-    def _active(self, trainer: Trainer) -> bool:
-        epoch = trainer.current_epoch
-        return epoch >= self.start_epoch and (self.stop_epoch is None or epoch < self.stop_epoch)
+    # The hand-off to the snap (sq_lightning.handoff.ClusterSource).
+    provides = "centroids"
+    start_epoch = property(lambda self: self.window.start_epoch)
+    stop_epoch = property(lambda self: self.window.stop_epoch)
+
+    def is_active(self, trainer: Trainer) -> bool:
+        """Whether the regularizer acts in the trainer's current epoch."""
+        return self.window.covers_epoch(trainer.current_epoch)
+
+    def snap_hint(self) -> SnapHint:
+        """The learned codebooks (:meth:`codebooks`; empty before they are initialised) and the
+        regularized layers' selection."""
+        return SnapHint(centroids=self.codebooks(), selector=self._selector)
 
     def _check_restored(self) -> None:
         if list(self._centroids) != list(self._k_of):
@@ -528,17 +536,6 @@ def _centroid_dtype(param: Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
-def _check_number(name: str, value: Any, minimum: float, strict: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < minimum or (strict and value == minimum):
-        raise ValueError(f"`{name}` must be a finite number {'>' if strict else '>='} {minimum:g}, got {value!r}.")
-
-
-def _check_int(name: str, value: Any, minimum: int, hint: str = "") -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}{hint}, got {value!r}.")
-
-
 def _resolve_k(bits: Optional[int], k: Optional[int]) -> int:
     if (bits is None) == (k is None):
         raise ValueError(
@@ -549,7 +546,7 @@ def _resolve_k(bits: Optional[int], k: Optional[int]) -> int:
         if not isinstance(bits, int) or isinstance(bits, bool) or not 0 <= bits <= _MAX_BITS:
             raise ValueError(f"`bits` must be an int in [0, {_MAX_BITS}], got {bits!r}.")
         return 2**bits
-    _check_int("k", k, minimum=1)
+    check_int("k", k, minimum=1)
     assert k is not None
     return k
 

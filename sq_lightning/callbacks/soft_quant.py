@@ -8,7 +8,6 @@ and :class:`sq_lightning.coupler.WeightCoupler`; this module only connects it to
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
@@ -20,20 +19,13 @@ from typing_extensions import override
 from sq_lightning.callbacks._logging import log_histograms, log_scalars
 from sq_lightning.callbacks._checks import check_setup, check_window
 from sq_lightning.coupler import WeightCoupler, check_coupling_args
+from sq_lightning.handoff import SnapHint
+from sq_lightning._validate import check_int
+from sq_lightning.schedule import Ramp, Window
 from sq_lightning.layers import LayerSelector
 from sq_lightning.ops.coupling import DEFAULT_N_BINS
 
 log = logging.getLogger(__name__)
-
-
-def _check_window(start_epoch, stop_epoch, start_step, stop_step) -> None:
-    for name, value in (("start_epoch", start_epoch), ("stop_epoch", stop_epoch), ("start_step", start_step), ("stop_step", stop_step)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"`{name}` must be an int >= 0 or None, got {value!r}.")
-    if stop_epoch is not None and stop_epoch <= start_epoch:
-        raise ValueError(f"`stop_epoch` ({stop_epoch}) must be > `start_epoch` ({start_epoch}): the window would be empty.")
-    if stop_step is not None and start_step is not None and stop_step <= start_step:
-        raise ValueError(f"`stop_step` ({stop_step}) must be > `start_step` ({start_step}): the window would be empty.")
 
 
 def _effective_lr(optimizer) -> float:
@@ -172,33 +164,27 @@ class SoftQuantCallback(Callback):
     ) -> None:
         super().__init__()
         check_coupling_args(h, w, alpha, n_bins, backend)
-        _check_window(start_epoch, stop_epoch, start_step, stop_step)
-        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
-            raise ValueError(f"`log_every_n_steps` must be an int >= 1, got {log_every_n_steps!r}.")
+        self.window = Window(start_epoch, stop_epoch, start_step, stop_step)
+        self.ramp = Ramp(ramp_steps, ramp_from)
+        check_int("log_every_n_steps", log_every_n_steps, 1)
+        check_int("histogram_every_n_epochs", histogram_every_n_epochs, 0, hint=" (0: no histograms)")
         self.selector = LayerSelector(module_types, include, exclude, min_size)
         self.coupler = WeightCoupler(
             h=h, w=w, alpha=alpha, n_bins=n_bins, backend=backend, selector=self.selector, target_step=target_step
         )
-        self.start_epoch, self.stop_epoch = start_epoch, stop_epoch
-        self.start_step, self.stop_step = start_step, stop_step
         self.log_every_n_steps = log_every_n_steps
         self.log_per_layer = log_per_layer
         self.log_grad_ratio = bool(log_grad_ratio)
-        if isinstance(histogram_every_n_epochs, bool) or not isinstance(histogram_every_n_epochs, int) or histogram_every_n_epochs < 0:
-            raise ValueError(f"`histogram_every_n_epochs` must be an int >= 0, got {histogram_every_n_epochs!r}.")
         self.histogram_every_n_epochs = histogram_every_n_epochs
-        if isinstance(ramp_steps, bool) or not isinstance(ramp_steps, int) or ramp_steps < 0:
-            raise ValueError(f"`ramp_steps` must be an int >= 0 (0: no ramp), got {ramp_steps!r}.")
-        if (
-            isinstance(ramp_from, bool) or not isinstance(ramp_from, (int, float))
-            or not math.isfinite(ramp_from) or not 0 < ramp_from <= 1
-        ):
-            raise ValueError(
-                f"`ramp_from` must be a number in (0, 1], got {ramp_from!r}: it is the fraction of the full "
-                "strength at the first coupled step, e.g. 0.01."
-            )
-        self.ramp_steps, self.ramp_from = ramp_steps, float(ramp_from)
         self.steps_applied = 0
+
+    # The window and the ramp, as the constructor took them.
+    start_epoch = property(lambda self: self.window.start_epoch)
+    stop_epoch = property(lambda self: self.window.stop_epoch)
+    start_step = property(lambda self: self.window.start_step)
+    stop_step = property(lambda self: self.window.stop_step)
+    ramp_steps = property(lambda self: self.ramp.steps)
+    ramp_from = property(lambda self: self.ramp.start)
 
     @property
     def state_key(self) -> str:
@@ -213,25 +199,31 @@ class SoftQuantCallback(Callback):
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        if trainer.sanity_checking or not self._active(trainer):
+        if trainer.sanity_checking or not self.is_active(trainer):
             return
         self._run_coupling(trainer, pl_module, optimizer)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A ClusterRefine in the same Trainer logs the same tags: written once (_logging).
         n = self.histogram_every_n_epochs
-        if n and self.coupler.prepared and (trainer.current_epoch + 1) % n == 0 and not self._has_refine(trainer):
+        if n and self.coupler.prepared and (trainer.current_epoch + 1) % n == 0:
             log_histograms(trainer, {k: p for k, p in pl_module.named_parameters() if k in self.coupler.sigma}, "sq/weights")
 
-    # -- helpers --------------------------------------------------------------------
-    def _active(self, trainer: pl.Trainer) -> bool:
-        epoch, step = trainer.current_epoch, trainer.global_step
-        if epoch < self.start_epoch or (self.stop_epoch is not None and epoch >= self.stop_epoch):
-            return False
-        if self.start_step is not None and step < self.start_step:
-            return False
-        return self.stop_step is None or step < self.stop_step
+    # -- the hand-off to the snap (sq_lightning.handoff.ClusterSource) ----------------
+    provides = "w_l"
 
+    def is_active(self, trainer: pl.Trainer) -> bool:
+        """Whether the coupling acts at the trainer's current epoch and optimizer step."""
+        return self.window.covers(trainer.current_epoch, trainer.global_step)
+
+    def snap_hint(self) -> SnapHint:
+        """``w``, the per-layer ``w_l = w · σ_l`` (empty before the coupling's first step) and the
+        coupled layers' selection."""
+        w_l = {n: self.coupler.w_l(n) for n in self.coupler.sigma} if self.coupler.prepared else {}
+        return SnapHint(w=self.coupler.w, w_l=w_l, selector=self.selector)
+
+    # -- helpers --------------------------------------------------------------------
     def _run_coupling(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         if not self.coupler.prepared or (self.coupler.target_step is not None and not self.coupler.calibrated):
             self.coupler.prepare(pl_module)
@@ -261,15 +253,7 @@ class SoftQuantCallback(Callback):
 
     def strength_scale(self, k: Optional[int] = None) -> float:
         """Factor on every ``h_l`` at the k-th coupled step (default: the next one)."""
-        if not self.ramp_steps:
-            return 1.0
-        k = self.steps_applied if k is None else k
-        return self.ramp_from ** (1.0 - min(k / self.ramp_steps, 1.0))
-
-    @staticmethod
-    def _has_refine(trainer: pl.Trainer) -> bool:
-        # ClusterRefine logs the same histograms; one writer per tag and step.
-        return any(type(cb).__name__ == "ClusterRefine" for cb in trainer.callbacks)
+        return self.ramp.factor(self.steps_applied if k is None else k)
 
     def _describe(self) -> str:
         rows = self.coupler.layer_table()

@@ -1119,7 +1119,7 @@ def test_resume_during_a_gradual_snap_is_exact(tmp_path):
     "kwargs, match",
     [
         ({"snap_epoch": -1}, "`snap_epoch` must be an int >= 0 or None"),
-        ({"w": 0}, "`w` must be > 0"),
+        ({"w": 0}, "`w` must be a finite number > 0"),
         ({"gap": -0.5}, "`gap` must be > 0"),
         ({"min_cluster_frac": 1.5}, "`min_cluster_frac` must be in"),
         ({"merge": "some"}, "`merge` must be"),
@@ -1155,7 +1155,7 @@ def test_bad_arguments(kwargs, match):
 
 def test_codebook_source_requires_a_codebook_callback():
     train, _ = digits_loaders()
-    with pytest.raises(ValueError, match="needs a LearnedCodebook callback"):
+    with pytest.raises(ValueError, match="needs a training stage that learns centroids"):
         trainer(max_steps=1, callbacks=[ClusterRefine(clusters_from="codebook")]).fit(TinyNet(), train)
 
 
