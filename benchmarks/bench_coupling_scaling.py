@@ -198,11 +198,12 @@ def profile_histogram(args) -> list[str]:
     table = (force * (2.0 * h_t)[:, None]).reshape(-1)
     buf = torch.empty(n)
     lo, inv = (x.min() - W)[None], ((DEFAULT_N_BINS - 1) / (x.max() - x.min() + 2 * W))[None]
-    arrays = K.as_arrays([x]) if K.numba is not None else None
+    layers = K.Layers([x]) if K.numba is not None else None
+    lo_np, inv_np = lo.numpy(), inv.numpy()
     kernels = {
-        "numba kernels: deposit (one read of the weights)": lambda: K.deposit(arrays, lo, inv, DEFAULT_N_BINS),
-        "numba kernels: gather added into a preallocated grad": lambda: K.gather(arrays, lo, inv, table[None], [buf]),
-    } if arrays is not None else {}
+        "numba kernels: deposit (one read of the weights)": lambda: K.deposit(layers, lo_np, inv_np, DEFAULT_N_BINS),
+        "numba kernels: gather added into a preallocated grad": lambda: K.gather(layers, lo_np, inv_np, table[None], [buf]),
+    } if layers is not None else {}
     phases = {
         "whole call (coupling_histogram)": lambda: coupling_histogram(x, W, H, compute_loss=False),
         "bounds (aminmax)": lambda: torch.aminmax(x),

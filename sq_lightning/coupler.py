@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from typing import Literal, Optional
 
 import torch
+import torch.distributed
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 
@@ -52,6 +53,17 @@ def check_coupling_args(h: float, w: float, alpha: float, n_bins: int, backend: 
         raise ValueError(f"`n_bins` must be an int >= 16, got {n_bins!r}. The paper uses 16384.")
     if backend not in ("histogram", "exact", "auto"):
         raise ValueError(f"`backend` must be one of 'histogram', 'exact', 'auto', got {backend!r}.")
+
+
+def _all_reduce(group):
+    """``reduce(tensor, op)`` of :func:`coupling_grad_batched` for sharded layers: an
+    in-place all-reduce over ``group`` (the communication stays here, out of ``ops``)."""
+    ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}
+
+    def reduce(t: Tensor, op: str) -> None:
+        torch.distributed.all_reduce(t, op=ops[op], group=group)
+
+    return reduce
 
 
 def _std(t: Tensor) -> float:
@@ -346,8 +358,7 @@ class WeightCoupler:
             n_bins=self.n_bins,
             compute_loss=compute_loss,
             per_layer_loss=True,
-            sharded=True,
-            group=group,
+            reduce=_all_reduce(group),
         )
         for n, g in zip(names, grads):
             local = params[n].grad.to_local()

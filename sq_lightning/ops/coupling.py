@@ -24,7 +24,11 @@ Three backends compute the same loss and gradient:
 
 The histogram of several layers is built in one pass (one deposit, one batched
 convolution, one gather) by :func:`coupling_grad_batched`: ResNet-sized models have
-many small layers and the per-layer Python overhead would dominate otherwise.
+many small layers and the per-layer Python overhead would dominate otherwise. One
+orchestrator (:func:`_orchestrate`) runs these steps for every device; the kernels
+(bounds, deposit, field, gather) are pluggable: numba on the CPU (all torch threads),
+Triton on CUDA, torch operations elsewhere. Communication for layers sharded over
+ranks is the caller's (the ``reduce`` argument); this module does none.
 
 The convolution of a sign box is a difference of prefix sums (``conv="prefix"``,
 O(N_b)); the FFT route (``conv="fft"``) is the general one and is kept as an
@@ -34,12 +38,11 @@ option and as a cross-check. All arithmetic is float32, prefix sums float64.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple, Optional
 
 import numpy as np
 import torch
-import torch.distributed
 from torch import Tensor
 
 from sq_lightning.ops import _cpu_kernels, _triton_kernels
@@ -188,9 +191,9 @@ def _force_prefix(hist: Tensor, r: Tensor) -> Tensor:
     psi = 1.0 - phi
     q = q.long()
     guard = int(q.max()) + 2
-    # Integer counts stay exact in float32 up to 2^24 weights a row; beyond, float64.
-    dtype = torch.float64 if float(hist.sum(1).max()) > 2**24 else torch.float32
-    hp = torch.nn.functional.pad(hist.to(dtype), (guard, guard + 1))
+    # float64 prefix sums, as the numba and Triton kernels: the force is a difference
+    # of cumulative masses of up to N weights.
+    hp = torch.nn.functional.pad(hist.to(torch.float64), (guard, guard + 1))
     prefix = torch.cumsum(hp, 1).sub_(hp)
     nxt = hp[:, 1:]
     hp, prefix = hp[:, :-1], prefix[:, :-1]
@@ -276,26 +279,17 @@ def _layer_bounds(flat: Tensor, sizes: tuple[int, ...], n_bins: int) -> tuple[Te
     return mins, maxs
 
 
-def _added_into(out: Optional[list[Tensor]], grads: list[Tensor]) -> list[Tensor]:
-    """``grads`` added into ``out`` in place (returns ``out``), or ``grads`` when there is no ``out``."""
-    if out is None:
-        return grads
-    for o, g in zip(out, grads):
-        o.add_(g)
-    return out
+def _raise_non_finite(bad: list[int]) -> None:
+    raise ValueError(
+        f"layer(s) {bad} hold non-finite weights (NaN or inf): the coupling force is undefined. "
+        "Fix the divergence first (lower the learning rate or `h`)."
+    )
 
 
 def _check_bounds(mins: Tensor, maxs: Tensor) -> None:
     """Non-finite per-layer extremes mean NaN or inf weights: a clear error naming the layers."""
     if not bool(torch.isfinite(mins).all() and torch.isfinite(maxs).all()):
         _raise_non_finite([i for i in range(mins.numel()) if not (math.isfinite(mins[i].item()) and math.isfinite(maxs[i].item()))])
-
-
-def _raise_non_finite(bad: list[int]) -> None:
-    raise ValueError(
-        f"layer(s) {bad} hold non-finite weights (NaN or inf): the coupling force is undefined. "
-        "Fix the divergence first (lower the learning rate or `h`)."
-    )
 
 
 def _force(hist: Tensor, r: Tensor, conv: Conv) -> Tensor:
@@ -306,30 +300,20 @@ def _force(hist: Tensor, r: Tensor, conv: Conv) -> Tensor:
     return _conv_fft(hist, _grid_kernel(r, half, well=False))
 
 
-def _deposit(
-    flat: Tensor, sizes: tuple[int, ...], w: Tensor, n_bins: int, bounds: Optional[tuple[Tensor, Tensor]] = None
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Linear deposit of every layer of ``flat`` into its own row of an (L, M) histogram.
+def _deposit_on_grid(flat: Tensor, sizes: tuple[int, ...], lo: Tensor, inv: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Torch deposit of the concatenated layers ``flat`` on the grids ``lo + k/inv``.
 
-    ``bounds`` (per-layer min and max) defaults to those of ``flat``; a sharded layer
-    passes the bounds of the whole layer so that every rank uses the same grid.
-
-    Returns ``(hist, idx, frac, r, delta)``: ``idx`` is each weight's lower grid point
-    with its layer's row offset ``l*M`` added, ``frac`` its position between that point
-    and the next, ``r`` the well's half-width in bins and ``delta`` the bin width.
+    Returns ``(hist (L, M) float64, idx, frac)``: ``idx`` is each weight's lower grid
+    point with its layer's row offset ``l*M`` added, ``frac`` its position between
+    that point and the next.
     """
     n_layers = len(sizes)
-    mins, maxs = bounds if bounds is not None else _layer_bounds(flat, sizes, n_bins)
-    if n_layers > 1:
-        lid, offset = _layout(sizes, n_bins, flat.device)
-    _check_bounds(mins, maxs)
-    lo = mins - w
-    inv = (n_bins - 1) / (maxs + w - lo)
     # Few large temporaries on purpose: a fresh N-sized tensor costs page faults about
     # as dear as a pass over it, so t is computed in place and then becomes frac.
     if n_layers == 1:
         t = torch.sub(flat, lo).mul_(inv)
     else:
+        lid, offset = _layout(sizes, n_bins, flat.device)
         t = torch.sub(flat, lo.index_select(0, lid)).mul_(inv.index_select(0, lid))
     idx = t.to(_index_dtype(n_layers, n_bins)).clamp_(0, n_bins - 2)
     frac = t.sub_(idx)
@@ -341,9 +325,25 @@ def _deposit(
     ones = torch.bincount(idx, minlength=size)
     upper = torch.bincount(idx, weights=frac, minlength=size)
     # Bin k keeps (1 - f) of its own weights and receives f from those of bin k-1.
-    hist = ones.to(upper.dtype) - upper
+    hist = ones.to(torch.float64) - upper
     hist[1:] += upper[:-1]
-    return hist.float().view(n_layers, n_bins), idx, frac, w * inv, 1.0 / inv
+    return hist.view(n_layers, n_bins), idx, frac
+
+
+def _deposit(
+    flat: Tensor, sizes: tuple[int, ...], w: Tensor, n_bins: int, bounds: Optional[tuple[Tensor, Tensor]] = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Torch deposit with the grid of each layer's own bounds (or of ``bounds``).
+
+    Returns ``(hist (L, M) float32, idx, frac, r, delta)``, ``r`` the well's
+    half-width in bins and ``delta`` the bin width.
+    """
+    mins, maxs = bounds if bounds is not None else _layer_bounds(flat, sizes, n_bins)
+    _check_bounds(mins, maxs)
+    lo = mins - w
+    inv = (n_bins - 1) / (maxs + w - lo)
+    hist, idx, frac = _deposit_on_grid(flat, sizes, lo, inv, n_bins)
+    return hist.float(), idx, frac, w * inv, 1.0 / inv
 
 
 def _interpolate(table: Tensor, idx: Tensor, frac: Tensor) -> Tensor:
@@ -354,19 +354,185 @@ def _interpolate(table: Tensor, idx: Tensor, frac: Tensor) -> Tensor:
     return table.index_select(0, idx).addcmul_(frac, slope.index_select(0, idx))
 
 
-def _checked_layer_values(w, h, n_layers: int, device) -> tuple[Tensor, Tensor]:
-    """Per-layer ``w`` and ``h`` given as tensors: validated with tensor ops."""
-    w_t = torch.as_tensor(w, dtype=torch.float32, device=device).reshape(-1)
-    h_t = torch.as_tensor(h, dtype=torch.float32, device=device).reshape(-1)
-    if w_t.numel() != n_layers or h_t.numel() != n_layers:
-        raise ValueError(
-            f"`w` and `h` need one value per layer: got {w_t.numel()} and {h_t.numel()} for {n_layers} layers."
-        )
-    if not bool((w_t > 0).all()) or not bool(torch.isfinite(w_t).all()):
-        raise ValueError(f"`w` must be finite and > 0 for every layer, got {w_t.tolist()}.")
-    if not bool((h_t >= 0).all()):
-        raise ValueError(f"`h` must be >= 0 for every layer, got {h_t.tolist()}.")
-    return w_t, h_t
+def _checked_layer_values(w, h, n_layers: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-layer ``w`` (float32) and ``h`` (float64) on the host, validated."""
+    if isinstance(w, Tensor) or isinstance(h, Tensor):
+        w_np = np.asarray(torch.as_tensor(w).detach().cpu().double().reshape(-1).numpy())
+        h_np = np.asarray(torch.as_tensor(h).detach().cpu().double().reshape(-1).numpy())
+    else:
+        # Plain floats: checked without any tensor op (nor device sync) per training step.
+        w_np = np.asarray(list(w), dtype=np.float64).reshape(-1)
+        h_np = np.asarray(list(h), dtype=np.float64).reshape(-1)
+    if w_np.size != n_layers or h_np.size != n_layers:
+        raise ValueError(f"`w` and `h` need one value per layer: got {w_np.size} and {h_np.size} for {n_layers} layers.")
+    if not (np.isfinite(w_np).all() and (w_np > 0).all()):
+        raise ValueError(f"`w` must be finite and > 0 for every layer, got {w_np.tolist()}.")
+    if not (h_np >= 0).all():
+        raise ValueError(f"`h` must be >= 0 for every layer, got {h_np.tolist()}.")
+    return w_np.astype(np.float32), h_np
+
+
+# ---------------------------------------------------------------------------------
+# One orchestrator, three kernel sets
+# ---------------------------------------------------------------------------------
+#
+# Every path computes the same steps: per-layer bounds -> grid (host, float32) ->
+# deposit -> field -> gather (added into the gradient) [-> loss tail]. A kernel set
+# implements five operations on a per-call handle of the layers:
+#
+#   layers(params) -> handle            flat views, addresses, cached plans
+#   bounds(handle) -> (mins, maxs)      float32 numpy (L,); NaN where non-finite
+#   deposit(handle, lo, inv, n_bins)    (L, n_bins) float tensor on the device
+#   field(handle, hist, q, phi, scale)  (L, n_bins) float32 force (prefix route)
+#   gather(handle, lo, inv, table, outs, add) / gather_sum(handle, lo, inv, table)
+#
+# ``reduce(tensor, op)`` (op "sum" or "max", in place) is the caller's: for layers
+# sharded over ranks it is an all-reduce (coupler.py); the orchestrator does no
+# communication of its own.
+
+Reduce = Callable[[Tensor, str], None]
+
+
+class _Handle:
+    """Per-call state of the torch kernels."""
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self.params = params
+        self.sizes = tuple(p.numel() for p in params)
+        self.device = params[0].device
+        if len(params) > 1:
+            self.flat = torch.cat([p.detach().reshape(-1) for p in params]).float()
+        else:
+            self.flat = params[0].detach().reshape(-1).float()
+        self.idx: Optional[Tensor] = None
+        self.frac: Optional[Tensor] = None
+
+
+class _TorchKernels:
+    """Torch operations (any device): the fallback without numba / Triton."""
+
+    name = "torch"
+    needs_f32_out = False
+
+    @staticmethod
+    def layers(params: Sequence[Tensor]) -> _Handle:
+        return _Handle(params)
+
+    @staticmethod
+    def bounds(hd: _Handle) -> tuple[np.ndarray, np.ndarray]:
+        n = len(hd.sizes)
+        if hd.flat.numel() == 0:
+            return np.full(n, np.inf, np.float32), np.full(n, -np.inf, np.float32)
+        mins, maxs = _layer_bounds(hd.flat, hd.sizes, 0)
+        both = torch.stack([mins, maxs]).cpu().numpy().astype(np.float32)
+        # NaN propagates through min/max; an inf extreme is non-finite as well.
+        return both[0], both[1]
+
+    @staticmethod
+    def deposit(hd: _Handle, lo: np.ndarray, inv: np.ndarray, n_bins: int) -> Tensor:
+        lo_t = torch.from_numpy(lo).to(hd.device)
+        inv_t = torch.from_numpy(inv).to(hd.device)
+        hist, hd.idx, hd.frac = _deposit_on_grid(hd.flat, hd.sizes, lo_t, inv_t, n_bins)
+        return hist
+
+    @staticmethod
+    def field(hd: _Handle, hist: Tensor, q: np.ndarray, phi: np.ndarray, scale: np.ndarray) -> Tensor:
+        r = torch.from_numpy((q + phi).astype(np.float32)).to(hist.device)
+        return _force_prefix(hist, r).mul_(torch.from_numpy(scale.astype(np.float32)).to(hist.device)[:, None])
+
+    @staticmethod
+    def gather(hd: _Handle, lo, inv, table: Tensor, outs: list[Tensor], add: bool) -> None:
+        values = _interpolate(table.reshape(-1), hd.idx, hd.frac)
+        for o, v in zip(outs, torch.split(values, hd.sizes)):
+            if add:
+                o.add_(v.view(o.shape))
+            else:
+                o.copy_(v.view(o.shape))
+
+    @staticmethod
+    def gather_sum(hd: _Handle, lo, inv, table: Tensor) -> Tensor:
+        values = _interpolate(table.reshape(-1), hd.idx, hd.frac)
+        if not values.numel():
+            return torch.zeros(len(hd.sizes), dtype=torch.float64, device=hd.device)
+        return torch.stack([s.double().sum() for s in torch.split(values, hd.sizes)])
+
+
+class _NumbaKernels:
+    """Fused numba kernels on both (all) cores: :mod:`sq_lightning.ops._cpu_kernels`."""
+
+    name = "numba"
+    needs_f32_out = True
+
+    @staticmethod
+    def layers(params: Sequence[Tensor]):
+        return _cpu_kernels.Layers(list(params))
+
+    bounds = staticmethod(lambda hd: _cpu_kernels.bounds(hd))
+    deposit = staticmethod(lambda hd, lo, inv, n_bins: _cpu_kernels.deposit(hd, lo, inv, n_bins))
+
+    @staticmethod
+    def field(hd, hist: Tensor, q: np.ndarray, phi: np.ndarray, scale: np.ndarray) -> Tensor:
+        return _cpu_kernels.field(hist, q, phi, scale, hd.plan)
+
+    @staticmethod
+    def gather(hd, lo, inv, table: Tensor, outs: list[Tensor], add: bool) -> None:
+        _cpu_kernels.gather(hd, lo, inv, table, [o.view(-1) for o in outs], add)
+
+    gather_sum = staticmethod(lambda hd, lo, inv, table: _cpu_kernels.gather_sum(hd, lo, inv, table))
+
+
+class _TritonKernels:
+    """Fused Triton kernels (CUDA): :mod:`sq_lightning.ops._triton_kernels`. One host
+    synchronization per call (the layers' extremes, needed on the host to check them
+    and to place the grids); everything else is queued on the device."""
+
+    name = "triton"
+    needs_f32_out = True
+
+    @staticmethod
+    def layers(params: Sequence[Tensor]) -> list[Tensor]:
+        return _triton_kernels.flat_weights(params)
+
+    @staticmethod
+    def bounds(flats: list[Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        mins, maxs = _triton_kernels.bounds(flats)
+        return mins.astype(np.float32), maxs.astype(np.float32)
+
+    @staticmethod
+    def deposit(flats, lo, inv, n_bins: int) -> Tensor:
+        return _triton_kernels.deposit(flats, lo, inv, n_bins)
+
+    @staticmethod
+    def field(flats, hist: Tensor, q: np.ndarray, phi: np.ndarray, scale: np.ndarray) -> Tensor:
+        return _triton_kernels.field(hist, q, phi, scale)
+
+    @staticmethod
+    def gather(flats, lo, inv, table: Tensor, outs: list[Tensor], add: bool) -> None:
+        _triton_kernels.gather(flats, lo, inv, table, [o.view(-1) for o in outs], add=add)
+
+    @staticmethod
+    def gather_sum(flats, lo, inv, table: Tensor) -> Tensor:
+        v = [torch.empty(f.numel(), dtype=torch.float32, device=f.device) for f in flats]
+        _triton_kernels.gather(flats, lo, inv, table, v, add=False)
+        return torch.stack([x.double().sum() for x in v])
+
+
+def _kernels_for(params: Sequence[Tensor]):
+    """The kernel set that serves these tensors: Triton on CUDA, numba on CPU, else torch."""
+    if _triton_kernels.enabled(params):
+        return _TritonKernels
+    if _cpu_kernels.enabled(params):
+        return _NumbaKernels
+    return _TorchKernels
+
+
+def _dist_reduce(group: Optional[Any]) -> Reduce:
+    """All-reduce over ``group`` (torch.distributed), for the deprecated ``sharded=True`` form;
+    :class:`sq_lightning.coupler.WeightCoupler` passes its own ``reduce``."""
+    import torch.distributed as dist
+
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+    return lambda t, op: dist.all_reduce(t, op=ops[op], group=group)
 
 
 def coupling_grad_batched(
@@ -380,37 +546,39 @@ def coupling_grad_batched(
     group: Optional[Any] = None,
     sharded: bool = False,
     out: Optional[Sequence[Tensor]] = None,
+    reduce: Optional[Reduce] = None,
 ) -> tuple[Optional[Tensor], list[Tensor]]:
     """Histogram-backend coupling gradient of several layers in one pass.
 
-    One deposit, one batched convolution and one gather serve every layer, so the
-    cost does not grow with the number of layers the way a per-layer loop does.
+    One deposit, one field and one gather serve every layer, so the cost does not
+    grow with the number of layers the way a per-layer loop does.
 
     Args:
         params: the layers' weight tensors (any shapes, one device).
         w: range of the well per layer, in weight units (``w_l``), each > 0.
         h: strength per layer (``h_l``), each >= 0.
         n_bins: grid points per layer (the paper uses 2^14).
-        compute_loss: also return the loss (costs one more convolution).
+        compute_loss: also return the loss (costs one more convolution and gather).
         conv: ``"prefix"`` (prefix-sum differences, O(N_b)) or ``"fft"``.
         per_layer_loss: return the loss of each layer (shape ``(L,)``) instead of the sum.
-        sharded: ``params`` are this rank's shards of layers split over the ranks of
-            ``group`` (FSDP, DTensor). The histogram is additive: every rank bins its
-            shard on the grid of the whole layer (one all-reduce of the per-layer
-            min/max), one all-reduce of the ``L x n_bins`` counts gives every rank the
-            whole layer's field, and each rank interpolates it at its own weights.
-            Communication per call: ``2L + L·n_bins`` floats, whatever the layer size.
-            Empty shards are allowed. Needs an initialised ``torch.distributed``.
-        group: the process group of ``sharded`` (default: the world).
+        reduce: ``reduce(tensor, op)`` with ``op`` ``"sum"`` or ``"max"``, in place: set
+            when ``params`` are this rank's shards of layers split over ranks (FSDP,
+            DTensor), as an all-reduce over their group. The histogram is additive:
+            every rank bins its shard on the grid of the whole layer (one ``"max"`` of
+            the per-layer extremes), one ``"sum"`` of the ``L x n_bins`` counts gives
+            every rank the whole layer's field, and each rank interpolates it at its own
+            weights. Empty shards are allowed.
+        sharded: the older form of ``reduce``: ``torch.distributed`` all-reduces over
+            ``group``.
+        group: with ``sharded``, the process group (default: the world).
         out: tensors (one per layer, the params' shapes, e.g. their ``.grad``) the
             gradient is *added* into, in place; they are returned as the gradients.
             Saves a pass and an N-sized temporary per layer.
 
-    On the CPU with numba installed (extra ``fast``), the deposit and the gather run
-    as fused kernels (:mod:`sq_lightning.ops._cpu_kernels`), same arithmetic, one
-    read of the weights each; on CUDA with Triton, the deposit, the field and the
-    gather run as Triton kernels (:mod:`sq_lightning.ops._triton_kernels`); elsewhere
-    (and for ``sharded``) as torch operations.
+    The kernels: on the CPU with numba installed (extra ``fast``), fused kernels on
+    every torch thread (:mod:`sq_lightning.ops._cpu_kernels`); on CUDA with Triton,
+    Triton kernels (:mod:`sq_lightning.ops._triton_kernels`); elsewhere torch
+    operations. Same grid and arithmetic on every path (equal up to float rounding).
 
     Returns:
         ``(loss or None, [grad per layer, float32 (or out's), each param's shape])``.
@@ -421,97 +589,103 @@ def coupling_grad_batched(
         raise ValueError(f"`n_bins` must be an int >= 16, got {n_bins!r}.")
     if conv not in ("prefix", "fft"):
         raise ValueError(f"`conv` must be 'prefix' or 'fft', got {conv!r}.")
-    device = params[0].device
-    # The Triton path reads w and h on the host: no device tensors for it (every step).
-    triton_path = not sharded and _triton_kernels.enabled(params)
-    w_t = h_t = None
-    if not isinstance(w, Tensor) and not isinstance(h, Tensor):
-        # Checked on the Python floats: no tensor op (nor device sync) per training step.
-        if len(w) != len(params) or len(h) != len(params):
-            raise ValueError(f"`w` and `h` need one value per layer: got {len(w)} and {len(h)} for {len(params)} layers.")
-        if not all(math.isfinite(x) and x > 0 for x in w):
-            raise ValueError(f"`w` must be finite and > 0 for every layer, got {list(w)}.")
-        if not all(x >= 0 for x in h):
-            raise ValueError(f"`h` must be >= 0 for every layer, got {list(h)}.")
-        if not triton_path:
-            w_t = torch.tensor(w, dtype=torch.float32, device=device)
-            h_t = torch.tensor(h, dtype=torch.float32, device=device)
-    else:
-        w_t, h_t = _checked_layer_values(w, h, len(params), device)
+    if sharded and reduce is None:
+        reduce = _dist_reduce(group)
+    w_np, h_np = _checked_layer_values(w, h, len(params))
     sizes = tuple(p.numel() for p in params)
-    if 0 in sizes and not sharded:
+    if 0 in sizes and reduce is None:
         raise ValueError(f"layer(s) {[i for i, n in enumerate(sizes) if n == 0]} of `params` are empty: nothing to couple.")
     if out is not None:
         out = list(out)
         if len(out) != len(params) or any(o.shape != p.shape or o.device != p.device for o, p in zip(out, params)):
             raise ValueError("`out` needs one tensor per layer with the layer's shape and device.")
-    if triton_path:
-        return _batched_triton(params, sizes, w, h, n_bins, compute_loss, conv, per_layer_loss, out)
-    if not sharded and _cpu_kernels.enabled(params):
-        return _batched_cpu_kernels(params, sizes, w_t, h_t, n_bins, compute_loss, conv, per_layer_loss, out)
-    flat = torch.cat([p.detach().reshape(-1) for p in params]).float() if len(params) > 1 else params[0].detach().reshape(-1).float()
-    if sharded:
-        bounds = _global_bounds(flat, sizes, n_bins, group)
-        hist, idx, frac, r, delta = _deposit(flat, sizes, w_t, n_bins, bounds=bounds)
-        torch.distributed.all_reduce(hist, group=group)
-    else:
-        hist, idx, frac, r, delta = _deposit(flat, sizes, w_t, n_bins)
-    force = _force(hist, r, conv) * (2.0 * h_t)[:, None]
-    grad_flat = _interpolate(force.reshape(-1), idx, frac)
-    grads = _added_into(out, [g.view(p.shape) for g, p in zip(torch.split(grad_flat, sizes), params)])
-    if not compute_loss:
-        return None, grads
-    # Potential V = H ⊛ U in bin units, times Δ for weight units; self pairs add N w.
-    half = int(torch.ceil(r.max()).item()) + 1
-    pot = _conv_fft(hist, _grid_kernel(r, half, well=True)) * delta[:, None]
-    v = _interpolate(pot.reshape(-1), idx, frac)
-    per_layer = torch.stack([s.double().sum() for s in torch.split(v, sizes)])
-    n = torch.tensor(sizes, dtype=torch.float64, device=device)
-    if sharded:
-        both = torch.cat([per_layer, n])
-        torch.distributed.all_reduce(both, group=group)
-        per_layer, n = both[: len(sizes)], both[len(sizes) :]
-    loss = (h_t.double() * (per_layer + n * w_t.double())).float()
-    return (loss if per_layer_loss else loss.sum()), grads
+    return _orchestrate(_kernels_for(params), params, sizes, w_np, h_np, n_bins, compute_loss, conv, per_layer_loss, out, reduce)
 
 
-def _batched_cpu_kernels(
+def _orchestrate(
+    K,
     params: Sequence[Tensor],
     sizes: tuple[int, ...],
-    w_t: Tensor,
-    h_t: Tensor,
+    w_np: np.ndarray,
+    h_np: np.ndarray,
     n_bins: int,
     compute_loss: bool,
     conv: Conv,
     per_layer_loss: bool,
     out: Optional[list[Tensor]],
+    reduce: Optional[Reduce],
 ) -> tuple[Optional[Tensor], list[Tensor]]:
-    """:func:`coupling_grad_batched` with the fused numba deposit and gather (CPU)."""
-    arrays = _cpu_kernels.as_arrays(list(params))
-    mm = [torch.aminmax(torch.from_numpy(a)) for a in arrays]
-    mins = torch.stack([m[0] for m in mm])
-    maxs = torch.stack([m[1] for m in mm])
-    _check_bounds(mins, maxs)
-    lo = mins - w_t
-    inv = (n_bins - 1) / (maxs + w_t - lo)
-    hist = _cpu_kernels.deposit(arrays, lo, inv, n_bins).float()
-    r = w_t * inv
-    force = _force(hist, r, conv) * (2.0 * h_t)[:, None]
-    direct = out is not None and all(o.dtype == torch.float32 and o.is_contiguous() for o in out)
-    grads = out if direct else [torch.zeros(p.shape, dtype=torch.float32) for p in params]
-    _cpu_kernels.gather(arrays, lo, inv, force, grads)
-    if not direct:
+    """The one pipeline of :func:`coupling_grad_batched`, on the kernel set ``K``."""
+    device = params[0].device
+    n_layers = len(params)
+    hd = K.layers(params)
+    mins, maxs = K.bounds(hd)
+    if reduce is not None:
+        # MAX of (-min, max, non-finite flag): both extremes and every rank's verdict in one call.
+        bad = float(not (np.isfinite(mins[np.array(sizes) > 0]).all() and np.isfinite(maxs[np.array(sizes) > 0]).all()))
+        packed = torch.from_numpy(np.concatenate([np.nan_to_num(-mins), np.nan_to_num(maxs), [bad]]).astype(np.float32))
+        packed = packed.to(device)
+        reduce(packed, "max")
+        packed = packed.cpu().numpy()
+        if packed[-1] > 0:
+            raise ValueError(
+                "a shard of `params` holds non-finite weights (NaN or inf) on some rank: the coupling force is "
+                "undefined. Fix the divergence first (lower the learning rate or `h`)."
+            )
+        mins, maxs = -packed[:n_layers], packed[n_layers : 2 * n_layers]
+    bad_layers = [i for i in range(n_layers) if not (math.isfinite(float(mins[i])) and math.isfinite(float(maxs[i])))]
+    if bad_layers:
+        _raise_non_finite(bad_layers)
+    # The grid of every layer, float32 as on every path: [min - w, max + w], n_bins points.
+    lo = (mins - w_np).astype(np.float32)
+    inv = (np.float32(n_bins - 1) / (maxs + w_np - lo)).astype(np.float32)
+    r = (w_np * inv).astype(np.float32)
+    hist = K.deposit(hd, lo, inv, n_bins)
+    if reduce is not None:
+        reduce(hist, "sum")
+    pot = None
+    if compute_loss:
+        # Potential V = H ⊛ U in bin units, times Δ for weight units (before the field,
+        # which may overwrite the histogram in place).
+        r_t = torch.from_numpy(r).to(device)
+        half = int(math.ceil(float(r.max()))) + 1
+        delta = torch.from_numpy((1.0 / inv).astype(np.float32)).to(device)
+        pot = _conv_fft(hist.float(), _grid_kernel(r_t, half, well=True)) * delta[:, None]
+    scale = 2.0 * h_np
+    if conv == "prefix":
+        q = np.floor(r.astype(np.float64))
+        force = K.field(hd, hist, q, r.astype(np.float64) - q, scale)
+    else:
+        force = _force(hist.float(), torch.from_numpy(r).to(device), conv) * torch.from_numpy(scale.astype(np.float32)).to(device)[:, None]
+    direct = out is not None and (not K.needs_f32_out or all(o.dtype == torch.float32 and o.is_contiguous() for o in out))
+    if direct:
+        grads = out
+    else:
+        grads = [torch.empty(p.shape, dtype=torch.float32, device=device) for p in params]
+    K.gather(hd, lo, inv, force, grads, add=direct)
+    if out is not None and not direct:
         grads = _added_into(out, grads)
     if not compute_loss:
         return None, grads
-    half = int(torch.ceil(r.max()).item()) + 1
-    pot = _conv_fft(hist, _grid_kernel(r, half, well=True)) * (1.0 / inv)[:, None]
-    v = [torch.zeros(n, dtype=torch.float32) for n in sizes]
-    _cpu_kernels.gather(arrays, lo, inv, pot, v)
-    per_layer = torch.stack([x.double().sum() for x in v])
-    n = torch.tensor(sizes, dtype=torch.float64)
-    loss = (h_t.double() * (per_layer + n * w_t.double())).float()
+    per_layer = K.gather_sum(hd, lo, inv, pot)
+    n = torch.tensor(sizes, dtype=torch.float64, device=device)
+    if reduce is not None:
+        both = torch.cat([per_layer.to(device), n])
+        reduce(both, "sum")
+        per_layer, n = both[:n_layers], both[n_layers:]
+    h_d = torch.from_numpy(h_np).to(device)
+    w_d = torch.from_numpy(w_np.astype(np.float64)).to(device)
+    loss = (h_d * (per_layer.to(device) + n * w_d)).float()
     return (loss if per_layer_loss else loss.sum()), grads
+
+
+def _added_into(out: Optional[list[Tensor]], grads: list[Tensor]) -> list[Tensor]:
+    """``grads`` added into ``out`` in place (returns ``out``), or ``grads`` when there is no ``out``."""
+    if out is None:
+        return grads
+    for o, g in zip(out, grads):
+        o.add_(g)
+    return out
 
 
 def _batched_triton(
@@ -525,66 +699,11 @@ def _batched_triton(
     per_layer_loss: bool,
     out: Optional[list[Tensor]],
 ) -> tuple[Optional[Tensor], list[Tensor]]:
-    """:func:`coupling_grad_batched` with the fused Triton deposit, field and gather (GPU).
-
-    One host synchronization per call (the layers' extremes, needed on the host to
-    check them and to place the grids); everything else is queued on the device.
-    """
-    K = _triton_kernels
-    device = params[0].device
-    w_np = (w.detach().cpu().numpy() if isinstance(w, Tensor) else np.asarray(w)).astype(np.float32).reshape(-1)
-    h_np = (h.detach().cpu().numpy() if isinstance(h, Tensor) else np.asarray(h)).astype(np.float64).reshape(-1)
-    flats = K.flat_weights(params)
-    mins, maxs = K.bounds(flats)
-    bad = K.non_finite(mins, maxs)
-    if bad:
-        _raise_non_finite(bad)
-    lo, inv, r = K.grid_parameters(mins, maxs, w_np, n_bins)
-    hist = K.deposit(flats, lo, inv, n_bins)
-    if conv == "prefix":
-        q, phi = K.edge_split(r)
-        force = K.field(hist, q, phi, 2.0 * h_np)
-    else:
-        r_t = torch.from_numpy(r).to(device)
-        force = _force(hist.float(), r_t, conv) * torch.from_numpy(2.0 * h_np).float().to(device)[:, None]
-    direct = out is not None and all(o.dtype == torch.float32 and o.is_contiguous() for o in out)
-    grads = out if direct else [torch.empty(p.shape, dtype=torch.float32, device=device) for p in params]
-    K.gather(flats, lo, inv, force, [g.view(-1) for g in grads], add=direct)
-    if out is not None and not direct:
-        grads = _added_into(out, grads)
-    if not compute_loss:
-        return None, grads
-    r_t = torch.from_numpy(r).to(device)
-    half = int(math.ceil(float(r.max()))) + 1
-    pot = _conv_fft(hist.float(), _grid_kernel(r_t, half, well=True)) * torch.from_numpy(1.0 / inv).to(device)[:, None]
-    v = [torch.empty(n, dtype=torch.float32, device=device) for n in sizes]
-    K.gather(flats, lo, inv, pot, v, add=False)
-    per_layer = torch.stack([x.double().sum() for x in v])
-    n = torch.tensor(sizes, dtype=torch.float64, device=device)
-    h_d = torch.from_numpy(h_np).to(device)
-    loss = (h_d * (per_layer + n * torch.from_numpy(w_np.astype(np.float64)).to(device))).float()
-    return (loss if per_layer_loss else loss.sum()), grads
-
-
-def _global_bounds(flat: Tensor, sizes: tuple[int, ...], n_bins: int, group: Optional[Any]) -> tuple[Tensor, Tensor]:
-    """Min and max of each whole layer from the shards of every rank (one all-reduce)."""
-    n_layers = len(sizes)
-    if flat.numel():
-        mins, maxs = _layer_bounds(flat, sizes, n_bins)
-        bad = flat.new_tensor([0.0 if bool(torch.isfinite(flat).all()) else 1.0])
-    else:
-        mins = flat.new_full((n_layers,), math.inf)
-        maxs = flat.new_full((n_layers,), -math.inf)
-        bad = flat.new_zeros(1)
-    # MAX of (-min, max, non-finite flag): both extremes and every rank's verdict in one call.
-    packed = torch.cat([torch.nan_to_num(-mins), torch.nan_to_num(maxs), bad])
-    torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MAX, group=group)
-    if packed[-1] > 0:
-        raise ValueError(
-            "a shard of `params` holds non-finite weights (NaN or inf) on some rank: the coupling force is "
-            "undefined. Fix the divergence first (lower the learning rate or `h`)."
-        )
-    return -packed[:n_layers], packed[n_layers : 2 * n_layers]
+    """The orchestrator on the Triton kernels, whatever the device (tests run it under
+    Triton's interpreter on CPU tensors)."""
+    w_np, h_np = _checked_layer_values(w, h, len(params))
+    return _orchestrate(_TritonKernels, params, sizes, w_np, h_np, n_bins, compute_loss, conv, per_layer_loss,
+                        None if out is None else list(out), None)
 
 
 def coupling_histogram(

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from sq_lightning.coupler import _all_reduce
 from sq_lightning.ops.coupling import coupling_grad_batched
 
 
@@ -31,7 +32,7 @@ def _worker(rank, world, port, layers, cuts, ws, hs, out, poison):
         if poison and rank == 1:
             shards[0][0] = float("nan")
         try:
-            loss, grads = coupling_grad_batched(shards, ws, hs, compute_loss=True, per_layer_loss=True, sharded=True)
+            loss, grads = coupling_grad_batched(shards, ws, hs, compute_loss=True, per_layer_loss=True, reduce=_all_reduce(None))
             out[rank] = {"grads": grads, "loss": loss}
         except ValueError as err:
             out[rank] = {"error": str(err)}

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,12 +35,14 @@ def _torch_path(*args, **kwargs):
 
 
 def test_kernel_path_is_taken_on_cpu(monkeypatch):
+    assert CP._kernels_for([torch.randn(5000)]) is CP._NumbaKernels
     calls = []
-    real = CP._batched_cpu_kernels
-    monkeypatch.setattr(CP, "_batched_cpu_kernels", lambda *a: calls.append(1) or real(*a))
+    real = K.deposit
+    monkeypatch.setattr(K, "deposit", lambda *a: calls.append(1) or real(*a))
     coupling_grad_batched([torch.randn(5000)], [0.3], [1e-3])
     assert calls == [1]
     monkeypatch.setattr(K, "_MODE", "torch")
+    assert CP._kernels_for([torch.randn(5000)]) is CP._TorchKernels
     coupling_grad_batched([torch.randn(5000)], [0.3], [1e-3])
     assert calls == [1]
 
@@ -63,23 +66,82 @@ def test_kernels_equal_torch_path_and_track_exact(conv):
         assert float(loss_k[i]) == pytest.approx(float(ref.loss), rel=2e-3)
 
 
-def test_threaded_chunks_equal_one_thread(monkeypatch):
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_threaded_shares_equal_one_thread(monkeypatch, threads):
+    """Several threads (layers split between them, partial rows summed) against one
+    thread, the torch path and, for the loss, the same sums."""
     ps = _layers()
     w = [0.3 * float(p.std()) for p in ps]
     h = [1e-3, 2e-4, 5e-4]
-    _, one = coupling_grad_batched(ps, w, h)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    loss1, one = coupling_grad_batched(ps, w, h, compute_loss=True, per_layer_loss=True)
     monkeypatch.setattr(K, "MIN_CHUNK", 1000)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    assert len(K._chunks(K.as_arrays(ps), 3)) == 3
-    _, three = coupling_grad_batched(ps, w, h)
-    for a, b in zip(one, three):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    plan = K.plan_for(tuple(p.numel() for p in ps))
+    assert plan.n_threads == threads and len(plan.extra) >= 1  # at least one layer is split
+    lossn, many = coupling_grad_batched(ps, w, h, compute_loss=True, per_layer_loss=True)
+    for a, b in zip(one, many):
         assert float((a - b).norm() / b.norm()) < 1e-6
+    torch.testing.assert_close(lossn, loss1, rtol=1e-6, atol=0)
+    _, ref = _torch_path(ps, w, h)
+    for a, b in zip(many, ref):
+        assert float((a - b).norm() / b.norm()) < 1e-5
+
+
+def test_threaded_kernels_track_pairwise_reference(monkeypatch):
+    """The multithreaded path against the O(N^2) reference on small layers."""
+    from sq_lightning.ops.coupling import coupling_pairwise
+
+    monkeypatch.setattr(K, "MIN_CHUNK", 500)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    g = torch.Generator().manual_seed(3)
+    ps = [torch.randn(3000, generator=g) * 0.1, torch.randn(40, 50, generator=g)]
+    w = [0.3 * float(p.std()) for p in ps]
+    h = [1e-3, 3e-3]
+    _, grads = coupling_grad_batched(ps, w, h)
+    for p, wl, hl, gr in zip(ps, w, h, grads):
+        ref = coupling_pairwise(p, wl, hl, compute_loss=False).grad
+        assert float((gr - ref).norm() / ref.norm()) < 0.02
+
+
+def test_bounds_kernel_flags_non_finite_and_matches_torch(monkeypatch):
+    monkeypatch.setattr(K, "MIN_CHUNK", 1000)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    ps = [torch.randn(5000), torch.randn(3000) * 3, torch.randn(20, 30)]
+    mins, maxs = K.bounds(K.Layers(ps))
+    for p, a, b in zip(ps, mins, maxs):
+        assert a == float(p.min()) and b == float(p.max())
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        q = [p.clone() for p in ps]
+        q[1][2999] = bad
+        mins, maxs = K.bounds(K.Layers(q))
+        assert np.isnan(mins[1]) and np.isnan(maxs[1]) and np.isfinite(mins[[0, 2]]).all()
+
+
+def test_field_kernel_equals_torch_prefix():
+    g = torch.Generator().manual_seed(1)
+    hist = torch.rand(3, 512, generator=g, dtype=torch.float64) * 100
+    hist[1, :200] = 0  # empty stretch at the edge
+    r = torch.tensor([3.25, 0.4, 40.9], dtype=torch.float32)
+    ref = CP._force_prefix(hist, r)
+    q = np.floor(r.double().numpy())
+    got = K.field(hist.float().clone(), q, r.double().numpy() - q, np.ones(3))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-3)
+
+
+def test_gather_writes_into_native_grad_without_copy():
+    p = torch.randn(300_000)
+    grad = torch.zeros_like(p)
+    ptr = grad.data_ptr()
+    _, (ret,) = coupling_grad_batched([p], [0.03], [1e-3], out=[grad])
+    assert ret is grad and grad.data_ptr() == ptr and bool(grad.abs().sum() > 0)
 
 
 def test_chunks_cover_every_weight_once():
     arrays = K.as_arrays([torch.zeros(n) for n in (10, 700_000, 3, 250_000)])
     for threads in (1, 2, 3, 8):
         plans = K._chunks(arrays, threads)
+        assert plans == K._chunks([a.size for a in arrays], threads)
         seen = [torch.zeros(a.size, dtype=torch.int32) for a in arrays]
         for plan in plans:
             for layer, a, b in plan:
