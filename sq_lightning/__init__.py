@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 from sq_lightning.callbacks import ClusterRefine, LearnedCodebook, SoftQuantCallback
 from sq_lightning.coupler import WeightCoupler
+from sq_lightning.deploy import export_coreml, export_onnx, verify_coreml, verify_onnx
 from sq_lightning.export import export_checkpoint, load_compressed, save_compressed
 from sq_lightning.handoff import ClusterSource, SnapHint
 from sq_lightning.layers import LayerSelector
@@ -29,6 +30,10 @@ __all__ = [
     "WeightCoupler",
     "__version__",
     "export_checkpoint",
+    "export_coreml",
+    "export_onnx",
     "load_compressed",
     "save_compressed",
+    "verify_coreml",
+    "verify_onnx",
 ]
