@@ -103,8 +103,12 @@ def _trainer(epochs: int, callbacks) -> pl.Trainer:
                       limit_val_batches=0, gradient_clip_val=1.0, callbacks=callbacks)
 
 
-def run_training(method: str, seed: int, couple_steps: int, refine_steps: int, h: float, w: float,
-                 k_from: dict | None, bits: int = 3) -> dict:
+def _strength(text: str) -> float | None:
+    return None if text == "relative" else float(text)
+
+
+def run_training(method: str, seed: int, couple_steps: int, refine_steps: int, h: float | None, w: float,
+                 k_from: dict | None, bits: int = 3, grad_ratio: float | None = None) -> dict:
     from sq_lightning import ClusterRefine, LearnedCodebook, SoftQuantCallback
     from sq_lightning.ops.baselines import kmeans_quantize
     from sq_lightning.ops.clustering import Clusters
@@ -116,7 +120,8 @@ def run_training(method: str, seed: int, couple_steps: int, refine_steps: int, h
     c_ep, r_ep = couple_steps // STEPS_PER_EPOCH, refine_steps // STEPS_PER_EPOCH
     callbacks, refine = [], None
     if method == "softquant":
-        callbacks = [SoftQuantCallback(h=h, w=w, exclude=EXCLUDE, stop_epoch=c_ep, histogram_every_n_epochs=0),
+        extra = {} if grad_ratio is None else {"grad_ratio": grad_ratio}
+        callbacks = [SoftQuantCallback(h=h, w=w, exclude=EXCLUDE, stop_epoch=c_ep, histogram_every_n_epochs=0, **extra),
                      ClusterRefine(snap_epoch=c_ep, w=w, exclude=EXCLUDE, recalibrate_bn_batches=0)]
     elif method == "kmeans-refine":
         params = dict(model.named_parameters())
@@ -137,7 +142,9 @@ def run_training(method: str, seed: int, couple_steps: int, refine_steps: int, h
     row = {"method": method, "seed": seed, "couple_steps": couple_steps, "refine_steps": refine_steps,
            "val_loss": val_loss(model, dm), "seconds": round(seconds, 1)}
     if method == "softquant":
-        row.update(h=h, w=w)
+        row.update(h=h if h is not None else "relative", w=w)
+        if h is None:
+            row["grad_ratio"] = callbacks[0].grad_ratio
     if method == "codebook":
         row.update(codebook_bits=bits, lam=30.0)
     if callbacks:
@@ -247,7 +254,8 @@ def report() -> str:
     ]
     for r in rows:
         steps = f"{r['couple_steps']} + {r['refine_steps']}" if "couple_steps" in r else "-"
-        setting = (f"h={r.get('h')}, w={r.get('w')}" if r["method"] == "softquant"
+        setting = (f"h={r.get('h')}{', ratio ' + str(r['grad_ratio']) if 'grad_ratio' in r else ''}, w={r.get('w')}"
+                   if r["method"] == "softquant"
                    else f"{r['rtn_bits']} bits per channel" if r["method"] == "ptq-rtn"
                    else f"K={2 ** r['codebook_bits']}, lam={r['lam']}" if r["method"] == "codebook"
                    else f"K_l of {r['k_from']}" if "k_from" in r else "-")
@@ -297,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--couple-steps", type=int, default=1000)
     p.add_argument("--refine-steps", type=int, default=500)
-    p.add_argument("--h", type=float, default=1e-3)
+    p.add_argument("--h", type=_strength, default=1e-3,
+                   help="softquant: a fixed h, or 'relative' for SoftQuantCallback(h=None) (default 1e-3)")
+    p.add_argument("--grad-ratio", type=float, default=None, help="softquant with --h relative: its grad_ratio")
     p.add_argument("--w", type=float, default=0.3)
     p.add_argument("--k-from", help="K_l of an earlier row, 'softquant:w=0.3:seed=0' (ptq, kmeans-refine)")
     p.add_argument("--report", action="store_true")
@@ -317,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if ns.method == "kmeans-refine" and k_from is None:
             raise SystemExit("--method kmeans-refine needs --k-from")
-        _append(run_training(ns.method, ns.seed, ns.couple_steps, ns.refine_steps, ns.h, ns.w, k_from, ns.bits), argv)
+        _append(run_training(ns.method, ns.seed, ns.couple_steps, ns.refine_steps, ns.h, ns.w, k_from, ns.bits,
+                             ns.grad_ratio), argv)
     return 0
 
 

@@ -45,6 +45,9 @@ class LayerReport:
     # Shannon entropy of the cluster populations (bits per weight an entropy coder
     # needs); 32.0 for a layer kept in full precision, like ``bits``.
     entropy: float = 32.0
+    # Whether the layer's own clusters fit within ``max_snap_error`` (False: it did not
+    # cluster, and ``on_unclustered`` decided what happened to it).
+    clustered: bool = True
 
 
 def check_snap_args(
@@ -110,10 +113,13 @@ class ClusterSnapper:
     Args:
         w: range of the well relative to the layer's std (as in soft quantization);
             used for ``w_l = w · σ_l`` when no ``w_l`` is passed to :meth:`find`.
-        gap: split threshold as a fraction of ``w_l``: neighbours (in sorted order)
-            further apart than ``gap · w_l`` start a new cluster.
+        gap: split threshold as a fraction of ``w_l``: a stretch of the sorted weights
+            wider than ``gap · w_l`` holding fewer than ``max(1, min_cluster_frac · N_l)``
+            weights separates two clusters (for small layers: an empty gap; see
+            :func:`~sq_lightning.ops.clustering.find_clusters`).
         min_cluster_frac: clusters with fewer than this fraction of the layer's
-            weights are merge candidates (see ``merge``).
+            weights are merge candidates (see ``merge``), and so few weights in a stretch
+            wider than the gap do not bridge two clusters.
         merge: ``"storage"``, ``"all"`` or ``"none"``; see :func:`find_clusters`.
         max_snap_error: a layer whose relative snap error ``‖θ - snap(θ)‖ / ‖θ‖``
             exceeds this is "unclustered" (coupling was too weak for it).
@@ -348,7 +354,8 @@ class ClusterSnapper:
                     err = cl.snap_error(theta)
             snapped = ok or self.on_unclustered == "snap" or (self.on_unclustered == "kmeans" and name not in sliced)
             reports[name] = LayerReport(
-                name, theta.numel(), cl.k, cl.bits if snapped else 32.0, err, snapped, cl.entropy if snapped else 32.0
+                name, theta.numel(), cl.k, cl.bits if snapped else 32.0, err, snapped, cl.entropy if snapped else 32.0,
+                clustered=ok,
             )
             if snapped:
                 keep[name] = cl

@@ -112,7 +112,7 @@ def test_overlay_composes_with_its_base_config(overlay, tmp_path):
 def test_unknown_config_key_is_rejected_with_its_name(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(
-        (REPO / "configs/quickstart_digits.yaml").read_text().replace("h: 2.0e-3", "h: 2.0e-3\n        hh: 1.0")
+        (REPO / "configs/quickstart_digits.yaml").read_text().replace("grad_ratio: 3.0", "grad_ratio: 3.0\n        hh: 1.0")
     )
     result = subprocess.run(
         [sys.executable, "-m", "sq_lightning", "fit", "--config", str(bad), "--print_config"],

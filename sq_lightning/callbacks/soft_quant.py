@@ -8,6 +8,7 @@ and :class:`sq_lightning.coupler.WeightCoupler`; this module only connects it to
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
@@ -18,14 +19,19 @@ from typing_extensions import override
 
 from sq_lightning.callbacks._logging import log_histograms, log_scalars
 from sq_lightning.callbacks._checks import check_setup, check_window
-from sq_lightning.coupler import WeightCoupler, check_coupling_args
+from sq_lightning.coupler import WeightCoupler, _std, check_coupling_args
 from sq_lightning.handoff import SnapHint
-from sq_lightning._validate import check_int
+from sq_lightning._validate import check_int, check_number
 from sq_lightning.schedule import Ramp, Window
+from sq_lightning.sharding import is_sharded
 from sq_lightning.layers import LayerSelector
 from sq_lightning.ops.coupling import DEFAULT_N_BINS
 
 log = logging.getLogger(__name__)
+
+# Default ‖coupling gradient‖ / ‖task gradient‖ per layer and step of the relative strength
+# (h=None); chosen on the measurements in experiments/results/relative_strength.md.
+DEFAULT_GRAD_RATIO = 3.0
 
 
 def _effective_lr(optimizer) -> float:
@@ -55,9 +61,15 @@ class SoftQuantCallback(Callback):
 
     is added to ``param.grad`` of each selected layer, with
 
-    * ``w_l = w · σ_l``: ``σ_l`` is the std of the layer's weights when coupling starts,
-      frozen afterwards and saved in checkpoints;
-    * ``h_l = h · N_l^(-alpha)``, ``N_l`` the layer's number of weights.
+    * ``w_l = w · σ_l``: ``σ_l`` is the std of the layer's weights, measured when coupling
+      starts and again every ``rescale_every_n_steps`` coupled steps (saved in checkpoints);
+    * the strength ``h_l``: by default (``h=None``) *relative*: at every step each layer's
+      coupling gradient is scaled so that its norm is ``grad_ratio`` times the norm of the
+      task gradient already in ``.grad`` (``h_l = grad_ratio · ‖g_task,l‖ / ‖∂L_C/∂θ_l‖_{h=1}``).
+      The coupling then has the same weight against the task in every layer, whatever its
+      size, the optimizer (SGD, Adam, AdamW: an adaptive optimizer divides both gradients by
+      the same running scale) or the learning rate. With a number ``h``, the paper's fixed
+      strength ``h_l = h · N_l^(-alpha)``; with ``target_step``, ``h_l`` calibrated once for SGD.
 
     The gradient is injected in ``on_before_optimizer_step``: gradients there are
     already unscaled by mixed precision and all-reduced by DDP, the hook runs once per
@@ -71,13 +83,14 @@ class SoftQuantCallback(Callback):
     is refused at setup.
 
     Args:
-        h: coupling strength (dimensionless). With SGD (lr 0.01-0.05, momentum 0.9)
-            useful values are about 1e-4 to 2e-3; more is chaotic, less leaves small
-            layers unclustered. Only ``lr / (1 - momentum) · h`` matters for SGD.
+        h: ``None`` (default): the relative strength above. A number: the paper's fixed
+            strength (dimensionless), ``h_l = h · N_l^(-alpha)``; with SGD (lr 0.01-0.05,
+            momentum 0.9) useful values are about 1e-4 to 2e-3; more is chaotic, less leaves
+            small layers unclustered. Only ``lr / (1 - momentum) · h`` matters for SGD.
         w: range of the well relative to the layer's std. Larger ``w`` merges more:
             fewer clusters, fewer bits (0.15 / 0.3 / 0.45 gave about 4 / 3 / 2.5 bits on
             an MLP, docs/design.md section 8).
-        alpha: exponent of the layer-size scaling of ``h_l`` (paper: 0.66).
+        alpha: exponent of the layer-size scaling of a fixed ``h`` (paper: 0.66).
         n_bins: grid points per layer of the histogram backend (paper: 2^14).
         backend: ``"histogram"``, ``"exact"`` or ``"auto"`` (exact for small layers).
         module_types: module class names whose ``weight`` is coupled
@@ -128,6 +141,12 @@ class SoftQuantCallback(Callback):
             as ``sq/h_scale`` and follows the saved step counter on resume.
         ramp_from: strength at the first coupled step as a fraction of the full one,
             in (0, 1].
+        grad_ratio: with ``h=None``, ``‖coupling gradient‖ / ‖task gradient‖`` of every
+            layer at every coupled step (times the ramp's factor). Measured in
+            ``experiments/results/relative_strength.md``.
+        rescale_every_n_steps: re-measure ``σ_l`` (hence ``w_l``) every this many coupled
+            steps, so that the well follows a layer whose scale drifts (0: frozen at the
+            start, as in the paper).
 
     Raises:
         ValueError: a bad argument (in ``__init__``) or a selection that matches no
@@ -141,7 +160,7 @@ class SoftQuantCallback(Callback):
 
     def __init__(
         self,
-        h: float = 1e-3,
+        h: Optional[float] = None,
         w: float = 0.3,
         alpha: float = 0.66,
         n_bins: int = DEFAULT_N_BINS,
@@ -161,16 +180,27 @@ class SoftQuantCallback(Callback):
         target_step: Optional[float] = None,
         ramp_steps: int = 0,
         ramp_from: float = 0.01,
+        grad_ratio: float = DEFAULT_GRAD_RATIO,
+        rescale_every_n_steps: int = 10,
     ) -> None:
         super().__init__()
-        check_coupling_args(h, w, alpha, n_bins, backend)
+        self.relative = h is None and target_step is None
+        check_coupling_args(1.0 if h is None else h, w, alpha, n_bins, backend)
+        if h is None and not self.relative:
+            h = 1e-3  # target_step calibrates h_l itself
+        check_number("grad_ratio", grad_ratio, 0.0, strict=True)
+        check_int("rescale_every_n_steps", rescale_every_n_steps, 0, hint=" (0: sigma_l frozen at the start)")
+        self.grad_ratio, self.rescale_every_n_steps = float(grad_ratio), rescale_every_n_steps
         self.window = Window(start_epoch, stop_epoch, start_step, stop_step)
         self.ramp = Ramp(ramp_steps, ramp_from)
         check_int("log_every_n_steps", log_every_n_steps, 1)
         check_int("histogram_every_n_epochs", histogram_every_n_epochs, 0, hint=" (0: no histograms)")
         self.selector = LayerSelector(module_types, include, exclude, min_size)
+        # Relative strength: the coupler computes the field at unit strength (h_l = 1) and
+        # each layer's gradient is scaled to `grad_ratio` times the task gradient's norm.
         self.coupler = WeightCoupler(
-            h=h, w=w, alpha=alpha, n_bins=n_bins, backend=backend, selector=self.selector, target_step=target_step
+            h=1.0 if self.relative else h, w=w, alpha=0.0 if self.relative else alpha, n_bins=n_bins,
+            backend=backend, selector=self.selector, target_step=target_step,
         )
         self.log_every_n_steps = log_every_n_steps
         self.log_per_layer = log_per_layer
@@ -188,6 +218,8 @@ class SoftQuantCallback(Callback):
 
     @property
     def state_key(self) -> str:
+        if self.relative:
+            return self._generate_state_key(h=None, w=self.coupler.w, grad_ratio=self.grad_ratio)
         return self._generate_state_key(h=self.coupler.h, w=self.coupler.w, alpha=self.coupler.alpha)
 
     # -- hooks --------------------------------------------------------------------
@@ -227,14 +259,26 @@ class SoftQuantCallback(Callback):
     def _run_coupling(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         if not self.coupler.prepared or (self.coupler.target_step is not None and not self.coupler.calibrated):
             self.coupler.prepare(pl_module)
+            if self.relative and any(is_sharded(p) for n, p in pl_module.named_parameters() if n in self.coupler.sigma):
+                raise ValueError(
+                    "SoftQuantCallback: the relative strength (`h=None`) needs whole layers, and this model's are "
+                    "sharded (FSDP2): set `h` (the paper's fixed strength) for sharded training."
+                )
             if self.coupler.target_step is not None:
                 self.coupler.calibrate(pl_module, _effective_lr(optimizer))
             rank_zero_info(self._describe())
+        elif self.rescale_every_n_steps and self.steps_applied % self.rescale_every_n_steps == 0:
+            self._rescale(pl_module)
         self.coupler.scale = self.strength_scale()
         want_loss = trainer.global_step % self.log_every_n_steps == 0
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        ratios = self.coupler.grad_ratios(pl_module, only=params) if want_loss and self.log_grad_ratio else {}
-        losses = self.coupler.add_gradients(pl_module, compute_loss=want_loss, only=params)
+        ratios = {}
+        if want_loss and self.log_grad_ratio and not self.relative:
+            ratios = self.coupler.grad_ratios(pl_module, only=params)
+        if self.relative:
+            losses = self._add_relative(pl_module, params, want_loss)
+        else:
+            losses = self.coupler.add_gradients(pl_module, compute_loss=want_loss, only=params)
         self.steps_applied += 1
         if want_loss and (losses or ratios):
             # Straight to the loggers: `self.log` from this hook is only flushed on the
@@ -251,21 +295,54 @@ class SoftQuantCallback(Callback):
                 metrics["sq/h_scale"] = self.coupler.scale
             log_scalars(trainer, metrics)
 
+    @torch.no_grad()
+    def _rescale(self, pl_module: pl.LightningModule) -> None:
+        """``σ_l`` re-measured on the current weights: the well follows the layer's scale (a layer
+        followed by normalization shrinks under weight decay without changing its function)."""
+        for n, p in pl_module.named_parameters():
+            if n in self.coupler.sigma:
+                std = _std(p.detach())  # collective for a sharded layer: every rank calls it
+                if math.isfinite(std) and std > 0:
+                    self.coupler.sigma[n] = std
+
+    @torch.no_grad()
+    def _add_relative(self, pl_module: pl.LightningModule, only: list, want_loss: bool) -> Optional[dict]:
+        """Adds each layer's coupling gradient scaled to ``grad_ratio · scale · ‖task grad‖``."""
+        allowed = {id(p) for p in only}
+        params = {n: p for n, p in pl_module.named_parameters()
+                  if n in self.coupler.sigma and p.grad is not None and id(p) in allowed}
+        if not params:
+            return {} if want_loss else None
+        losses, grads = self.coupler.gradients({n: p.detach() for n, p in params.items()}, compute_loss=want_loss)
+        target = self.grad_ratio * self.coupler.scale
+        factors = {}
+        for n, g in grads.items():
+            task, unit = float(params[n].grad.norm()), float(g.norm())
+            factors[n] = target * task / unit if unit > 0 and math.isfinite(task) else 0.0
+            if factors[n]:
+                params[n].grad.add_(g.to(params[n].grad.dtype), alpha=factors[n])
+        self.last_h_l = factors  # the effective h_l of this step
+        if not want_loss:
+            return None
+        return {n: v * factors[n] for n, v in (losses or {}).items()}
+
     def strength_scale(self, k: Optional[int] = None) -> float:
         """Factor on every ``h_l`` at the k-th coupled step (default: the next one)."""
         return self.ramp.factor(self.steps_applied if k is None else k)
 
     def _describe(self) -> str:
         rows = self.coupler.layer_table()
-        how = (
-            f"h_l calibrated for target_step={self.coupler.target_step:g}"
-            if self.coupler.calibrated
-            else f"h={self.coupler.h:g}, alpha={self.coupler.alpha:g}"
-        )
+        if self.relative:
+            how = f"relative strength: coupling gradient = {self.grad_ratio:g} x the task gradient, per layer and step"
+        elif self.coupler.calibrated:
+            how = f"h_l calibrated for target_step={self.coupler.target_step:g}"
+        else:
+            how = f"h={self.coupler.h:g}, alpha={self.coupler.alpha:g}"
         if self.ramp_steps:
             how += f", ramped from {self.ramp_from:g}x over {self.ramp_steps} steps"
         lines = [f"SoftQuantCallback: coupling {len(rows)} layers ({how}, w={self.coupler.w:g})"]
-        lines += [f"  {r['name']:<40} N={r['numel']:>8}  sigma={r['sigma']:.4g}  w_l={r['w_l']:.4g}  h_l={r['h_l']:.4g}" for r in rows]
+        h_l = (lambda r: "") if self.relative else (lambda r: f"  h_l={r['h_l']:.4g}")
+        lines += [f"  {r['name']:<40} N={r['numel']:>8}  sigma={r['sigma']:.4g}  w_l={r['w_l']:.4g}{h_l(r)}" for r in rows]
         return "\n".join(lines)
 
     # -- state --------------------------------------------------------------------

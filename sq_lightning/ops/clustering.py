@@ -97,13 +97,21 @@ def find_clusters(
     min_size: int = 1,
     merge: MergePolicy = "storage",
 ) -> Clusters:
-    """Splits the sorted weights at gaps larger than ``gap`` and merges small groups.
+    """Splits the sorted weights at sparse stretches and merges small groups.
+
+    A stretch of the sorted weights wider than ``gap`` that holds fewer than ``min_size``
+    weights separates two clusters; with ``min_size=1`` that is an empty interval wider
+    than ``gap``. The weights inside such a stretch (stragglers between clusters) join the
+    cluster of the nearer of their two neighbouring cluster weights. Without this, a handful
+    of stragglers bridges every valley of a layer with millions of weights and the whole
+    layer reads as one cluster.
 
     Args:
         theta: one layer's weights (any shape, dtype, device).
         gap: split threshold in weight units (> 0); the callbacks use a fraction of
             the well's range ``w_l``.
-        min_size: groups with fewer members are merge candidates.
+        min_size: groups with fewer members are merge candidates, and a stretch wider
+            than ``gap`` with fewer weights is a valley between clusters.
         merge: ``"storage"`` merges candidates (cheapest squared-error cost first)
             only while that lowers ``ceil(log2 K)``, because a merge that does not
             save an index bit only adds error (tail weights merged into big clusters
@@ -128,9 +136,7 @@ def find_clusters(
     if not bool(torch.isfinite(flat).all()):
         raise ValueError("`theta` holds non-finite values (NaN or inf): clusters are undefined.")
     s, order = torch.sort(flat, stable=True)
-    split = torch.diff(s) > gap
-    seg = torch.zeros_like(order)
-    seg[1:] = torch.cumsum(split, 0)
+    seg = _split_sparse(s, gap, min_size)
     k = int(seg[-1]) + 1
     means, counts = _segment_means(s, seg, k)
     if merge != "none" and k > 1:
@@ -141,6 +147,33 @@ def find_clusters(
     assignments = torch.empty_like(seg)
     assignments[order] = seg
     return Clusters(means.float(), assignments.reshape(theta.shape), counts)
+
+
+def _split_sparse(s: Tensor, gap: float, m: int) -> Tensor:
+    """Segment label of each sorted weight: a window of ``m`` consecutive spacings wider than
+    ``gap`` is a valley; its interior weights are stragglers and go to the nearer neighbour."""
+    n = s.numel()
+    if m <= 1 or n <= m:
+        seg = torch.zeros(n, dtype=torch.long, device=s.device)
+        seg[1:] = torch.cumsum(torch.diff(s) > gap, 0)
+        return seg
+    sparse = torch.nonzero((s[m:] - s[:-m]) > gap).flatten()  # window i spans s[i] .. s[i + m]
+    cover = torch.zeros(n + 1, dtype=torch.long, device=s.device)
+    cover.index_add_(0, sparse + 1, torch.ones_like(sparse))  # interior: i + 1 .. i + m - 1
+    cover.index_add_(0, sparse + m, -torch.ones_like(sparse))
+    core = torch.cumsum(cover, 0)[:n] == 0  # s[0] and s[-1] are never interior
+    pos = torch.arange(n, device=s.device)
+    core_pos = pos[core]
+    # consecutive cluster weights belong to different clusters when stragglers or a gap lie between
+    jump = (torch.diff(core_pos) > 1) | (torch.diff(s[core_pos]) > gap)
+    core_seg = torch.zeros(core_pos.numel(), dtype=torch.long, device=s.device)
+    core_seg[1:] = torch.cumsum(jump, 0)
+    # nearest cluster weight on each side of every weight (by sorted position)
+    rank = torch.cumsum(core.long(), 0) - 1  # index into core_pos of the last core at or before i
+    left = rank.clamp_min(0)
+    right = (rank + (~core).long()).clamp_max(core_pos.numel() - 1)
+    to_right = (s[core_pos[right]] - s) < (s - s[core_pos[left]])
+    return torch.where(to_right, core_seg[right], core_seg[left])
 
 
 def _merge_small(means: Tensor, counts: Tensor, s: Tensor, seg: Tensor, min_size: int, merge: MergePolicy) -> Tensor:

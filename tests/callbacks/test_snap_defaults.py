@@ -40,6 +40,8 @@ def test_every_layer_snaps_at_no_larger_error_than_kmeans_at_its_k(caplog):
     # The Gaussian layer did not cluster: optimal k-means at 16 values (4 bits), said once.
     gauss = reports["4.weight"]
     assert gauss.k == 16 and gauss.bits == 4.0
+    # The report still says which layers clustered by themselves and which fell back.
+    assert reports["0.weight"].clustered and not gauss.clustered and gauss.snapped
     torch.testing.assert_close(dict(net.named_parameters())["4.weight"].detach(),
                                kmeans_quantize(weights["4.weight"], 16).values)
     lines = [r.message for r in caplog.records if "did not cluster" in r.message]

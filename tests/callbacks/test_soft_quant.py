@@ -172,7 +172,7 @@ def test_sigma_captured_at_start_and_frozen():
     pl.seed_everything(0)
     train, _ = digits_loaders()
     model = TinyNet()
-    cb = SoftQuantCallback(h=1e-3, w=0.3, start_epoch=1)
+    cb = SoftQuantCallback(h=1e-3, w=0.3, start_epoch=1, rescale_every_n_steps=0)
     probe = GradProbe()
     t = trainer(max_epochs=3, callbacks=[probe, cb])
     t.fit(model, train)
@@ -183,6 +183,22 @@ def test_sigma_captured_at_start_and_frozen():
     for name, (theta, _) in first.items():
         if name in cb.coupler.sigma:
             assert cb.coupler.sigma[name] == pytest.approx(float(theta.std()), rel=1e-6)
+
+
+def test_sigma_follows_the_layer_scale_every_n_steps():
+    """Weight decay shrinks the weights: the default re-measures σ_l, so w_l shrinks with them."""
+    pl.seed_everything(0)
+    train, _ = digits_loaders()
+    model = TinyNet(weight_decay=1.0)
+    cb = SoftQuantCallback(h=1e-4, w=0.3, rescale_every_n_steps=5)
+    probe = GradProbe()
+    trainer(max_epochs=1, max_steps=13, callbacks=[probe, cb]).fit(model, train)
+    assert cb.steps_applied == 13
+    # The last re-measure was at the 11th coupled step (index 10), on the weights before it.
+    for name, (theta, _) in probe.records[10].items():
+        if name in cb.coupler.sigma:
+            assert cb.coupler.sigma[name] == pytest.approx(float(theta.std()), rel=1e-6)
+            assert cb.coupler.sigma[name] < float(probe.records[0][name][0].std())
 
 
 @pytest.mark.parametrize("ramp_epochs", [0, 3])
@@ -294,7 +310,7 @@ def test_selection_matching_nothing_fails_at_setup():
 def test_fit_twice_on_the_same_trainer_and_module():
     pl.seed_everything(0)
     train, _ = digits_loaders()
-    model, cb = TinyNet(), SoftQuantCallback(h=1e-3, w=0.3)
+    model, cb = TinyNet(), SoftQuantCallback(h=1e-3, w=0.3, rescale_every_n_steps=0)
     t = trainer(max_epochs=1, callbacks=[cb])
     t.fit(model, train)
     sigma, steps = dict(cb.coupler.sigma), cb.steps_applied
@@ -327,3 +343,46 @@ def test_injected_gradient_on_cuda_matches_the_exact_gradient():
             expected = coupling_exact(theta.cpu(), 0.3 * sigma0[name], layer_strength(1e-2, theta.numel(), 0.66)).grad
             err = float((added - expected).norm() / expected.norm())
             assert err < (1e-5 if theta.numel() < 4096 else 0.02), (name, err)
+
+
+def test_relative_strength_scales_each_layer_to_grad_ratio_times_the_task_gradient():
+    """h=None: the injected gradient of every layer is grad_ratio · ‖task grad‖ along the exact
+    coupling gradient (pairwise reference), whatever the layer's size."""
+    from sq_lightning.ops.coupling import coupling_pairwise
+
+    pl.seed_everything(0)
+    train, _ = digits_loaders()
+    before, after = GradProbe(), GradProbe()
+    cb = SoftQuantCallback(w=0.3, grad_ratio=2.5, backend="exact")
+    assert cb.relative
+    trainer(max_steps=2, callbacks=[before, cb, after]).fit(TinyNet(), train)
+    for step in range(2):
+        for name in cb.coupler.sigma:  # 4096, 2048 and 320 weights
+            theta, task = before.records[step][name]
+            added = after.records[step][name][1] - task
+            unit = coupling_pairwise(theta, cb.coupler.w_l(name), 1.0).grad
+            assert float(added.norm()) == pytest.approx(2.5 * float(task.norm()), rel=1e-4)
+            cos = float((added * unit).sum() / (added.norm() * unit.norm()))
+            assert cos == pytest.approx(1.0, abs=1e-5), name
+
+
+class AdamWNet(TinyNet):
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=1e-2)
+
+
+@pytest.mark.parametrize("net", [TinyNet, AdamWNet], ids=["sgd", "adamw"])
+def test_default_strength_clusters_every_layer_with_sgd_and_adamw(net):
+    """The defaults, no strength given: layers of 320 to 8192 weights all cluster in the window
+    (snap error within max_snap_error without any fallback) with SGD and with AdamW."""
+    from sq_lightning import ClusterRefine
+
+    pl.seed_everything(0)
+    train, _ = digits_loaders()
+    model = net(hidden=128)
+    trainer(max_epochs=8, callbacks=[]).fit(model, train)  # a trained model first
+    refine = ClusterRefine(on_unclustered="keep")
+    trainer(max_epochs=5, callbacks=[SoftQuantCallback(stop_epoch=4), refine]).fit(model, train)
+    reports = refine.snapper.reports
+    assert len(reports) == 3 and all(r.snapped for r in reports.values()), {n: r.snap_error for n, r in reports.items()}
+    assert refine.snapper.summary()["bits_weighted"] <= 4.0

@@ -55,3 +55,21 @@ def test_clusters_move_to_a_device_whole():
     moved = cl.to("meta")  # a device without data: every tensor moves, the original stays
     assert {t.device.type for t in (moved.centroids, moved.assignments, moved.counts)} == {"meta"}
     assert moved.assignments.shape == (2, 2) and cl.centroids.device.type == "cpu"
+
+
+def test_a_few_stragglers_do_not_bridge_the_clusters_of_a_large_layer():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([-1.0, 0.0, 1.0])
+    tight = (centers.repeat_interleave(100_000) + torch.randn(300_000, generator=g) * 0.01)
+    strays = torch.rand(2000, generator=g) * 2.4 - 1.2  # spread over the valleys: spacing << gap
+    theta = torch.cat([tight, strays])[torch.randperm(302_000, generator=g)]
+    # One weight per gap-wide stretch is enough to bridge with the plain gap rule: one cluster.
+    assert find_clusters(theta, 0.05, min_size=1, merge="none").k == 1
+    # The outermost strays form tiny end groups (the extremes are never inside a valley): merged.
+    cl = find_clusters(theta, 0.05, min_size=300, merge="all")  # 0.1% of the layer
+    assert cl.k == 3
+    assert cl.centroids.tolist() == pytest.approx(centers.tolist(), abs=2e-3)
+    # Every weight goes to its nearest cluster, stragglers included (up to ties at a valley's middle).
+    nearest = (theta[:, None] - cl.centroids[None, :]).abs().argmin(1)
+    assert int((cl.assignments != nearest).sum()) <= 5
+    assert int(cl.counts.sum()) == theta.numel()
