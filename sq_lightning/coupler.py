@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Literal, Optional
 
 import torch
@@ -222,29 +222,48 @@ class WeightCoupler:
 
     # -- the step -----------------------------------------------------------------
     def gradients(
-        self, params: dict[str, Tensor], compute_loss: bool = False, out: Optional[dict[str, Tensor]] = None
+        self,
+        params: dict[str, Tensor],
+        compute_loss: bool = False,
+        out: Optional[dict[str, Tensor]] = None,
+        strength: Optional[Callable[[str, float], float]] = None,
     ) -> tuple[Optional[dict[str, Tensor]], dict[str, Tensor]]:
         """Coupling gradient (float32) and, on request, loss per layer for ``params``.
 
         With ``out`` (name -> tensor of the layer's shape, e.g. its ``.grad``), the
         gradient is added into those tensors in place and they are returned.
+        With ``strength``, each layer's ``h_l`` is ``strength(name, norm)`` of the norm of
+        its gradient at unit strength, measured in the same pass (for the histogram
+        backend from the grid: see :func:`~sq_lightning.ops.coupling.coupling_grad_batched`);
+        ``h``, ``alpha`` and ``scale`` are then not used.
         """
         names = [n for n in params if n in self.sigma]
         exact_names = [n for n in names if self._exact(n)]
         hist_names = [n for n in names if not self._exact(n)]
         grads: dict[str, Tensor] = {}
         losses: dict[str, Tensor] = {}
+        if strength is None:
+            hist_h = [self.h_l(n) for n in hist_names]
+        else:
+            def hist_h(units):  # noqa: E306 - the names of this call's histogram layers
+                return [strength(n, float(u)) for n, u in zip(hist_names, units)]
         try:
             for n in exact_names:
-                res = coupling_exact(params[n], self.w_l(n), self.h_l(n), compute_loss=compute_loss)
-                grads[n] = res.grad
+                if strength is None:
+                    res = coupling_exact(params[n], self.w_l(n), self.h_l(n), compute_loss=compute_loss)
+                    grads[n] = res.grad
+                else:
+                    res = coupling_exact(params[n], self.w_l(n), 1.0, compute_loss=compute_loss)
+                    h = strength(n, float(res.grad.norm()))
+                    grads[n] = res.grad.mul_(h)
+                    res = res._replace(loss=None if res.loss is None else res.loss * h)
                 if compute_loss:
                     losses[n] = res.loss
             if hist_names:
                 loss_vec, hist_grads = coupling_grad_batched(
                     [params[n] for n in hist_names],
                     [self.w_l(n) for n in hist_names],
-                    [self.h_l(n) for n in hist_names],
+                    hist_h,
                     n_bins=self.n_bins,
                     compute_loss=compute_loss,
                     per_layer_loss=True,
@@ -270,12 +289,17 @@ class WeightCoupler:
 
     @torch.no_grad()
     def add_gradients(
-        self, model: nn.Module, compute_loss: bool = False, only: Optional[Iterable[Tensor]] = None
+        self,
+        model: nn.Module,
+        compute_loss: bool = False,
+        only: Optional[Iterable[Tensor]] = None,
+        strength: Optional[Callable[[str, float], float]] = None,
     ) -> Optional[dict[str, Tensor]]:
         """Adds ``∂L_C/∂θ`` to ``param.grad`` of every coupled layer.
 
         Parameters whose ``.grad`` is ``None`` (frozen or unused this step) are skipped.
         ``only`` restricts the update to these parameter objects (one optimizer's).
+        ``strength``: as in :meth:`gradients` (not for layers sharded by FSDP2).
 
         Returns:
             per-layer loss values when ``compute_loss`` is set, else ``None``.
@@ -293,9 +317,12 @@ class WeightCoupler:
         sharded = {n: p for n, p in params.items() if is_sharded(p)}
         losses: dict[str, Tensor] = {}
         if dense:
-            dense_losses, _ = self.gradients(dict(dense), compute_loss=compute_loss, out={n: p.grad for n, p in dense.items()})
+            dense_losses, _ = self.gradients(dict(dense), compute_loss=compute_loss,
+                                             out={n: p.grad for n, p in dense.items()}, strength=strength)
             losses.update(dense_losses or {})
         if sharded:
+            if strength is not None:
+                raise ValueError("a strength function needs whole layers; these are sharded: " + ", ".join(sharded))
             losses.update(self._add_sharded(sharded, compute_loss))
         return losses if compute_loss else None
 

@@ -68,9 +68,9 @@ class SoftQuantCallback(Callback):
       task gradient already in ``.grad`` (``h_l = grad_ratio · ‖g_task,l‖ / ‖∂L_C/∂θ_l‖_{h=1}``).
       The coupling then has the same weight against the task in every layer, whatever its
       size, the optimizer (SGD, Adam, AdamW: an adaptive optimizer divides both gradients by
-      the same running scale) or the learning rate. The unit-strength norm is measured every
-      10 coupled steps and reused in between (the gradient is then added in place, at the
-      cost of the fixed strength). With a number ``h``, the paper's fixed
+      the same running scale) or the learning rate. The coupling gradient's norm is measured
+      in the pass that adds it (from the histogram grid for large layers), at the cost of the
+      fixed strength. With a number ``h``, the paper's fixed
       strength ``h_l = h · N_l^(-alpha)``; with ``target_step``, ``h_l`` calibrated once for SGD.
 
     The gradient is injected in ``on_before_optimizer_step``: gradients there are
@@ -160,9 +160,6 @@ class SoftQuantCallback(Callback):
         trainer.fit(model, datamodule)
     """
 
-    # Relative strength: coupled steps between two measurements of the unit-strength norm.
-    UNIT_NORM_EVERY_N_STEPS = 10
-
     def __init__(
         self,
         h: Optional[float] = None,
@@ -212,7 +209,6 @@ class SoftQuantCallback(Callback):
         self.log_grad_ratio = bool(log_grad_ratio)
         self.histogram_every_n_epochs = histogram_every_n_epochs
         self.steps_applied = 0
-        self._unit_norm: dict[str, float] = {}  # relative strength: last measured ‖∂L_C/∂θ_l‖ at h_l = 1
 
     # The window and the ramp, as the constructor took them.
     start_epoch = property(lambda self: self.window.start_epoch)
@@ -315,11 +311,9 @@ class SoftQuantCallback(Callback):
     def _add_relative(self, pl_module: pl.LightningModule, only: list, want_loss: bool) -> Optional[dict]:
         """Adds each layer's coupling gradient scaled to ``grad_ratio · scale · ‖task grad‖``.
 
-        The unit-strength norm ``‖∂L_C/∂θ_l‖`` is measured every ``UNIT_NORM_EVERY_N_STEPS``
-        coupled steps (the coupling gradient is then built per layer); in between the
-        last measurement is used and the gradient is added in place by the coupler's fused
-        path, so a step costs what the fixed strength costs (the task gradient's norm is
-        read every step)."""
+        The norm of the coupling gradient at unit strength is measured in the same pass that
+        adds it in place (for the histogram backend from the grid), so a step costs what the
+        fixed strength costs plus one read of the task gradient."""
         allowed = {id(p) for p in only}
         params = {n: p for n, p in pl_module.named_parameters()
                   if n in self.coupler.sigma and p.grad is not None and id(p) in allowed}
@@ -327,32 +321,17 @@ class SoftQuantCallback(Callback):
             return {} if want_loss else None
         names = list(params)
         norms = torch._foreach_norm([params[n].grad for n in names])
-        task = torch.stack([t.float().to(norms[0].device) for t in norms]).tolist()
+        task = dict(zip(names, torch.stack([t.float().to(norms[0].device) for t in norms]).tolist()))
         target = self.grad_ratio * self.coupler.scale
-        refresh = (self.steps_applied % self.UNIT_NORM_EVERY_N_STEPS == 0
-                   or any(n not in self._unit_norm for n in names))
         factors: dict[str, float] = {}
-        if refresh:
-            self.coupler.h_calibrated = {}
-            losses, grads = self.coupler.gradients({n: params[n].detach() for n in names}, compute_loss=want_loss)
-            for n, t in zip(names, task):
-                unit = float(grads[n].norm())
-                self._unit_norm[n] = unit
-                factors[n] = target * t / unit if unit > 0 and math.isfinite(t) else 0.0
-                if factors[n]:
-                    params[n].grad.add_(grads[n].to(params[n].grad.dtype), alpha=factors[n])
-            losses = None if not want_loss else {n: v * factors[n] for n, v in (losses or {}).items()}
-        else:
-            for n, t in zip(names, task):
-                unit = self._unit_norm[n]
-                factors[n] = self.grad_ratio * t / unit if unit > 0 and math.isfinite(t) else 0.0
-            # h_l = scale · factor (the coupler multiplies by the ramp's scale itself)
-            self.coupler.h_calibrated = factors
-            try:
-                losses = self.coupler.add_gradients(pl_module, compute_loss=want_loss, only=[params[n] for n in names])
-            finally:
-                self.coupler.h_calibrated = {}
-            factors = {n: f * self.coupler.scale for n, f in factors.items()}
+
+        def strength(name: str, unit: float) -> float:
+            t = task[name]
+            factors[name] = target * t / unit if unit > 0 and math.isfinite(unit) and math.isfinite(t) else 0.0
+            return factors[name]
+
+        losses = self.coupler.add_gradients(pl_module, compute_loss=want_loss, only=[params[n] for n in names],
+                                            strength=strength)
         self.last_h_l = factors  # the effective h_l of this step
         return losses
 
@@ -378,13 +357,9 @@ class SoftQuantCallback(Callback):
     # -- state --------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        state = {**self.coupler.state_dict(), "steps_applied": self.steps_applied}
-        if self.relative:
-            state["unit_norm"] = dict(self._unit_norm)
-        return state
+        return {**self.coupler.state_dict(), "steps_applied": self.steps_applied}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.coupler.load_state_dict(state_dict)
         self.steps_applied = int(state_dict.get("steps_applied", 0))
-        self._unit_norm = {k: float(v) for k, v in state_dict.get("unit_norm", {}).items()}

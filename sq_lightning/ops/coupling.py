@@ -538,7 +538,7 @@ def _dist_reduce(group: Optional[Any]) -> Reduce:
 def coupling_grad_batched(
     params: Sequence[Tensor],
     w: Sequence[float] | Tensor,
-    h: Sequence[float] | Tensor,
+    h: Sequence[float] | Tensor | Callable[[np.ndarray], Sequence[float]],
     n_bins: int = DEFAULT_N_BINS,
     compute_loss: bool = False,
     conv: Conv = "prefix",
@@ -556,7 +556,12 @@ def coupling_grad_batched(
     Args:
         params: the layers' weight tensors (any shapes, one device).
         w: range of the well per layer, in weight units (``w_l``), each > 0.
-        h: strength per layer (``h_l``), each >= 0.
+        h: strength per layer (``h_l``), each >= 0; or a function of the layers' gradient
+            norms at unit strength (float64 array, one per layer) that returns the ``h_l``
+            (the relative strength). The norms come from the histogram and the field on the
+            grid, ``sqrt(Σ_b c_b F_b²)``, at no extra pass over the weights: that is the
+            norm of the field interpolated at each weight up to the interpolation's Jensen
+            gap (``Σ_i lerp(F²)(θ_i)`` against ``Σ_i lerp(F)(θ_i)²``).
         n_bins: grid points per layer (the paper uses 2^14).
         compute_loss: also return the loss (costs one more convolution and gather).
         conv: ``"prefix"`` (prefix-sum differences, O(N_b)) or ``"fft"``.
@@ -591,7 +596,11 @@ def coupling_grad_batched(
         raise ValueError(f"`conv` must be 'prefix' or 'fft', got {conv!r}.")
     if sharded and reduce is None:
         reduce = _dist_reduce(group)
-    w_np, h_np = _checked_layer_values(w, h, len(params))
+    if callable(h):
+        w_np, _ = _checked_layer_values(w, [0.0] * len(params), len(params))
+        h_np = h
+    else:
+        w_np, h_np = _checked_layer_values(w, h, len(params))
     sizes = tuple(p.numel() for p in params)
     if 0 in sizes and reduce is None:
         raise ValueError(f"layer(s) {[i for i, n in enumerate(sizes) if n == 0]} of `params` are empty: nothing to couple.")
@@ -607,7 +616,7 @@ def _orchestrate(
     params: Sequence[Tensor],
     sizes: tuple[int, ...],
     w_np: np.ndarray,
-    h_np: np.ndarray,
+    h_np: np.ndarray | Callable[[np.ndarray], Sequence[float]],
     n_bins: int,
     compute_loss: bool,
     conv: Conv,
@@ -616,6 +625,9 @@ def _orchestrate(
     reduce: Optional[Reduce],
 ) -> tuple[Optional[Tensor], list[Tensor]]:
     """The one pipeline of :func:`coupling_grad_batched`, on the kernel set ``K``."""
+    strength = h_np if callable(h_np) else None
+    if strength is not None:
+        h_np = np.ones(len(params), dtype=np.float64)  # the field at unit strength, scaled below
     device = params[0].device
     n_layers = len(params)
     hd = K.layers(params)
@@ -651,12 +663,20 @@ def _orchestrate(
         half = int(math.ceil(float(r.max()))) + 1
         delta = torch.from_numpy((1.0 / inv).astype(np.float32)).to(device)
         pot = _conv_fft(hist.float(), _grid_kernel(r_t, half, well=True)) * delta[:, None]
+    counts = hist.detach().double().clone() if strength is not None else None  # the field may overwrite hist
     scale = 2.0 * h_np
     if conv == "prefix":
         q = np.floor(r.astype(np.float64))
         force = K.field(hd, hist, q, r.astype(np.float64) - q, scale)
     else:
         force = _force(hist.float(), torch.from_numpy(r).to(device), conv) * torch.from_numpy(scale.astype(np.float32)).to(device)[:, None]
+    if strength is not None:
+        # ‖∂L_C/∂θ_l‖ at h_l = 1 from the grid (linear deposit and interpolation are adjoint).
+        unit = (counts * force.double().square()).sum(1).sqrt().cpu().numpy()
+        h_np = np.asarray(strength(unit), dtype=np.float64).reshape(-1)
+        if h_np.size != n_layers or not (np.isfinite(h_np).all() and (h_np >= 0).all()):
+            raise ValueError(f"the strength function must return one finite h_l >= 0 per layer, got {h_np.tolist()}.")
+        force.mul_(torch.from_numpy(h_np.astype(np.float32)).to(force.device)[:, None])
     direct = out is not None and (not K.needs_f32_out or all(o.dtype == torch.float32 and o.is_contiguous() for o in out))
     if direct:
         grads = out
