@@ -80,7 +80,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "ExportReport",
-    "LayerReport",
+    "StoredLayer",
     "export_checkpoint",
     "load_compressed",
     "save_compressed",
@@ -105,22 +105,23 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 @dataclass(frozen=True)
-class LayerReport:
-    """Storage of one quantized parameter.
+class StoredLayer:
+    """Storage of one quantized parameter (the snap's :class:`sq_lightning.snapper.LayerReport`
+    reports ``bits = log2 K``; storage needs whole bits per packed index).
 
     Attributes:
         numel: number of weights ``N``.
         k: codebook size ``K``.
-        bits: bits per packed index, ``ceil(log2 K)`` (0 for ``K = 1``).
+        index_bits: bits per packed index, ``ceil(log2 K)`` (0 for ``K = 1``).
         codebook_bytes: bytes of the codebook.
-        index_bytes: bytes of the stored indices: packed, ``ceil(N·bits/8)``; entropy-coded,
+        index_bytes: bytes of the stored indices: packed, ``ceil(N·index_bits/8)``; entropy-coded,
             the rANS stream (its ``K`` counts sit in the header).
         coding: ``"packed"`` or ``"ans"``.
     """
 
     numel: int
     k: int
-    bits: int
+    index_bits: int
     codebook_bytes: int
     index_bytes: int
     coding: str = "packed"
@@ -137,14 +138,14 @@ class ExportReport:
             float32 (other entries at their own size): the uncompressed reference.
         payload_bytes: codebooks + packed indices + the other entries' raw bytes, i.e.
             the file without the safetensors header.
-        layers: per quantized parameter, its :class:`LayerReport`.
+        layers: per quantized parameter, its :class:`StoredLayer`.
     """
 
     path: str
     file_bytes: int
     fp32_bytes: int
     payload_bytes: int
-    layers: dict[str, LayerReport]
+    layers: dict[str, StoredLayer]
 
     @property
     def compression_ratio(self) -> float:
@@ -155,7 +156,7 @@ class ExportReport:
     def bits_weighted(self) -> float:
         """Packed index bits per quantized weight, ``Σ N_l b_l / Σ N_l`` (0.0 with no layer)."""
         total = sum(layer.numel for layer in self.layers.values())
-        return sum(layer.numel * layer.bits for layer in self.layers.values()) / total if total else 0.0
+        return sum(layer.numel * layer.index_bits for layer in self.layers.values()) / total if total else 0.0
 
     @property
     def stored_bits_weighted(self) -> float:
@@ -176,7 +177,7 @@ class ExportReport:
         for name, layer in self.layers.items():
             size = layer.codebook_bytes + layer.index_bytes
             lines.append(
-                f"{name:<{name_width}}  {layer.numel:>9}  {layer.k:>5}  {layer.bits:>4}  {layer.coding:>6}  {size:>9}"
+                f"{name:<{name_width}}  {layer.numel:>9}  {layer.k:>5}  {layer.index_bits:>4}  {layer.coding:>6}  {size:>9}"
             )
         lines.append(
             f"{self.path}: {self.file_bytes} bytes on disk, {self.fp32_bytes} bytes as fp32, "
@@ -284,7 +285,7 @@ def _write(
     ans = entropy_coder() if coding == "ans" else None
     tensors: dict[str, Tensor] = {}
     layout: dict[str, dict] = {}
-    layers: dict[str, LayerReport] = {}
+    layers: dict[str, StoredLayer] = {}
 
     for name, pair in clusters.items():
         param = params.get(name)
@@ -317,7 +318,7 @@ def _write(
             packed = _pack(indices, bits)
             tensors[name + _INDICES] = packed
             index_bytes = packed.numel()
-        layers[name] = LayerReport(
+        layers[name] = StoredLayer(
             param.numel(), k, bits, codebook.numel() * codebook.element_size(), index_bytes, coding
         )
 

@@ -150,9 +150,9 @@ def test_round_trip_bit_exact(tmp_path, k, snap, coding):
     for name in QUANTIZED:
         kk = clusters[name][0].numel()
         assert report.layers[name].k == kk
-        assert report.layers[name].bits == (math.ceil(math.log2(kk)) if kk > 1 else 0)
+        assert report.layers[name].index_bits == (math.ceil(math.log2(kk)) if kk > 1 else 0)
     if snap is _snap_exact_k:
-        assert {layer.bits for layer in report.layers.values()} == {math.ceil(math.log2(k)) if k > 1 else 0}
+        assert {layer.index_bits for layer in report.layers.values()} == {math.ceil(math.log2(k)) if k > 1 else 0}
 
 
 @pytest.mark.parametrize("coding", ["packed", "ans"])
@@ -573,7 +573,7 @@ def test_ans_reaches_the_entropy_of_the_populations(tmp_path):
         counts = np.bincount(assignments.reshape(-1).numpy(), minlength=4)
         entropy_bytes = n * scipy.stats.entropy(counts, base=2) / 8  # independent reference
         layer = ans.layers[name]
-        assert layer.coding == "ans" and layer.bits == 2
+        assert layer.coding == "ans" and layer.index_bits == 2
         # rANS stays within a few words of the entropy, never below it.
         assert entropy_bytes <= layer.index_bytes <= entropy_bytes * 1.005 + 16, (name, layer.index_bytes)
         assert packed.layers[name].index_bytes == n * 2 // 8
