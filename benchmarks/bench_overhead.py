@@ -115,6 +115,23 @@ class _CodebookArm:
         return self.cb.step(model)
 
 
+class _RelativeArm:
+    """SoftQuantCallback's default relative strength (``h=None``, ``grad_ratio=3``): its per-step
+    work, on the same selection as the other arms."""
+
+    def __init__(self, model, selector) -> None:
+        from sq_lightning.callbacks import SoftQuantCallback
+
+        self.cb = SoftQuantCallback(w=W)
+        self.cb.coupler = WeightCoupler(h=1.0, w=W, alpha=0.0, backend="auto", selector=selector)
+
+    def prepare(self, model) -> None:
+        self.cb.coupler.prepare(model)
+
+    def add_gradients(self, model, compute_loss: bool = False):
+        return self.cb._add_relative(model, list(model.parameters()), compute_loss)
+
+
 def _setup_model(name: str, batch: int):
     """``(model, inputs, targets, loss_fn, optimizer, selector, label)`` of the model measured.
 
@@ -151,8 +168,14 @@ def _setup_model(name: str, batch: int):
 def plain_loop(args) -> tuple[list[str], dict]:
     torch.manual_seed(0)
     model, x, y, loss_fn, opt, selector, label = _setup_model(args.model, args.batch)
-    couplers = {b: (_CodebookArm(model) if b == "codebook" else WeightCoupler(h=H, w=W, backend=b, selector=selector))
-                for b in args.backends}
+    def arm(b):
+        if b == "codebook":
+            return _CodebookArm(model)
+        if b == "relative":
+            return _RelativeArm(model, selector)
+        return WeightCoupler(h=H, w=W, backend=b, selector=selector)
+
+    couplers = {b: arm(b) for b in args.backends}
     for c in couplers.values():
         c.prepare(model)  # σ_l captured once, as the callback does at its first step
     coupling_time: dict[str, list[float]] = {b: [] for b in args.backends}
@@ -389,8 +412,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds (one step per arm each)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
-    parser.add_argument("--backends", nargs="+", default=["auto", "histogram", "exact"],  # also: codebook (method B)
-                        choices=["auto", "histogram", "exact", "codebook"])
+    parser.add_argument("--backends", nargs="+", default=["auto", "histogram", "exact"],  # also: codebook (method B), relative (h=None)
+                        choices=["auto", "histogram", "exact", "codebook", "relative"])
     parser.add_argument("--trainer-fits", type=int, default=6, help="pairs of Trainer fits (0: skip the Lightning variant)")
     parser.add_argument("--trainer-steps", type=int, default=10, help="batches per Trainer fit")
     parser.add_argument("--trainer-skip", type=int, default=2, help="batches dropped at the start of each fit")

@@ -25,6 +25,7 @@ from sq_lightning._validate import check_int, check_number
 from sq_lightning.schedule import Ramp, Window
 from sq_lightning.sharding import is_sharded
 from sq_lightning.layers import LayerSelector
+from sq_lightning.ops import _cpu_kernels
 from sq_lightning.ops.coupling import DEFAULT_N_BINS
 
 log = logging.getLogger(__name__)
@@ -320,8 +321,12 @@ class SoftQuantCallback(Callback):
         if not params:
             return {} if want_loss else None
         names = list(params)
-        norms = torch._foreach_norm([params[n].grad for n in names])
-        task = dict(zip(names, torch.stack([t.float().to(norms[0].device) for t in norms]).tolist()))
+        grads = [params[n].grad for n in names]
+        if _cpu_kernels.enabled(grads):
+            task = dict(zip(names, _cpu_kernels.norms(grads)))
+        else:
+            norms = torch._foreach_norm(grads)
+            task = dict(zip(names, torch.stack([t.float().to(norms[0].device) for t in norms]).tolist()))
         target = self.grad_ratio * self.coupler.scale
         factors: dict[str, float] = {}
 

@@ -240,6 +240,18 @@ if numba is not None:
                 acc += np.float64(t0 + f * (tab[j + 1] - t0))
             sums[e] = acc
 
+    @numba.njit(nogil=True, cache=_CACHE, boundscheck=False, fastmath=True)
+    def _sumsq_share(addrs, entries, sums):  # pragma: no cover - compiled
+        """``sums[e]`` = sum of squares of the entry's values (float64)."""
+        for e in range(entries.shape[0]):
+            layer, a, b = entries[e, 0], entries[e, 1], entries[e, 2]
+            x = numba.carray(_f32_ptr(addrs[layer] + 4 * a), (b - a,))
+            acc = 0.0
+            for i in range(b - a):
+                v = np.float64(x[i])
+                acc += v * v
+            sums[e] = acc
+
 
 def enabled(tensors) -> bool:
     """Whether the numba kernels serve these tensors (all on CPU, numba present, not disabled)."""
@@ -435,3 +447,16 @@ def gather_sum(layers: Layers, lo: np.ndarray, inv: np.ndarray, table: Tensor) -
     for e, s in zip(plan.entries, sums):
         np.add.at(total, e[:, 0], s)
     return torch.from_numpy(total)
+
+
+def norms(tensors: list[Tensor]) -> list[float]:
+    """Euclidean norm of each tensor (float64 sums), on the kernels' threads: no torch
+    parallel region, whose OpenMP workers would keep spinning into the next kernel."""
+    layers = Layers(tensors)
+    plan = layers.plan
+    sums = [np.zeros(len(e), dtype=np.float64) for e in plan.entries]
+    _run(lambda k: _sumsq_share(layers.addrs, plan.entries[k], sums[k]), plan.n_threads)
+    total = np.zeros(len(layers.sizes), dtype=np.float64)
+    for e, v in zip(plan.entries, sums):
+        np.add.at(total, e[:, 0], v)
+    return np.sqrt(total).tolist()

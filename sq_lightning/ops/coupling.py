@@ -663,7 +663,9 @@ def _orchestrate(
         half = int(math.ceil(float(r.max()))) + 1
         delta = torch.from_numpy((1.0 / inv).astype(np.float32)).to(device)
         pot = _conv_fft(hist.float(), _grid_kernel(r_t, half, well=True)) * delta[:, None]
-    counts = hist.detach().double().clone() if strength is not None else None  # the field may overwrite hist
+    counts = None
+    if strength is not None:  # the field may overwrite hist; numpy on the CPU (no OpenMP spin before the kernels)
+        counts = np.array(hist.detach().float().numpy(), copy=True) if hist.device.type == "cpu" else hist.float().clone()
     scale = 2.0 * h_np
     if conv == "prefix":
         q = np.floor(r.astype(np.float64))
@@ -672,11 +674,18 @@ def _orchestrate(
         force = _force(hist.float(), torch.from_numpy(r).to(device), conv) * torch.from_numpy(scale.astype(np.float32)).to(device)[:, None]
     if strength is not None:
         # ‖∂L_C/∂θ_l‖ at h_l = 1 from the grid (linear deposit and interpolation are adjoint).
-        unit = (counts * force.double().square()).sum(1).sqrt().cpu().numpy()
+        if isinstance(counts, np.ndarray):
+            f = force.detach().numpy()
+            unit = np.sqrt(np.einsum("lb,lb,lb->l", counts, f, f).astype(np.float64))
+        else:
+            unit = counts.mul_(force).mul_(force).sum(1).double().sqrt().cpu().numpy()
         h_np = np.asarray(strength(unit), dtype=np.float64).reshape(-1)
         if h_np.size != n_layers or not (np.isfinite(h_np).all() and (h_np >= 0).all()):
             raise ValueError(f"the strength function must return one finite h_l >= 0 per layer, got {h_np.tolist()}.")
-        force.mul_(torch.from_numpy(h_np.astype(np.float32)).to(force.device)[:, None])
+        if isinstance(counts, np.ndarray) and force.is_contiguous() and force.dtype == torch.float32:
+            f *= h_np.astype(np.float32)[:, None]
+        else:
+            force.mul_(torch.from_numpy(h_np.astype(np.float32)).to(force.device)[:, None])
     direct = out is not None and (not K.needs_f32_out or all(o.dtype == torch.float32 and o.is_contiguous() for o in out))
     if direct:
         grads = out

@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import numpy as np
 import torch
 
 from sq_lightning.ops.coupling import (
@@ -182,3 +183,23 @@ def test_cuda_matches_cpu():
     a = coupling_histogram(theta, 0.3, 1.0).grad
     b = coupling_histogram(theta.cuda(), 0.3, 1.0).grad.cpu()
     assert _rel(b, a) < 1e-4
+
+
+def test_a_strength_function_scales_each_layer_from_its_unit_norm():
+    """h given as a function of the unit-strength norms: each layer's gradient is the fixed-h
+    gradient at the h it returned, and the norms it saw are the grid estimate of the gradient's norm."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(50_000, generator=g) * 0.1, torch.randn(6_000, generator=g)]
+    w = [0.03, 0.3]
+    seen = []
+
+    def strength(units):
+        seen.append(np.asarray(units))
+        return [2.0 / units[0], 0.5 / units[1]]
+
+    _, rel = coupling_grad_batched(params, w, strength)
+    (u0, u1), = seen
+    _, unit = coupling_grad_batched(params, w, [1.0, 1.0])
+    for grad, ref, u, h in zip(rel, unit, (u0, u1), (2.0 / u0, 0.5 / u1)):
+        torch.testing.assert_close(grad, ref * h, rtol=1e-5, atol=1e-6)
+        assert u == pytest.approx(float(ref.double().norm()), rel=5e-3)  # the interpolation's Jensen gap

@@ -182,3 +182,12 @@ def test_bad_environment_value_is_named():
     res = subprocess.run([sys.executable, "-c", "import sq_lightning.ops"], env=env, capture_output=True, text=True)
     assert res.returncode != 0
     assert "SQ_LIGHTNING_KERNELS must be 'auto', 'numba' or 'torch', got 'gpu'" in res.stderr
+
+
+def test_norms_on_the_kernel_threads_equal_torch_norms():
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(n, generator=g) * s for n, s in ((3, 1.0), (700_001, 1e-3), (1 << 19, 5.0))]
+    tensors.append(torch.randn(64, 32, generator=g).t())  # non-contiguous: read through a copy
+    got = K.norms(tensors)
+    want = [float(t.double().norm()) for t in tensors]
+    assert got == pytest.approx(want, rel=1e-9)
