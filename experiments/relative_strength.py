@@ -33,11 +33,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -51,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "experiments" / "results"
 ROWS = RESULTS / "relative_strength.jsonl"
 CACHE = Path(os.environ.get("SQ_EXPERIMENT_CACHE", "/tmp/sq_relative_strength"))
+from experiments._rows import append_row  # noqa: E402
 ARMS = ("h=1e-3", "ratio=1", "ratio=3", "ratio=10")
 
 
@@ -170,13 +169,7 @@ def run_arm(model: str, opt: str, seed: int, arm: str, base: Net, train, val) ->
 
 
 def _append(row: dict, argv: list[str]) -> None:
-    row.update(command="python experiments/relative_strength.py " + " ".join(argv),
-               date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               machine=f"{platform.machine()}, {os.cpu_count()} CPUs", threads=torch.get_num_threads(),
-               torch=torch.__version__)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with ROWS.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_row(ROWS, row, "relative_strength.py", argv)
     print(json.dumps({k: row[k] for k in ("model", "opt", "seed", "arm", "fp_acc", "acc", "ptq_kmeans_acc",
                                           "clustered", "layers", "bits")}), flush=True)
 

@@ -46,12 +46,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import json
 import logging
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -68,6 +66,7 @@ RESULTS = ROOT / "experiments" / "results"
 ROWS = RESULTS / "zoo.jsonl"
 CACHE = Path(os.environ.get("SQ_EXPERIMENT_CACHE", "/tmp/sq_zoo"))
 
+from experiments._rows import append_row  # noqa: E402
 from sq_lightning import ClusterRefine, SoftQuantCallback  # noqa: E402
 from sq_lightning.models.batchnorm import recalibrate_batchnorm  # noqa: E402
 from sq_lightning.ops.baselines import heq_quantize, kmeans_quantize  # noqa: E402
@@ -317,13 +316,7 @@ def run(name: str, seed: int) -> dict:
 
 
 def _append(row: dict, argv: list[str]) -> None:
-    row.update(command="python experiments/zoo.py " + " ".join(argv),
-               date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               machine=f"{platform.machine()}, {os.cpu_count()} CPUs", threads=torch.get_num_threads(),
-               torch=torch.__version__)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with ROWS.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_row(ROWS, row, "zoo.py", argv)
     print(json.dumps({k: v for k, v in row.items() if k not in ("k", "command")}), flush=True)
 
 
