@@ -47,7 +47,7 @@ from sq_lightning.ops.baselines import quantize
 
 RESULTS = C.RESULTS_DIR / "export.md"
 ROOT = Path(__file__).resolve().parents[1]
-RESNET20 = ROOT / "benchmarks" / "checkpoints" / "resnet20_cifar10_fp.ckpt"
+RESNET20 = ROOT / "experiments" / "checkpoints" / "resnet20_cifar10_fp.ckpt"
 GPT = ROOT / "experiments" / "checkpoints" / "shakespeare_gpt_fp.ckpt"
 
 

@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 import _common as C
+from sq_lightning.config import RefineConfig, SnapConfig
 from sq_lightning.callbacks import ClusterRefine, SoftQuantCallback
 from sq_lightning.callbacks.learned_codebook import LearnedCodebook
 from sq_lightning.models import ImageClassifier
@@ -63,8 +64,7 @@ def _callbacks(config: str) -> list:
     if config == "soft quant":
         return [SoftQuantCallback(h=1e-3, w=0.9)]
     if config.startswith("refine"):
-        return [ClusterRefine(snap_epoch=0, max_bits=2, on_unclustered="snap", recalibrate_bn_batches=0,
-                              histogram_every_n_epochs=0, reassign="reassign" in config)]
+        return [ClusterRefine(snap_epoch=0, histogram_every_n_epochs=0, snap=SnapConfig(max_bits=2, on_unclustered="snap", recalibrate_bn_batches=0), refine=RefineConfig(reassign="reassign" in config))]
     if config == "method B codebook":
         return [LearnedCodebook(lam=30.0, bits=2)]
     return []

@@ -10,7 +10,7 @@ snaps every conv/linear weight of ResNet-20 (``sq_lightning.models.resnet20``) t
 * ``tie, sizes counted each call``: the same arithmetic with a ``bincount`` of the
   assignments on every call (what ``tie`` did before; on CUDA ``bincount`` waits for
   the device to size its output, a host sync per layer per step);
-* ``tie, gradual snap``: ``ClusterRefine(snap_ramp_steps=...)`` during its ramp (each
+* ``tie, gradual snap``: ``ClusterRefine(refine=RefineConfig(ramp_steps=...))`` during its ramp (each
   weight moved part of the way to its cluster's mean: a ``lerp`` where the exact tie copies);
 * ``train step``: forward, backward and an SGD step (momentum 0.9) at batch ``--batch``.
 
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import _common as C
+from sq_lightning.config import RefineConfig, SnapConfig
 from sq_lightning.models import resnet20
 from sq_lightning.ops.clustering import tie_to_clusters
 from sq_lightning.snapper import ClusterSnapper
@@ -49,12 +50,12 @@ def main() -> None:
     model = resnet20().to(dev)
     moving_model = copy.deepcopy(model)
     bits = max(1, (args.k - 1).bit_length())
-    snapper = ClusterSnapper(max_snap_error=10.0, max_bits=bits, on_unclustered="snap")
+    snapper = ClusterSnapper(snap=SnapConfig(max_snap_error=10.0, max_bits=bits, on_unclustered="snap"))
     snapper.snap(model)
-    moving = ClusterSnapper(max_snap_error=10.0, max_bits=bits, on_unclustered="snap", reassign=True)
+    moving = ClusterSnapper(snap=SnapConfig(max_snap_error=10.0, max_bits=bits, on_unclustered="snap"), refine=RefineConfig(reassign=True))
     moving.snap(moving_model)
     ramp_model = copy.deepcopy(model)  # a ramp that never ends: every call is a partial pull
-    ramp = ClusterSnapper(max_snap_error=10.0, max_bits=bits, on_unclustered="snap", ramp_steps=10**9)
+    ramp = ClusterSnapper(snap=SnapConfig(max_snap_error=10.0, max_bits=bits, on_unclustered="snap"), refine=RefineConfig(ramp_steps=10**9))
     ramp.snap(ramp_model)
     params = dict(model.named_parameters())
     n_weights = sum(params[n].numel() for n in snapper.clusters)

@@ -134,7 +134,7 @@ def pretrained(model: str, opt: str, seed: int, train) -> Net:
 
 
 def run_arm(model: str, opt: str, seed: int, arm: str, base: Net, train, val) -> dict:
-    from sq_lightning import ClusterRefine, SoftQuantCallback
+    from sq_lightning import ClusterRefine, SnapConfig, SoftQuantCallback
     from sq_lightning.models.batchnorm import recalibrate_batchnorm
     from sq_lightning.ops.baselines import kmeans_quantize
 
@@ -144,7 +144,7 @@ def run_arm(model: str, opt: str, seed: int, arm: str, base: Net, train, val) ->
     pl.seed_everything(seed + 1)
     net = copy.deepcopy(base)
     soft = SoftQuantCallback(stop_epoch=couple, histogram_every_n_epochs=0, **kw)
-    refine = ClusterRefine(on_unclustered="keep", recalibrate_bn_batches=20, histogram_every_n_epochs=0)
+    refine = ClusterRefine(histogram_every_n_epochs=0, snap=SnapConfig(on_unclustered="keep", recalibrate_bn_batches=20))
     start = time.perf_counter()
     _trainer(couple + refine_epochs, [soft, refine], limit).fit(net, train)
     seconds = time.perf_counter() - start

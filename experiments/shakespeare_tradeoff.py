@@ -109,7 +109,7 @@ def _strength(text: str) -> float | None:
 
 def run_training(method: str, seed: int, couple_steps: int, refine_steps: int, h: float | None, w: float,
                  k_from: dict | None, bits: int = 3, grad_ratio: float | None = None) -> dict:
-    from sq_lightning import ClusterRefine, LearnedCodebook, SoftQuantCallback
+    from sq_lightning import ClusterRefine, LearnedCodebook, SnapConfig, SoftQuantCallback
     from sq_lightning.ops.baselines import kmeans_quantize
     from sq_lightning.ops.clustering import Clusters
 
@@ -122,17 +122,16 @@ def run_training(method: str, seed: int, couple_steps: int, refine_steps: int, h
     if method == "softquant":
         extra = {} if grad_ratio is None else {"grad_ratio": grad_ratio}
         callbacks = [SoftQuantCallback(h=h, w=w, exclude=EXCLUDE, stop_epoch=c_ep, histogram_every_n_epochs=0, **extra),
-                     ClusterRefine(snap_epoch=c_ep, w=w, exclude=EXCLUDE, recalibrate_bn_batches=0)]
+                     ClusterRefine(snap_epoch=c_ep, w=w, exclude=EXCLUDE, snap=SnapConfig(recalibrate_bn_batches=0))]
     elif method == "kmeans-refine":
         params = dict(model.named_parameters())
         clusters = {n: Clusters.from_quantization(kmeans_quantize(params[n].detach(), int(k)))
                     for n, k in k_from["k"].items()}
-        refine = ClusterRefine(snap_epoch=0, w=w, exclude=EXCLUDE, recalibrate_bn_batches=0,
-                               on_unclustered="snap").snap_to(clusters)
+        refine = ClusterRefine(snap_epoch=0, w=w, exclude=EXCLUDE, snap=SnapConfig(recalibrate_bn_batches=0, on_unclustered="snap")).snap_to(clusters)
         callbacks = [refine]
     elif method == "codebook":
         callbacks = [LearnedCodebook(lam=30.0, bits=bits, init="kmeans", exclude=EXCLUDE, stop_epoch=c_ep),
-                     ClusterRefine(snap_epoch=c_ep, clusters_from="codebook", exclude=EXCLUDE, recalibrate_bn_batches=0)]
+                     ClusterRefine(snap_epoch=c_ep, clusters_from="codebook", exclude=EXCLUDE, snap=SnapConfig(recalibrate_bn_batches=0))]
     elif method != "fp-continued":
         raise SystemExit(f"unknown training method {method!r}")
     start = time.perf_counter()

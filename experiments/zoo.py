@@ -22,7 +22,7 @@ Models (the training data are the offline archives; nothing is downloaded):
 - ``digits-mlp``: 64-256-128-10 MLP on scikit-learn's 8x8 digits, SGD lr 0.05 momentum 0.9;
 - ``no-forward``: the same MLP with BatchNorm, kept in ``self.model`` by a LightningModule with no
   ``forward``;
-- ``resnet20``: CIFAR ResNet-20 from ``benchmarks/checkpoints/resnet20_cifar10_fp.ckpt``, SGD lr
+- ``resnet20``: CIFAR ResNet-20 from ``experiments/checkpoints/resnet20_cifar10_fp.ckpt``, SGD lr
   0.01 momentum 0.9 weight decay 5e-4;
 - ``resnet18``: torchvision ResNet-18 (11.2 M weights) trained 6 epochs on 10,000 CIFAR-10
   images, AdamW lr 1e-3 weight decay 1e-4;
@@ -67,6 +67,7 @@ ROWS = RESULTS / "zoo.jsonl"
 CACHE = Path(os.environ.get("SQ_EXPERIMENT_CACHE", "/tmp/sq_zoo"))
 
 from experiments._rows import append_row  # noqa: E402
+from sq_lightning.config import SnapConfig
 from sq_lightning import ClusterRefine, SoftQuantCallback  # noqa: E402
 from sq_lightning.models.batchnorm import recalibrate_batchnorm  # noqa: E402
 from sq_lightning.ops.baselines import heq_quantize, kmeans_quantize  # noqa: E402
@@ -158,7 +159,7 @@ def _resnet20():
     from sq_lightning.models import ImageClassifier
 
     return ImageClassifier(arch="resnet20", lr=0.01, schedule="constant", weight_decay=5e-4,
-                           init_from=str(ROOT / "benchmarks" / "checkpoints" / "resnet20_cifar10_fp.ckpt"))
+                           init_from=str(ROOT / "experiments" / "checkpoints" / "resnet20_cifar10_fp.ckpt"))
 
 
 def _gpt():
@@ -307,7 +308,7 @@ def run(name: str, seed: int) -> dict:
     control = copy.deepcopy(base)
     params = dict(control.named_parameters())
     clusters = {n: Clusters.from_quantization(kmeans_quantize(params[n].detach(), k)) for n, k in ks.items()}
-    fixed = ClusterRefine(snap_epoch=0, on_unclustered="snap").snap_to(clusters)
+    fixed = ClusterRefine(snap_epoch=0, snap=SnapConfig(on_unclustered="snap")).snap_to(clusters)
     _trainer(setup.couple + setup.refine, [fixed], setup.limit).fit(control, train)
     row["kmeans_refine"] = evaluate(control, val, setup.metric)
 

@@ -11,6 +11,7 @@ Methods:
 __version__ = "0.1.0"
 
 from sq_lightning.callbacks import ClusterRefine, LearnedCodebook, SoftQuantCallback
+from sq_lightning.config import ExportConfig, RefineConfig, SnapConfig
 from sq_lightning.coupler import WeightCoupler
 from sq_lightning.deploy import export_coreml, export_onnx, verify_coreml, verify_onnx
 from sq_lightning.export import export_checkpoint, load_compressed, save_compressed
@@ -22,8 +23,11 @@ __all__ = [
     "ClusterRefine",
     "ClusterSnapper",
     "ClusterSource",
+    "ExportConfig",
     "LayerSelector",
     "LearnedCodebook",
+    "RefineConfig",
+    "SnapConfig",
     "SnapHint",
     "SoftQuantCallback",
     "UnclusteredLayerError",

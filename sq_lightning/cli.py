@@ -13,10 +13,13 @@ an ONNX file (:func:`export_main`).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import ArgsType, LightningCLI
+
+from sq_lightning.config import MOVED, reject_moved
 
 __all__ = ["export_main", "main"]
 
@@ -26,6 +29,55 @@ TRAINER_DEFAULTS = {
         "init_args": {"save_dir": "runs"},
     },
 }
+
+
+def _config_paths(argv: list[str]) -> list[str]:
+    paths = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            paths.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            paths.append(arg.split("=", 1)[1])
+    return paths
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Fails for a ``ClusterRefine`` in a ``--config`` file that uses a key of an earlier
+    version (``gap``, ``max_bits``, ``reassign``, ``export_path``, ``refine: false``, ...),
+    naming the key's new place, before LightningCLI's generic "unexpected key" error.
+
+    Raises:
+        SystemExit: such a key, with the message.
+    """
+    import yaml
+
+    for path in _config_paths(argv):
+        if not os.path.isfile(path):
+            continue  # LightningCLI reports a missing file
+        with open(path) as f:
+            try:
+                cfg = yaml.safe_load(f)
+            except yaml.YAMLError:
+                continue  # LightningCLI reports the syntax error
+        callbacks = ((cfg or {}).get("trainer") or {}).get("callbacks") if isinstance(cfg, dict) else None
+        for cb in callbacks if isinstance(callbacks, list) else []:
+            if not (isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("ClusterRefine")):
+                continue
+            init = cb.get("init_args") or {}
+            if not isinstance(init, dict):
+                continue
+            msgs = []
+            old = {k: v for k, v in init.items() if k in MOVED}
+            if old:
+                try:
+                    reject_moved("ClusterRefine", old)
+                except TypeError as err:
+                    msgs.append(str(err))
+            if isinstance(init.get("refine"), bool):
+                msgs.append("ClusterRefine: `refine: false` is now `refine: null`; `refine: true` is the default "
+                            "(leave it out).")
+            if msgs:
+                raise SystemExit(f"{path}: " + " ".join(msgs))
 
 
 def main(args: ArgsType = None) -> None:
@@ -39,6 +91,8 @@ def main(args: ArgsType = None) -> None:
     if isinstance(argv, list) and argv[:1] == ["export"]:
         export_main(argv[1:])
         return
+    if isinstance(argv, list):
+        check_config_files(argv)
     LightningCLI(
         LightningModule,
         LightningDataModule,

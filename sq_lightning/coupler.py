@@ -332,7 +332,7 @@ class WeightCoupler:
         :meth:`add_gradients`).
 
         Far above 1, the coupling rather than the task moves that layer's weights
-        (benchmarks/results/coupling_vs_task.md). Costs one extra coupling gradient.
+        (experiments/results/coupling_vs_task.md). Costs one extra coupling gradient.
         Layers without a ``.grad``, with an all-zero one, or sharded as DTensors
         (FSDP2) are left out.
         """

@@ -285,7 +285,7 @@ def _from_checkpoint(path, model, clusters, callback) -> tuple[nn.Module, dict]:
         )
     if not snapper.get("exact", True):
         raise ValueError(
-            f"`source` {path!r} was saved during a gradual snap (ClusterRefine(snap_ramp_steps=...)), before its "
+            f"`source` {path!r} was saved during a gradual snap (ClusterRefine(refine=RefineConfig(ramp_steps=...))), before its "
             "weights reached their cluster values: export a checkpoint from after the ramp."
         )
     found = {}

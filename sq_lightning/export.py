@@ -409,7 +409,7 @@ def export_checkpoint(
         )
     if not next(iter(states.values()))["snapper"].get("exact", True):
         raise ValueError(
-            f"`checkpoint` {checkpoint!r} was saved during a gradual snap (ClusterRefine(snap_ramp_steps=...)), before "
+            f"`checkpoint` {checkpoint!r} was saved during a gradual snap (ClusterRefine(refine=RefineConfig(ramp_steps=...))), before "
             "its weights reached their cluster values: export a checkpoint from after the ramp; nothing was written."
         )
     state = ckpt["state_dict"]

@@ -13,25 +13,23 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Optional
 
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 
-from sq_lightning.layers import LayerSelector, check_overrides, first_override
-from sq_lightning.schedule import Ramp
+from sq_lightning.config import RefineConfig, SnapConfig, check_group, check_w, reject_moved
+from sq_lightning.layers import LayerSelector, first_override
 from sq_lightning.ops.baselines import quantize
 from sq_lightning.ops.codebook import nearest_centroid
-from sq_lightning.ops.clustering import Clusters, MergePolicy, assign_to_centroids, bits_summary, find_clusters, tie_to_clusters
+from sq_lightning.ops.clustering import Clusters, assign_to_centroids, bits_summary, find_clusters, tie_to_clusters
 from sq_lightning.sharding import ShardSpec, all_reduce_sum, is_sharded, shard_spec
 
 log = logging.getLogger(__name__)
 
-OnUnclustered = Literal["kmeans", "keep", "snap", "raise"]
 # Values of a layer that did not cluster under on_unclustered="kmeans" when it has no bit budget.
 _FALLBACK_K = 16
-Placement = Literal["mean", "kmeans", "heq"]
 
 
 @dataclass
@@ -48,52 +46,6 @@ class LayerReport:
     # Whether the layer's own clusters fit within ``max_snap_error`` (False: it did not
     # cluster, and ``on_unclustered`` decided what happened to it).
     clustered: bool = True
-
-
-def check_snap_args(
-    w: float, gap: float, min_cluster_frac: float, merge: str, max_snap_error: float, on_unclustered: str,
-    placement: str = "mean", max_bits: Optional[int] = None, max_clusters: Optional[int] = None,
-) -> None:
-    for name, value in (("w", w), ("gap", gap), ("min_cluster_frac", min_cluster_frac), ("max_snap_error", max_snap_error)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
-    if w <= 0:
-        raise ValueError(f"`w` must be > 0, got {w}. Use the same `w` as the SoftQuantCallback stage.")
-    if gap <= 0:
-        raise ValueError(f"`gap` must be > 0, got {gap}. It is the split threshold as a fraction of `w_l`; 0.5 is a good start.")
-    if not 0 <= min_cluster_frac < 1:
-        raise ValueError(f"`min_cluster_frac` must be in [0, 1), got {min_cluster_frac}.")
-    if merge not in ("storage", "all", "none"):
-        raise ValueError(f"`merge` must be 'storage', 'all' or 'none', got {merge!r}.")
-    if max_snap_error <= 0:
-        raise ValueError(f"`max_snap_error` must be > 0, got {max_snap_error}.")
-    if on_unclustered not in ("kmeans", "keep", "snap", "raise"):
-        raise ValueError(f"`on_unclustered` must be 'kmeans', 'keep', 'snap' or 'raise', got {on_unclustered!r}.")
-    if placement not in ("mean", "kmeans", "heq"):
-        raise ValueError(f"`placement` must be 'mean' (cluster means), 'kmeans' (optimal 1-D k-means at the "
-                         f"discovered K) or 'heq' (equal-population bins at the discovered K), got {placement!r}.")
-    if max_bits is not None and (isinstance(max_bits, bool) or not isinstance(max_bits, int) or not 1 <= max_bits <= 16):
-        raise ValueError(f"`max_bits` must be None (no cap) or an int in [1, 16] (at most 2^max_bits values per "
-                         f"layer), got {max_bits!r}.")
-    if max_clusters is not None and (
-        isinstance(max_clusters, bool) or not isinstance(max_clusters, int) or not 2 <= max_clusters <= 1 << 16
-    ):
-        raise ValueError(f"`max_clusters` must be None (no cap) or an int in [2, 65536] (at most that many values per "
-                         f"layer, e.g. 3 for ternary layers), got {max_clusters!r}.")
-    if max_bits is not None and max_clusters is not None:
-        raise ValueError(f"`max_bits` ({max_bits}) and `max_clusters` ({max_clusters}) are the same budget, in bits and "
-                         f"in values: give one of them (max_bits=b is max_clusters=2**b).")
-
-
-def check_ramp_args(ramp_steps: int, ramp_from: float, reassign: bool, prefix: str = "") -> Ramp:
-    """The gradual snap's ramp (``prefix``: how the caller names the arguments, ``"snap_"`` in
-    :class:`ClusterRefine`); it needs fixed assignments."""
-    ramp = Ramp(ramp_steps, ramp_from, prefix=prefix,
-                what="the first step's pull toward the cluster means; 1e-3 is a good start", zero="snap at once")
-    if ramp_steps and reassign:
-        raise ValueError(f"`{prefix}ramp_steps` > 0 needs `reassign=False`: the gradual snap pulls each weight toward a "
-                         f"fixed cluster. Set `{prefix}ramp_steps`=0 to refine with moving assignments.")
-    return ramp
 
 
 class UnclusteredLayerError(RuntimeError):
@@ -113,6 +65,18 @@ class ClusterSnapper:
     Args:
         w: range of the well relative to the layer's std (as in soft quantization);
             used for ``w_l = w · σ_l`` when no ``w_l`` is passed to :meth:`find`.
+        snap: how clusters are found and placed (:class:`~sq_lightning.config.SnapConfig`).
+        selector: which parameters are snapped.
+        refine: how :meth:`tie` refines after the snap
+            (:class:`~sq_lightning.config.RefineConfig`; ``None``: its defaults).
+
+    Raises:
+        ValueError: ``w`` out of range.
+        TypeError: ``snap``/``refine`` of the wrong type, or a keyword argument of an
+            earlier version (the message names the field that replaced it).
+
+    What the fields of ``snap`` and ``refine`` do here:
+
         gap: split threshold as a fraction of ``w_l``: a stretch of the sorted weights
             wider than ``gap · w_l`` holding fewer than ``max(1, min_cluster_frac · N_l)``
             weights separates two clusters (for small layers: an empty gap; see
@@ -130,7 +94,6 @@ class ClusterSnapper:
             ``"keep"`` leaves it in full precision (reported as 32 bits),
             ``"snap"`` snaps it to its clusters anyway, ``"raise"`` stops with an error.
             The layers are named in one warning with their errors.
-        selector: which parameters are snapped.
         placement: where the ``K_l`` values of a discovered layer go. ``"mean"``: each
             gap-separated cluster snaps to its mean (the paper's snap). ``"kmeans"``:
             the number of clusters ``K_l`` is kept and the values and assignments are
@@ -197,32 +160,25 @@ class ClusterSnapper:
     def __init__(
         self,
         w: float = 0.3,
-        gap: float = 0.5,
-        min_cluster_frac: float = 0.001,
-        merge: MergePolicy = "storage",
-        max_snap_error: float = 0.3,
-        on_unclustered: OnUnclustered = "kmeans",
+        snap: SnapConfig = SnapConfig(),
         selector: Optional[LayerSelector] = None,
-        placement: Placement = "kmeans",
-        max_bits: Optional[int] = None,
-        reassign: bool = False,
-        max_bits_overrides: Optional[dict[str, int]] = None,
-        max_clusters: Optional[int] = None,
-        ramp_steps: int = 0,
-        ramp_from: float = 1e-3,
+        refine: Optional[RefineConfig] = None,
+        **moved: Any,
     ) -> None:
-        check_snap_args(w, gap, min_cluster_frac, merge, max_snap_error, on_unclustered, placement, max_bits, max_clusters)
-        if not isinstance(reassign, bool):
-            raise ValueError(f"`reassign` must be True or False, got {reassign!r}.")
-        self.ramp = check_ramp_args(ramp_steps, ramp_from, reassign)
-        self.ramp_steps, self.ramp_from = ramp_steps, float(ramp_from)
+        reject_moved("ClusterSnapper", moved)
+        check_w(w)
+        check_group("snap", snap, SnapConfig)
+        check_group("refine", refine, RefineConfig, allow_none=True)
+        refine = refine or RefineConfig()
+        self.config, self.refine_config = snap, refine
+        self.ramp = refine.ramp
+        self.ramp_steps, self.ramp_from = refine.ramp_steps, float(refine.ramp_from)
         self.ties = 0  # ties since the snap: the position in the ramp
-        self.placement, self.max_bits, self.max_clusters, self.reassign = placement, max_bits, max_clusters, reassign
-        self.max_bits_overrides = check_overrides(
-            "max_bits_overrides", {} if max_bits_overrides is None else max_bits_overrides, "bits", 1, 16
-        )
-        self.w, self.gap, self.min_cluster_frac, self.merge = w, gap, min_cluster_frac, merge
-        self.max_snap_error, self.on_unclustered = max_snap_error, on_unclustered
+        self.placement, self.max_bits, self.max_clusters = snap.placement, snap.max_bits, snap.max_clusters
+        self.reassign = refine.reassign
+        self.max_bits_overrides = dict(snap.max_bits_overrides or {})
+        self.w, self.gap, self.min_cluster_frac, self.merge = float(w), snap.gap, snap.min_cluster_frac, snap.merge
+        self.max_snap_error, self.on_unclustered = snap.max_snap_error, snap.on_unclustered
         self.selector = selector or LayerSelector()
         self.clusters: dict[str, Clusters] = {}
         self.reports: dict[str, LayerReport] = {}
@@ -438,7 +394,7 @@ class ClusterSnapper:
         before the coupling, the members spread again as they did in full precision, and
         those near a decision boundary can change cluster from the first step; the coupled
         weights themselves sit tight on their values, none near a boundary
-        (``benchmarks/results/snap_margins.md``). Call after :meth:`snap`, before the first
+        (``experiments/results/snap_margins.md``). Call after :meth:`snap`, before the first
         :meth:`tie`.
 
         Raises:

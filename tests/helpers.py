@@ -75,19 +75,14 @@ def trainer(**kw):
     return pl.Trainer(**defaults)
 
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
-def load_benchmark(name):
-    """The script ``benchmarks/<name>.py`` as a module (its own imports of sibling scripts resolved)."""
+def load_experiment(name):
+    """The script ``experiments/<name>.py`` as a module."""
     import importlib.util
-    import sys
 
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module

@@ -22,6 +22,7 @@ pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
+from sq_lightning.config import SnapConfig
 from sq_lightning import deploy  # noqa: E402
 from sq_lightning.cli import main  # noqa: E402
 from sq_lightning.export import save_compressed  # noqa: E402
@@ -29,7 +30,7 @@ from sq_lightning.models import CharGPT, ImageClassifier, resnet20  # noqa: E402
 from sq_lightning.ops.baselines import quantize  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-PRETRAINED = REPO / "benchmarks" / "checkpoints" / "resnet20_cifar10_fp.ckpt"
+PRETRAINED = REPO / "experiments" / "checkpoints" / "resnet20_cifar10_fp.ckpt"
 KS = (2, 3, 4, 16, 6)
 
 
@@ -345,7 +346,7 @@ def test_cli_exports_a_real_cluster_refine_checkpoint(tmp_path):
     model = ImageClassifier(arch="mlp", in_features=64, mlp_hidden=[64, 32], lr=0.05)
     every = ModelCheckpoint(dirpath=tmp_path / "ck", filename="{epoch}", save_top_k=-1, every_n_epochs=1)
     callbacks = [SoftQuantCallback(h=2e-3, w=0.45, start_epoch=1, stop_epoch=4),
-                 ClusterRefine(snap_epoch=4, w=0.45, on_unclustered="snap"), every]
+                 ClusterRefine(snap_epoch=4, w=0.45, snap=SnapConfig(on_unclustered="snap")), every]
     trainer(max_epochs=6, callbacks=callbacks, enable_checkpointing=True).fit(model, train, val)
     ckpt = tmp_path / "ck" / "epoch=5.ckpt"
     for fmt, out in (("onnx", "m.onnx"), ("coreml", "m.mlpackage")):

@@ -11,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "experiments"))
 import results_page  # noqa: E402
 
 
@@ -24,7 +24,7 @@ def test_readme_is_short_with_short_lines():
 
 def test_results_page_is_what_the_result_files_generate():
     assert (REPO / "docs" / "results.md").read_text() == results_page.page(), (
-        "docs/results.md is stale: run `python benchmarks/results_page.py`"
+        "docs/results.md is stale: run `python experiments/results_page.py`"
     )
 
 

@@ -2,6 +2,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from sq_lightning.config import SnapConfig
 from sq_lightning.data import DigitsDataModule
 from sq_lightning.evaluate import clusters_per_layer, evaluate_baselines, main, quantize_model
 from sq_lightning.models import ImageClassifier
@@ -29,7 +30,7 @@ def test_command_prints_a_table_for_two_checkpoints(tmp_path, capsys):
     t = trainer(max_epochs=3)
     t.fit(module, datamodule=dm)
     t.save_checkpoint(tmp_path / "fp.ckpt")
-    ClusterSnapper(on_unclustered="snap").snap(module.model)
+    ClusterSnapper(snap=SnapConfig(on_unclustered="snap")).snap(module.model)
     t.save_checkpoint(tmp_path / "q.ckpt")
     rows = main(["--reference", str(tmp_path / "fp.ckpt"), "--quantized", str(tmp_path / "q.ckpt"), "--data", "digits"])
     out = capsys.readouterr().out

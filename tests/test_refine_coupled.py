@@ -1,4 +1,4 @@
-"""benchmarks/refine_coupled.py: the refinement runs at the tail of the coupling run's cosine, and the
+"""experiments/refine_coupled.py: the refinement runs at the tail of the coupling run's cosine, and the
 full-precision start reaches ClusterRefine's latent weights."""
 
 import math
@@ -6,13 +6,14 @@ import math
 import pytest
 import torch
 
+from sq_lightning.config import RefineConfig, SnapConfig
 from sq_lightning.callbacks import ClusterRefine
-from tests.helpers import load_benchmark
+from tests.helpers import load_experiment
 
 
 @pytest.fixture(scope="module")
 def rc():
-    return load_benchmark("refine_coupled")
+    return load_experiment("refine_coupled")
 
 
 def test_tail_cosine_gives_the_learning_rates_of_the_run_s_last_epochs(rc):
@@ -35,7 +36,7 @@ def test_latent_from_fp_replaces_the_latent_weights_after_the_snap(rc):
     with torch.no_grad():
         net[0].weight.copy_(torch.tensor([-0.5, 0.5])[torch.randint(2, (4, 6))])
     fp = {"0.weight": torch.randn(4, 6)}
-    refine = ClusterRefine(w=0.5, reassign=True, module_types=["Linear"], on_unclustered="snap")
+    refine = ClusterRefine(w=0.5, module_types=["Linear"], snap=SnapConfig(on_unclustered="snap"), refine=RefineConfig(reassign=True))
     refine.snapper.snap(net)
     cl = refine.snapper.clusters["0.weight"]
     before = refine.snapper.latent["0.weight"].clone()
@@ -74,7 +75,7 @@ def test_first_step_moves_counts_latent_weights_nearer_another_centroid(rc):
     net = torch.nn.Sequential(torch.nn.Linear(4, 2, bias=False))
     with torch.no_grad():
         net[0].weight.copy_(torch.tensor([[-0.5, -0.5, 0.5, 0.5], [-0.5, 0.5, -0.5, 0.5]]))
-    refine = ClusterRefine(w=0.5, reassign=True, module_types=["Linear"], on_unclustered="snap")
+    refine = ClusterRefine(w=0.5, module_types=["Linear"], snap=SnapConfig(on_unclustered="snap"), refine=RefineConfig(reassign=True))
     refine.snapper.snap(net)
     assert rc.first_step_moves(refine.snapper) == 0.0
     cl = refine.snapper.clusters["0.weight"]

@@ -92,9 +92,9 @@ def _short_cifar_config(directory: Path) -> Path:
     soft["init_args"].update(stop_epoch=2, log_every_n_steps=2)
     callbacks.append({
         "class_path": "sq_lightning.callbacks.ClusterRefine",
-        "init_args": {"snap_epoch": 2, "w": soft["init_args"]["w"], "on_unclustered": "snap",
-                      "recalibrate_bn_batches": 4, "export_path": "model.sq.safetensors",
-                      "export_coding": "ans"},
+        "init_args": {"snap_epoch": 2, "w": soft["init_args"]["w"],
+                      "snap": {"on_unclustered": "snap", "recalibrate_bn_batches": 4},
+                      "export": {"path": "model.sq.safetensors", "coding": "ans"}},
     })
     path = directory / "cifar_short.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -1,4 +1,4 @@
-"""benchmarks/snap_margins.py: the margin of each weight to its nearest decision boundary, the share of
+"""experiments/snap_margins.py: the margin of each weight to its nearest decision boundary, the share of
 formed clusters a budget splits, and the level agreement of two partitions, against hand-worked values."""
 
 import math
@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from sq_lightning.ops.clustering import Clusters
-from tests.helpers import load_benchmark
+from tests.helpers import load_experiment
 
 
 @pytest.fixture(scope="module")
 def margins():
-    return load_benchmark("snap_margins")
+    return load_experiment("snap_margins")
 
 
 def _clusters(centroids, assignments):
@@ -60,7 +60,7 @@ def test_zero_cluster_correlation_and_the_sign_split(margins):
 def test_the_script_reports_a_full_precision_model_against_itself(margins, tmp_path):
     # The full-precision checkpoint as its own "coupled" weights: every budgeted layer is cut into
     # two by k-means (coupled column) and by HEQ (full-precision column) of the same weights.
-    ckpt = Path(__file__).resolve().parents[1] / "benchmarks" / "checkpoints" / "resnet20_cifar10_fp.ckpt"
+    ckpt = Path(__file__).resolve().parents[1] / "experiments" / "checkpoints" / "resnet20_cifar10_fp.ckpt"
     out = tmp_path / "m.md"
     argv = ["snap_margins.py", "--pretrained", str(ckpt), "--coupled", str(ckpt), "--w", "0.9", "--max-bits", "1",
             "--edge-bits", "4", "--out", str(out)]

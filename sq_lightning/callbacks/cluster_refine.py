@@ -24,12 +24,13 @@ from typing_extensions import override
 from sq_lightning.callbacks._logging import log_histograms, log_scalars
 from sq_lightning.callbacks._checks import check_setup, has_forward
 from sq_lightning._validate import check_choice, check_int, check_number
-from sq_lightning.export import CODINGS, entropy_coder, save_compressed, save_state_compressed
+from sq_lightning.config import ExportConfig, RefineConfig, SnapConfig, check_group, reject_moved
+from sq_lightning.export import save_compressed, save_state_compressed
 from sq_lightning.handoff import ClusterSource, SnapHint, find_source
 from sq_lightning.layers import LayerSelector
-from sq_lightning.ops.clustering import Clusters, MergePolicy
+from sq_lightning.ops.clustering import Clusters
 from sq_lightning.sharding import is_sharded
-from sq_lightning.snapper import ClusterSnapper, OnUnclustered, Placement, check_ramp_args
+from sq_lightning.snapper import ClusterSnapper
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,9 @@ class ClusterRefine(Callback):
     At the start of epoch ``snap_epoch`` (by default where the training stage of the same
     ``Trainer`` stops, see below) each layer's weights are sorted and split where
     neighbours are more than ``gap · w_l`` apart (``w_l = w · σ_l``, from the coupling of
-    the same ``Trainer`` when there is one), small clusters are merged as ``merge`` says, and
-    every weight is set to its cluster's mean. BatchNorm running statistics are then
-    re-estimated on ``recalibrate_bn_batches`` training batches (snapping makes them
+    the same ``Trainer`` when there is one), small clusters are merged as ``snap.merge`` says, and
+    every weight is set to its cluster's value. BatchNorm running statistics are then
+    re-estimated on ``snap.recalibrate_bn_batches`` training batches (snapping makes them
     stale: 7-8 accuracy points on ResNet-20, docs/design.md section 8). For the remaining
     epochs, after every optimizer step each weight is set back to the mean of its
     cluster (assignments fixed), so the model ends with exactly ``K_l`` distinct
@@ -71,7 +72,7 @@ class ClusterRefine(Callback):
     snap and at every epoch end afterwards; weight histograms ``sq/weights/<layer>``
     every ``histogram_every_n_epochs`` epochs and ``sq/weights_pre_snap/<layer>``,
     ``sq/weights_snapped/<layer>`` around the snap.
-    A per-layer table is printed after the snap and at the end. With ``export_path``
+    A per-layer table is printed after the snap and at the end. With ``export``
     the refined model is written at the end of fit by
     :func:`~sq_lightning.export.save_compressed` (global rank 0 only) and its size is
     logged as ``sq/export_bytes`` (by rank 0).
@@ -93,53 +94,34 @@ class ClusterRefine(Callback):
             the same ``Trainer`` (``None``: 0.3, ``SoftQuantCallback``'s default). Given
             next to a coupling with another ``w``, setup fails (the snap uses the
             coupling's ``w_l``).
-        gap: split threshold as a fraction of ``w_l``.
-        min_cluster_frac: clusters below this fraction of a layer's weights may be
-            merged into their nearest neighbour.
-        merge: ``"storage"`` (merge only where it saves an index bit), ``"all"``, ``"none"``.
-        max_snap_error: relative snap error ``‖θ - snap(θ)‖ / ‖θ‖`` above which a layer
-            counts as not clustered.
-        on_unclustered: what happens to a layer whose snap error exceeds ``max_snap_error``:
-            ``"kmeans"`` (default: optimal 1-D k-means at the budget's values, ``max_clusters``
-            or ``2^max_bits``, 16 without a budget), ``"keep"`` (full precision, 32 bits in
-            the report), ``"snap"`` (to its clusters anyway) or ``"raise"``. Such layers
-            are named in one warning that says what to change.
+        snap: how clusters are found and placed, the bit budgets and the BatchNorm
+            re-estimation after the snap (:class:`~sq_lightning.config.SnapConfig`; its
+            ``recalibrate_bn_batches`` training batches re-estimate the statistics, 0: none).
+            A layer whose snap error exceeds ``snap.max_snap_error`` is handled as
+            ``snap.on_unclustered`` says and named in one warning that says what to change.
+        refine: the training after the snap with tied weights
+            (:class:`~sq_lightning.config.RefineConfig`); ``None``: snap only.
+            With ``reassign=True, reassign_from="coupling_start"`` the latent weights start
+            from the weights just before the first step of the coupling of the same
+            ``Trainer`` (without one, before the fit's first step), shifted per cluster so
+            that each cluster's latent mean is its snapped value: the snapped model is the
+            same, but weights near a decision boundary can change cluster at once (ternary
+            ResNet-20 on CIFAR-10: 83.0% against 80.7% from the same coupled weights,
+            ``experiments/results/refine_coupled.md``). That keeps one float32 copy of the
+            selected weights (CPU) from the coupling's start to the snap, in checkpoints
+            too; it needs ``snap_epoch >= 1`` and no layer sharded by FSDP. The first steps
+            after such a snap move many weights at once: give the refinement at least an
+            epoch. With ``ramp_steps > 0`` the snap is gradual (logged as ``sq/snap_pull``;
+            BatchNorm statistics follow the weights, no re-estimation at the snap; a ramp
+            that has not ended when fit ends is finished there with one exact tie, a
+            re-estimation and a warning).
+        export: write the LightningModule's ``state_dict`` with the snapped layers as
+            codebook + indices at the end of fit (:class:`~sq_lightning.config.ExportConfig`;
+            ``None``: no export). Read it back with :func:`~sq_lightning.export.load_compressed`.
         clusters_from: ``"gaps"`` (discover clusters), ``"codebook"`` (the learned
             representatives of a :class:`LearnedCodebook` in the same ``Trainer``) or
             ``"auto"`` (default: ``"codebook"`` when the training stage learns
             centroids, else ``"gaps"``).
-        placement: ``"kmeans"`` (default: keep the discovered ``K_l``, place the values by
-            optimal 1-D k-means: never a larger snap error than the cluster means, so never
-            worse than post-training k-means at the same ``K_l``), ``"mean"`` (each
-            discovered cluster snaps to its mean, the paper's snap) or ``"heq"`` (keep ``K_l``, equal-population bins: an
-            experiment on the partition); see :class:`~sq_lightning.snapper.ClusterSnapper`.
-        refine: keep the weights tied after the snap (``False``: snap only).
-        reassign: refine with moving assignments: every snapped weight keeps a
-            full-precision latent copy that takes the optimizer's updates
-            (straight-through) and joins its nearest centroid after each step, each
-            centroid being its members' latent mean; ``False`` (default, the paper's
-            refinement): assignments fixed. Costs one float32 copy of the snapped
-            weights (kept in the checkpoint); see :class:`~sq_lightning.snapper.ClusterSnapper`.
-        reassign_from: where the latent weights of ``reassign=True`` start. ``"snap"``
-            (default): the weights at the snap (after coupling they sit tight on their
-            values, so few ever change cluster). ``"coupling_start"``: the weights just
-            before the first step of the coupling (of the ``SoftQuantCallback`` or
-            ``LearnedCodebook`` in the same ``Trainer``; without one, before the fit's
-            first step): for a fine-tuning run, the full-precision ones. They are shifted
-            per cluster so that each cluster's latent mean is its snapped value: the
-            snapped model is the same, but the members spread again as in full precision
-            and those near a decision boundary can change cluster at once (ternary
-            ResNet-20 on CIFAR-10: 83.0% against 80.7% from the same coupled weights,
-            ``benchmarks/results/refine_coupled.md``). Keeps one float32 copy of the
-            selected weights (CPU) from the coupling's start to the snap, in checkpoints
-            too. The first step after the snap moves many weights at once (the partition's
-            entropy rises to its full-precision level), and BatchNorm's running statistics
-            catch up only over the following steps: give the refinement at least an epoch
-            (ResNet-20 evaluated after 4 such steps: 10%). Needs ``reassign=True`` and
-            ``snap_epoch >= 1``; not with layers sharded by FSDP.
-        recalibrate_bn_batches: training batches used to re-estimate BatchNorm
-            statistics after the snap (0 disables).
-        histogram_every_n_epochs: weight-histogram interval (0 disables).
         module_types: module class names whose ``weight`` is snapped. With none of
             ``module_types``, ``include``, ``exclude``, ``min_size`` given, the snap takes
             the layers of the training stage in the same ``Trainer`` (the default ones
@@ -149,133 +131,90 @@ class ClusterRefine(Callback):
             weight fails at setup, naming the closest ones.
         exclude: regexes on full parameter names never to snap (each must match one).
         min_size: layers with fewer weights are not snapped.
-        max_bits: bit budget per layer: a layer with more than ``2^max_bits``
-            discovered clusters (or one that did not cluster) is snapped to exactly
-            ``2^max_bits`` values placed by optimal 1-D k-means of its coupled weights
-            (``None``: no cap); see :class:`~sq_lightning.snapper.ClusterSnapper`.
-        max_bits_overrides: per-layer bit budgets, regex on the full parameter name to
-            bits; the first match wins over ``max_bits`` (e.g. ``{"conv1\\.weight$": 4}``
-            keeps a first convolution at up to 16 values under ``max_bits: 1``).
-        max_clusters: the budget in values instead of bits, for one that is not a
-            power of two (``3``: ternary layers, 1.58 bits); exclusive with ``max_bits``.
-        snap_ramp_steps: spread the snap over this many training batches (the tie runs
-            after each one; optimizer steps without gradient accumulation); ``0``: at once.
-            The snap then fixes the clusters (``K_l``, assignments; the reported bits and
-            snap errors are those of this partition) but leaves the weights where they are,
-            and after each batch every weight moves a fraction ``β`` of the way to
-            its cluster's current mean, ``β`` growing geometrically from
-            ``snap_ramp_from`` to 1 over ``snap_ramp_steps`` batches; from then on the tie is
-            exact. BatchNorm statistics follow the weights during the ramp (no
-            re-estimation at the snap). A ramp that has not ended when fit ends is finished
-            there with one exact tie (and a re-estimation, and a warning). Logged as
-            ``sq/snap_pull``. Needs ``refine=True``, ``reassign=False`` and a ``snap_epoch``;
-            see :class:`~sq_lightning.snapper.ClusterSnapper` (``ramp_steps``).
-        snap_ramp_from: ``β`` of the first step after the snap, in (0, 1].
-        export_path: write the LightningModule's ``state_dict`` with the snapped layers as
-            codebook + indices to this file at the end of fit (``None``: no export). A
-            relative path is taken inside the run's log directory
-            (``trainer.log_dir``, e.g. ``runs/quickstart/version_3/``), so every run gets
-            its own file; an existing file is never replaced (checked at setup, before
-            training). Read it back with :func:`~sq_lightning.export.load_compressed`.
-        export_coding: ``"packed"`` (``ceil(log2 K_l)`` bits per index) or ``"ans"``
-            (entropy-coded, about ``H_l`` bits per index: the ``sq/entropy/<layer>`` logged).
+        histogram_every_n_epochs: weight-histogram interval (0 disables).
 
     Raises:
+        TypeError: a settings group of the wrong type, or a keyword argument of an earlier
+            version (``gap``, ``max_bits``, ``reassign``, ``export_path``, ...): the message
+            names the field that replaced it (:data:`sq_lightning.config.MOVED`).
         ValueError: a bad argument, a selection that matches no layer,
             ``clusters_from="codebook"`` without a ``LearnedCodebook`` callback, a ``w``
             that disagrees with the coupling's, two training stages in one ``Trainer``, an
-            ``export_path`` that exists already.
-        sq_lightning.snapper.UnclusteredLayerError: with ``on_unclustered="raise"``.
+            ``export.path`` that exists already.
+        sq_lightning.snapper.UnclusteredLayerError: with ``snap.on_unclustered="raise"``.
 
     Example::
 
         trainer = Trainer(max_epochs=6, callbacks=[
-            SoftQuantCallback(h=1e-3, w=0.3, stop_epoch=4),
-            ClusterRefine(),  # snaps at epoch 4 with the coupling's w_l, refines epochs 4-5
-        ])
+            SoftQuantCallback(stop_epoch=4),
+            ClusterRefine(snap=SnapConfig(max_bits=4), export=ExportConfig("model.sqz")),
+        ])  # snaps at epoch 4 with the coupling's w_l, at most 16 values a layer, refines epochs 4-5
+
+    In YAML (``lightning fit --config``)::
+
+        - class_path: sq_lightning.ClusterRefine
+          init_args: {snap: {max_bits: 4}, export: {path: model.sqz}}
     """
 
     def __init__(
         self,
         snap_epoch: Union[int, Literal["auto"], None] = "auto",
         w: Optional[float] = None,
-        gap: float = 0.5,
-        min_cluster_frac: float = 0.001,
-        merge: MergePolicy = "storage",
-        max_snap_error: float = 0.3,
-        on_unclustered: OnUnclustered = "kmeans",
+        snap: SnapConfig = SnapConfig(),
+        refine: Optional[RefineConfig] = RefineConfig(),
+        export: Optional[ExportConfig] = None,
         clusters_from: Literal["auto", "gaps", "codebook"] = "auto",
-        placement: Placement = "kmeans",
-        refine: bool = True,
-        reassign: bool = False,
-        reassign_from: Literal["snap", "coupling_start"] = "snap",
-        recalibrate_bn_batches: int = 100,
-        histogram_every_n_epochs: int = 1,
         module_types: Optional[list[str]] = None,
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         min_size: int = 0,
-        max_bits: Optional[int] = None,
-        max_bits_overrides: Optional[dict[str, int]] = None,
-        max_clusters: Optional[int] = None,
-        snap_ramp_steps: int = 0,
-        snap_ramp_from: float = 1e-3,
-        export_path: Optional[str] = None,
-        export_coding: Literal["packed", "ans"] = "packed",
+        histogram_every_n_epochs: int = 1,
+        **moved: Any,
     ) -> None:
         super().__init__()
-        check_ramp_args(snap_ramp_steps, snap_ramp_from, reassign, prefix="snap_")
-        if snap_ramp_steps and (not refine or snap_epoch is None):
-            raise ValueError(
-                f"`snap_ramp_steps` > 0 spreads the snap over the training steps after it: it needs `refine=True` and "
-                f"a `snap_epoch` (got refine={refine!r}, snap_epoch={snap_epoch!r}). Set `snap_ramp_steps=0` to snap at once."
-            )
+        reject_moved("ClusterRefine", moved)
+        check_group("snap", snap, SnapConfig)
+        check_group("refine", refine, RefineConfig, allow_none=True)
+        check_group("export", export, ExportConfig, allow_none=True)
         if snap_epoch != "auto":
             check_int("snap_epoch", snap_epoch, 0, allow_none=True, hint=" (None: snap at fit end), or 'auto'")
-        if reassign_from not in ("snap", "coupling_start"):
-            raise ValueError(f"`reassign_from` must be 'snap' or 'coupling_start', got {reassign_from!r}.")
-        if reassign_from == "coupling_start" and (
-            reassign is not True or not refine or snap_epoch is None or (snap_epoch != "auto" and snap_epoch < 1)
+        if refine is not None and refine.ramp_steps and snap_epoch is None:
+            raise ValueError(
+                "`refine.ramp_steps` > 0 spreads the snap over the training steps after it: it needs a `snap_epoch` "
+                "(got snap_epoch=None). Set `ramp_steps=0` to snap at once."
+            )
+        if refine is not None and refine.reassign_from == "coupling_start" and (
+            snap_epoch is None or (snap_epoch != "auto" and snap_epoch < 1)
         ):
             raise ValueError(
-                "`reassign_from='coupling_start'` starts the latent weights of a refinement with moving assignments "
-                f"from the weights before coupling: it needs `reassign=True`, `refine=True` and `snap_epoch >= 1` "
-                f"(got reassign={reassign!r}, refine={refine!r}, snap_epoch={snap_epoch!r}). A fit that starts at the "
-                "snap (`snap_epoch=0`) has no coupling in it: use `reassign_from='snap'`."
+                "`refine.reassign_from='coupling_start'` starts the latent weights from the weights before coupling: "
+                f"it needs `snap_epoch >= 1` (got snap_epoch={snap_epoch!r}). A fit that starts at the snap "
+                "(`snap_epoch=0`) has no coupling in it: use `reassign_from='snap'`."
             )
         check_choice("clusters_from", clusters_from, ("auto", "gaps", "codebook"))
-        check_int("recalibrate_bn_batches", recalibrate_bn_batches, 0)
         check_int("histogram_every_n_epochs", histogram_every_n_epochs, 0)
-        check_choice("export_coding", export_coding, CODINGS)
         if w is not None:
             check_number("w", w, 0.0, strict=True)
-        if export_path is not None and (not isinstance(export_path, (str, os.PathLike)) or not os.fspath(export_path)):
-            raise ValueError(f"`export_path` must be a file path (str) or None, got {export_path!r}.")
-        if export_path is not None and export_coding == "ans":
-            entropy_coder()  # a missing entropy coder fails now, not after training
-        self.export_path = os.fspath(export_path) if export_path is not None else None
-        self.export_coding = export_coding
+        self.snap_config, self.refine_config, self.export_config = snap, refine, export
+        self.export_path = export.path if export is not None else None
+        self.export_coding = export.coding if export is not None else "packed"
         self.exported: Optional[str] = None
         self.selector = LayerSelector(module_types, include, exclude, min_size)
         # No selection given: the training stage's, when there is one (setup).
         self._own_selection = bool(module_types or include or exclude or min_size)
         self.w = w  # None: the training stage's w_l, else DEFAULT_W
-        self.snapper = ClusterSnapper(
-            DEFAULT_W if w is None else w, gap, min_cluster_frac, merge, max_snap_error, on_unclustered, self.selector, placement=placement,
-            max_bits=max_bits, reassign=reassign, max_bits_overrides=max_bits_overrides, max_clusters=max_clusters,
-            ramp_steps=snap_ramp_steps, ramp_from=snap_ramp_from,
-        )
+        self.snapper = ClusterSnapper(DEFAULT_W if w is None else w, snap, self.selector, refine)
         self.snap_epoch = snap_epoch
         self._snap_at: Optional[int] = None if snap_epoch == "auto" else snap_epoch  # resolved in setup
         self._source: Optional[ClusterSource] = None  # the training stage of the same Trainer
-        self.reassign_from = reassign_from
+        self.reassign_from = refine.reassign_from if refine is not None else "snap"
         # reassign_from="coupling_start": the selected weights before the coupling (float32, CPU), until the snap.
         self.latent_source: dict[str, Any] = {}
         self._saw_uncoupled = False  # a batch before the coupling started, in this fit
         self.clusters_from = clusters_from
         self.given_clusters: Optional[dict[str, Clusters]] = None  # snap_to()
-        self.refine = refine
-        self.recalibrate_bn_batches = recalibrate_bn_batches
+        self.refine = refine is not None  # tie after the snap
+        self.recalibrate_bn_batches = snap.recalibrate_bn_batches
         self.histogram_every_n_epochs = histogram_every_n_epochs
 
     def snap_to(self, clusters: Mapping[str, Clusters]) -> "ClusterRefine":
@@ -387,8 +326,8 @@ class ClusterRefine(Callback):
             )
         if self._snap_at is None and self.snapper.ramp_steps:
             raise ValueError(
-                "`snap_ramp_steps` > 0 needs epochs after the snap, but the snap comes at the end of fit (the training "
-                "stage has no `stop_epoch`): give it one, or set `snap_ramp_steps=0`."
+                "`refine.ramp_steps` > 0 needs epochs after the snap, but the snap comes at the end of fit (the training "
+                "stage has no `stop_epoch`): give it one, or set `ramp_steps=0`."
             )
         if self.reassign_from == "coupling_start" and (self._snap_at is None or self._snap_at < 1):
             raise ValueError(
@@ -488,7 +427,7 @@ class ClusterRefine(Callback):
             rank_zero_warn(
                 f"ClusterRefine: fit ended {self.snapper.ramp_steps - self.snapper.ties + 1} steps before the gradual "
                 "snap reached its exact tie: finishing it now, at once (and re-estimating BatchNorm). Lower "
-                "`snap_ramp_steps` below the steps left after `snap_epoch` to let the network follow the whole ramp."
+                "`refine.ramp_steps` below the steps left after `snap_epoch` to let the network follow the whole ramp."
             )
             self.snapper.finish(pl_module)
             self._recalibrate(trainer, pl_module)
@@ -511,8 +450,8 @@ class ClusterRefine(Callback):
             target = self._export_target(trainer)
             if os.path.lexists(target):
                 problem = (
-                    f"`export_path` {target!r} exists: ClusterRefine never replaces a file. "
-                    "Delete or move it, or choose another `export_path` (a relative one lands in the run's log directory)."
+                    f"`export.path` {target!r} exists: ClusterRefine never replaces a file. "
+                    "Delete or move it, or choose another `export.path` (a relative one lands in the run's log directory)."
                 )
         problem = trainer.strategy.broadcast(problem, src=0)
         if problem:

@@ -118,7 +118,7 @@ class SoftQuantCallback(Callback):
             drives that layer and accuracy drops during coupling: on ResNet-20 this
             happens in the large layers at ``alpha=0.66`` with ``w >= 0.6``, and
             ``alpha ≈ 1.1`` evens the layers out
-            (benchmarks/results/coupling_vs_task.md).
+            (experiments/results/coupling_vs_task.md).
         histogram_every_n_epochs: TensorBoard weight histograms ``sq/weights/<layer>``
             every this many epochs while coupling (0 disables), to watch the
             distributions collapse into spikes.
@@ -128,7 +128,7 @@ class SoftQuantCallback(Callback):
             saved and restored). ``S_l`` is how far, in units of ``w_l``, the coupling
             alone moves a typical weight per step: it carries over across learning rates
             and layer sizes where a raw ``h`` does not (docs/design.md section 8). Measured
-            (benchmarks/results/strength_scaling.md): layers of 640 to 32768 weights all
+            (experiments/results/strength_scaling.md): layers of 640 to 32768 weights all
             started clustering at ``S_l ≈ 0.003`` over 184 steps (``S_l · steps ≈ 0.5``:
             the weights travel about half a well); the small classifier layer was thrown
             apart above ``S_l ≈ 0.01``. Start at 1-4 / (number of coupling steps); on

@@ -140,7 +140,7 @@ class ImageClassifier(LightningModule):
             ``state_dict`` and the quantization callbacks; it is read when fitting
             starts, so loading a trained checkpoint does not need it. On ResNet-20 /
             CIFAR-10 it did not improve the quantized runs of
-            ``benchmarks/results/cifar10_tradeoff.md`` (see docs/results.md).
+            ``experiments/results/cifar10_tradeoff.md`` (see docs/results.md).
         distill_weight: weight of the distillation term, in [0, 1] (1: soft targets only;
             Hinton et al. mix in the labels, e.g. 0.5 with ``distill_temperature`` 4).
         distill_temperature: softmax temperature ``T`` of the distillation term, > 0.

@@ -37,6 +37,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, DistributedSampler
 
+from sq_lightning.config import ExportConfig, RefineConfig, SnapConfig
 from sq_lightning.callbacks import ClusterRefine, SoftQuantCallback
 from sq_lightning.callbacks.learned_codebook import LearnedCodebook
 from sq_lightning.models import ImageClassifier
@@ -165,13 +166,12 @@ class ClustersAtSnap(Callback):
             self.seen = {what: {n: t.clone() for n, t in d.items()} for what, d in _clusters_of(self.refine).items()}
 
 
-def _soft_then_refine(**refine_kwargs) -> tuple[SoftQuantCallback, ClusterRefine]:
+def _soft_then_refine(max_bits=None, refine=RefineConfig(), export=None) -> tuple[SoftQuantCallback, ClusterRefine]:
     """The coupling, then the snap at ``REFINE_SNAP_EPOCH`` and refinement, of the refine modes."""
     soft = SoftQuantCallback(h=1e-2, w=0.45, stop_epoch=REFINE_SNAP_EPOCH)
-    refine = ClusterRefine(
-        snap_epoch=REFINE_SNAP_EPOCH, w=0.45, on_unclustered="snap", recalibrate_bn_batches=5, histogram_every_n_epochs=0,
-        **refine_kwargs,
-    )
+    refine = ClusterRefine(snap_epoch=REFINE_SNAP_EPOCH, w=0.45, histogram_every_n_epochs=0,
+                           snap=SnapConfig(on_unclustered="snap", recalibrate_bn_batches=5, max_bits=max_bits),
+                           refine=refine, export=export)
     return soft, refine
 
 
@@ -189,7 +189,7 @@ def run_mode(
     mode: str, devices: int, batch_size: int, export_dir: Path | None = None, strategy: str = "ddp"
 ) -> tuple[pl.Trainer, dict]:
     """Trains one mode; returns the trainer and this rank's results (CPU tensors). With
-    ``export_dir``, the refine mode also exports its model there (``ClusterRefine(export_path=...)``)."""
+    ``export_dir``, the refine mode also exports its model there (``ClusterRefine(export=ExportConfig(...))``)."""
     pl.seed_everything(SEED)  # also the seed of Lightning's DistributedSampler
     train = train_loader(devices, batch_size)
     net = ShardedTinyNet if strategy == "fsdp2" and devices > 1 else TinyNet
@@ -210,7 +210,7 @@ def run_mode(
         for max_epochs, ckpt_path in ((REFINE_SNAP_EPOCH + 1, None), (REFINE_SNAP_EPOCH + 2, ckpt_dir / "last.ckpt")):
             pl.seed_everything(SEED)
             model = net(bn=True)
-            soft, refine = _soft_then_refine(reassign=True, max_bits=1)
+            soft, refine = _soft_then_refine(max_bits=1, refine=RefineConfig(reassign=True))
             save = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)
             trainer = make_trainer(devices, max_epochs, [soft, refine, save], strategy, checkpoints=True)
             trainer.fit(model, train, ckpt_path=ckpt_path)
@@ -219,7 +219,7 @@ def run_mode(
         # Moving assignments whose latent weights start from the weights before coupling.
         model = net(bn=True)
         out["coupling_start"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-        soft, refine = _soft_then_refine(reassign=True, max_bits=1, reassign_from="coupling_start")
+        soft, refine = _soft_then_refine(max_bits=1, refine=RefineConfig(reassign=True, reassign_from="coupling_start"))
         probe = LatentAtSnap(refine)
         trainer = make_trainer(devices, REFINE_SNAP_EPOCH + 2, [soft, refine, probe], strategy)
         trainer.fit(model, train)
@@ -233,8 +233,7 @@ def run_mode(
         given = {n: Clusters.from_quantization(quantize(w, GIVEN_K, "heq")) for n, w in initial.items()}
         # Latent weights from before the fit where the layers are whole; FSDP2 refuses that source.
         source = "snap" if strategy == "fsdp2" and devices > 1 else "coupling_start"
-        refine = ClusterRefine(snap_epoch=REFINE_SNAP_EPOCH, on_unclustered="snap", recalibrate_bn_batches=5,
-                               histogram_every_n_epochs=0, reassign=True, reassign_from=source)
+        refine = ClusterRefine(snap_epoch=REFINE_SNAP_EPOCH, histogram_every_n_epochs=0, snap=SnapConfig(on_unclustered="snap", recalibrate_bn_batches=5), refine=RefineConfig(reassign=True, reassign_from=source))
         probe = ClustersAtSnap(refine)
         trainer = make_trainer(devices, REFINE_SNAP_EPOCH + 2, [GiveClustersPerRank(refine, given), refine, probe], strategy)
         trainer.fit(model, train)
@@ -246,8 +245,9 @@ def run_mode(
         # if one is not quite clustered, so that all three are refined. "reassign":
         # moving assignments, a 2-level budget so that weights sit near the boundaries.
         model = net(bn=True)
-        export = dict(export_path=str(export_dir / "refine.sq.safetensors"), export_coding="ans") if export_dir else {}
-        soft, refine = _soft_then_refine(**(dict(reassign=True, max_bits=1) if mode == "reassign" else export))
+        export = ExportConfig(str(export_dir / "refine.sq.safetensors"), "ans") if export_dir else None
+        soft, refine = (_soft_then_refine(max_bits=1, refine=RefineConfig(reassign=True)) if mode == "reassign"
+                        else _soft_then_refine(export=export))
         local = LocalClusters(refine, soft)
         trainer = make_trainer(devices, REFINE_SNAP_EPOCH + 2, [soft, local, refine], strategy)
         trainer.fit(model, train)

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from sq_lightning.config import ExportConfig, RefineConfig, SnapConfig
 from sq_lightning.callbacks import ClusterRefine, SoftQuantCallback
 from sq_lightning.export import load_compressed, save_compressed
 from sq_lightning.ops.baselines import quantize
@@ -36,7 +37,8 @@ class _StopAfter(pl.Callback):
             trainer.should_stop = True
 
 
-def _pipeline(tmp_path, epochs=22, snap_epoch=18, start_epoch=10, logger=True, extra=(), bn=False, shuffle=True, **refine_kw):
+def _pipeline(tmp_path, epochs=22, snap_epoch=18, start_epoch=10, logger=True, extra=(), bn=False, shuffle=True,
+              snap=None, refine=RefineConfig(), export=None):
     """Pretrain, couple, snap and refine in one fit: the three stages as epoch windows."""
     pl.seed_everything(0)
     train, val = digits_loaders(shuffle=shuffle)
@@ -44,7 +46,8 @@ def _pipeline(tmp_path, epochs=22, snap_epoch=18, start_epoch=10, logger=True, e
     # norm drifts under SGD, and a range frozen at coupling start drifts with it.
     model = TinyNet(bn=bn)
     soft = SoftQuantCallback(h=2e-3, w=0.45, start_epoch=start_epoch, stop_epoch=snap_epoch)
-    refine = ClusterRefine(snap_epoch=snap_epoch, w=0.45, recalibrate_bn_batches=20, **refine_kw)
+    refine = ClusterRefine(snap_epoch=snap_epoch, w=0.45, snap=SnapConfig(**{"recalibrate_bn_batches": 20, **(snap or {})}),
+                           refine=refine, export=export)
     log = TensorBoardLogger(tmp_path, name="tb") if logger else False
     trainer(max_epochs=epochs, callbacks=[soft, refine, *extra], logger=log, enable_checkpointing=bool(extra)).fit(model, train, val)
     return model, refine, train, val
@@ -53,7 +56,7 @@ def _pipeline(tmp_path, epochs=22, snap_epoch=18, start_epoch=10, logger=True, e
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("refine")
-    model, refine, train, val = _pipeline(tmp, export_path="m.sq.safetensors", export_coding="ans")
+    model, refine, train, val = _pipeline(tmp, export=ExportConfig("m.sq.safetensors", "ans"))
     return tmp, model, refine, train, val
 
 
@@ -169,8 +172,8 @@ def test_export_path_that_exists_is_refused_before_training(tmp_path):
     train, _ = digits_loaders()
     model = TinyNet()
     before = copy.deepcopy(model.state_dict())
-    refine = ClusterRefine(snap_epoch=1, w=0.45, export_path=str(target))
-    with pytest.raises(ValueError, match="`export_path` .*keep.safetensors' exists.*never replaces"):
+    refine = ClusterRefine(snap_epoch=1, w=0.45, export=ExportConfig(path=str(target)))
+    with pytest.raises(ValueError, match="`export.path` .*keep.safetensors' exists.*never replaces"):
         trainer(max_epochs=2, callbacks=[refine]).fit(model, train)
     assert target.read_bytes() == b"the user's file"
     for k, v in model.state_dict().items():
@@ -180,14 +183,14 @@ def test_export_path_that_exists_is_refused_before_training(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"export_path": "m.safetensors", "export_coding": "zip"}, "`export_coding` must be one of"),
-        ({"export_path": 3}, "`export_path` must be a file path"),
-        ({"export_path": ""}, "`export_path` must be a file path"),
+        ({"path": "m.safetensors", "coding": "zip"}, "`coding` must be one of"),
+        ({"path": 3}, "`export.path` must be a file path"),
+        ({"path": ""}, "`export.path` must be a file path"),
     ],
 )
 def test_bad_export_arguments_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        ClusterRefine(**kwargs)
+        ExportConfig(**kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +199,7 @@ def checkpoints(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ckpts")
     every = ModelCheckpoint(dirpath=tmp / "ck", filename="{epoch}", save_top_k=-1, every_n_epochs=1)
     model, refine, _, _ = _pipeline(tmp, epochs=6, snap_epoch=4, start_epoch=1, logger=False, extra=(every,),
-                                    on_unclustered="snap")
+                                    snap=dict(on_unclustered="snap"))
     return tmp, model, refine
 
 
@@ -244,13 +247,13 @@ def test_export_checkpoint_refuses_checkpoints_it_cannot_export_faithfully(check
 def test_resume_during_refinement_is_exact(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     # No shuffling: a plain DataLoader's shuffle generator is not part of a checkpoint.
-    kw = dict(snap_epoch=3, start_epoch=0, logger=False, bn=True, shuffle=False, on_unclustered="snap")
+    kw = dict(snap_epoch=3, start_epoch=0, logger=False, bn=True, shuffle=False, snap=dict(on_unclustered="snap"))
     full, refine_full, _, _ = _pipeline(tmp_path, epochs=6, **kw)
     _pipeline(tmp_path, epochs=5, extra=[ckpt], **kw)
     pl.seed_everything(0)
     train, val = digits_loaders(shuffle=False)
     resumed = TinyNet(bn=True)
-    refine = ClusterRefine(snap_epoch=3, w=0.45, recalibrate_bn_batches=20, on_unclustered="snap")
+    refine = ClusterRefine(snap_epoch=3, w=0.45, snap=SnapConfig(recalibrate_bn_batches=20, on_unclustered="snap"))
     cbs = [SoftQuantCallback(h=2e-3, w=0.45, stop_epoch=3), refine]
     trainer(max_epochs=6, callbacks=cbs).fit(resumed, train, val, ckpt_path=str(tmp_path / "ck" / "epoch=4.ckpt"))
     assert refine.snapped
@@ -264,7 +267,7 @@ def test_unclustered_layer_is_kept_and_reported(caplog):
     torch.manual_seed(0)
     net = TinyNet().net  # untrained: Gaussian-like weights, nothing clustered
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
-    snapper = ClusterSnapper(w=0.3, max_snap_error=0.3, on_unclustered="keep")
+    snapper = ClusterSnapper(w=0.3, snap=SnapConfig(max_snap_error=0.3, on_unclustered="keep"))
     with caplog.at_level(logging.WARNING):
         reports = snapper.snap(net)
     assert all(not r.snapped and r.bits == 32.0 for r in reports.values())
@@ -275,22 +278,22 @@ def test_unclustered_layer_is_kept_and_reported(caplog):
     assert snapper.summary()["bits_weighted"] == 32.0
 
     with pytest.raises(UnclusteredLayerError, match="did not cluster.*0.weight \\(K=.*raise `h`"):
-        ClusterSnapper(on_unclustered="raise").snap(net)
+        ClusterSnapper(snap=SnapConfig(on_unclustered="raise")).snap(net)
     # Clusters the caller passed (a post-training quantizer's, say) are not the coupling's to blame.
     two = {"0.weight": Clusters.from_quantization(quantize(net[0].weight.detach(), 2, "kmeans"))}
     with pytest.raises(UnclusteredLayerError, match="1 of 1 layers did not cluster.*0.weight.*clusters given for them fit their weights badly"):
-        ClusterSnapper(on_unclustered="raise").snap(net, clusters=two)
+        ClusterSnapper(snap=SnapConfig(on_unclustered="raise")).snap(net, clusters=two)
     for n, p in net.named_parameters():
         assert torch.equal(p, before[n])
 
-    forced = ClusterSnapper(on_unclustered="snap")
+    forced = ClusterSnapper(snap=SnapConfig(on_unclustered="snap"))
     forced.snap(net)
     assert torch.unique(net[0].weight.detach()).numel() == forced.reports["0.weight"].k
 
 
 def test_snap_with_given_centroids():
     net = TinyNet().net
-    snapper = ClusterSnapper(max_snap_error=10.0)
+    snapper = ClusterSnapper(snap=SnapConfig(max_snap_error=10.0))
     centroids = {n: torch.tensor([-0.1, 0.0, 0.1]) for n in ("0.weight", "2.weight", "4.weight")}
     snapper.snap(net, centroids=centroids)
     for n in centroids:
@@ -315,7 +318,7 @@ def _tie_reference(before: dict, after: dict) -> dict:
 def test_tie_sets_each_weight_to_its_cluster_mean_also_after_a_resume():
     torch.manual_seed(0)
     net = TinyNet().net
-    snapper = ClusterSnapper(max_snap_error=10.0)
+    snapper = ClusterSnapper(snap=SnapConfig(max_snap_error=10.0))
     snapper.snap(net, centroids={n: torch.tensor([-0.2, -0.05, 0.05, 0.2]) for n in ("0.weight", "2.weight", "4.weight")})
     params = dict(net.named_parameters())
     snapped = {n: params[n].detach().clone() for n in snapper.clusters}
@@ -368,11 +371,11 @@ def test_reassign_moves_weights_to_their_nearest_centroid(resume):
     params = dict(net.named_parameters())
     given = {n: torch.tensor([-0.2, -0.05, 0.05, 0.2]) for n in WEIGHTS_PLAIN}
     latent = {n: params[n].detach().clone() for n in given}
-    snapper = ClusterSnapper(max_snap_error=10.0, reassign=True)
+    snapper = ClusterSnapper(snap=SnapConfig(max_snap_error=10.0), refine=RefineConfig(reassign=True))
     snapper.snap(net, centroids=given)
     if resume:  # a snapper rebuilt from the saved state steps the same way
         state = snapper.state_dict()
-        snapper = ClusterSnapper(max_snap_error=10.0, reassign=True)
+        snapper = ClusterSnapper(snap=SnapConfig(max_snap_error=10.0), refine=RefineConfig(reassign=True))
         snapper.load_state_dict(state)
     snapped = {n: params[n].detach().clone() for n in given}
     centroids = {n: snapper.clusters[n].centroids.clone() for n in given}
@@ -400,7 +403,7 @@ def test_reassign_keeps_an_emptied_cluster_s_value():
     with torch.no_grad():  # three tight clusters
         for p in net.parameters():
             p.copy_(torch.tensor([-0.1, 0.0, 0.1])[torch.randint(3, p.shape)] + 1e-3 * torch.randn(p.shape))
-    snapper = ClusterSnapper(max_snap_error=10.0, reassign=True)
+    snapper = ClusterSnapper(snap=SnapConfig(max_snap_error=10.0), refine=RefineConfig(reassign=True))
     snapper.snap(net, centroids={n: torch.tensor([-0.1, 0.0, 0.1]) for n in WEIGHTS_PLAIN})
     middle = {n: snapper.clusters[n].assignments == 1 for n in WEIGHTS_PLAIN}
     value = {n: float(snapper.clusters[n].centroids[1]) for n in WEIGHTS_PLAIN}
@@ -422,7 +425,7 @@ def test_reassign_without_crossings_is_the_fixed_assignment_tie():
         for p in nets[0].parameters():
             p.copy_(centres[torch.randint(4, p.shape)] + 1e-3 * torch.randn(p.shape))
     nets[1].load_state_dict(nets[0].state_dict())
-    tied, moving = ClusterSnapper(w=0.3), ClusterSnapper(w=0.3, reassign=True)
+    tied, moving = ClusterSnapper(w=0.3), ClusterSnapper(w=0.3, refine=RefineConfig(reassign=True))
     tied.snap(nets[0])
     moving.snap(nets[1])
     for _ in range(3):
@@ -439,12 +442,12 @@ def test_reassign_without_crossings_is_the_fixed_assignment_tie():
 
 def test_reassign_refuses_a_snap_state_without_latent_weights():
     net = TinyNet().net
-    tied = ClusterSnapper(max_snap_error=10.0)
+    tied = ClusterSnapper(snap=SnapConfig(max_snap_error=10.0))
     tied.snap(net, centroids={n: torch.tensor([-0.1, 0.0, 0.1]) for n in WEIGHTS_PLAIN})
     with pytest.raises(ValueError, match="no latent weights.*Resume it with `reassign=False`"):
-        ClusterSnapper(reassign=True).load_state_dict(tied.state_dict())
+        ClusterSnapper(refine=RefineConfig(reassign=True)).load_state_dict(tied.state_dict())
     relaxed = ClusterSnapper()  # latent weights in a state are simply unused by a fixed-assignment refinement
-    moving = ClusterSnapper(max_snap_error=10.0, reassign=True)
+    moving = ClusterSnapper(snap=SnapConfig(max_snap_error=10.0), refine=RefineConfig(reassign=True))
     moving.snap(TinyNet().net, centroids={n: torch.tensor([-0.1, 0.0, 0.1]) for n in WEIGHTS_PLAIN})
     relaxed.load_state_dict(moving.state_dict())
     assert set(relaxed.clusters) == set(WEIGHTS_PLAIN)
@@ -452,14 +455,14 @@ def test_reassign_refuses_a_snap_state_without_latent_weights():
 
 def test_reassign_pipeline_resumes_exactly_and_exports(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-    kw = dict(snap_epoch=3, start_epoch=0, logger=False, bn=True, shuffle=False, on_unclustered="snap", max_bits=2,
-              reassign=True)
+    kw = dict(snap_epoch=3, start_epoch=0, logger=False, bn=True, shuffle=False, snap=dict(on_unclustered="snap", max_bits=2),
+              refine=RefineConfig(reassign=True))
     full, refine_full, _, val = _pipeline(tmp_path, epochs=6, **kw)
     _pipeline(tmp_path, epochs=5, extra=[ckpt], **kw)
     pl.seed_everything(0)
     train, val = digits_loaders(shuffle=False)
     resumed = TinyNet(bn=True)
-    refine = ClusterRefine(snap_epoch=3, w=0.45, recalibrate_bn_batches=20, on_unclustered="snap", max_bits=2, reassign=True)
+    refine = ClusterRefine(snap_epoch=3, w=0.45, snap=SnapConfig(recalibrate_bn_batches=20, on_unclustered="snap", max_bits=2), refine=RefineConfig(reassign=True))
     cbs = [SoftQuantCallback(h=2e-3, w=0.45, stop_epoch=3), refine]
     trainer(max_epochs=6, callbacks=cbs).fit(resumed, train, val, ckpt_path=str(tmp_path / "ck" / "epoch=4.ckpt"))
     for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
@@ -484,7 +487,7 @@ def test_start_latent_from_keeps_the_snapped_values_and_the_given_offsets():
     given = torch.tensor([[0.5, -1.0, -1.0, -1.5, 1.0, 1.0, 1.0, 1.0]])
     runs = {}
     for start in ("snap", "given"):
-        snapper = ClusterSnapper(max_snap_error=10.0, reassign=True)
+        snapper = ClusterSnapper(snap=SnapConfig(max_snap_error=10.0), refine=RefineConfig(reassign=True))
         snapper.snap(lin, centroids={"weight": torch.tensor([-1.0, 1.0])})
         if start == "given":
             snapper.start_latent_from({"weight": given})
@@ -504,11 +507,11 @@ def test_start_latent_from_keeps_the_snapped_values_and_the_given_offsets():
 
 def test_start_latent_from_refuses_bad_input():
     net = TinyNet().net
-    tied = ClusterSnapper(max_snap_error=10.0)
+    tied = ClusterSnapper(snap=SnapConfig(max_snap_error=10.0))
     tied.snap(net, centroids={n: torch.tensor([-0.1, 0.1]) for n in WEIGHTS_PLAIN})
     with pytest.raises(ValueError, match="reassign=True"):
         tied.start_latent_from({"0.weight": torch.zeros(16, 64)})
-    moving = ClusterSnapper(max_snap_error=10.0, reassign=True)
+    moving = ClusterSnapper(snap=SnapConfig(max_snap_error=10.0), refine=RefineConfig(reassign=True))
     moving.snap(net, centroids={n: torch.tensor([-0.1, 0.1]) for n in WEIGHTS_PLAIN})
     with pytest.raises(ValueError, match="'0.bias' is not a snapped layer"):
         moving.start_latent_from({"0.bias": torch.zeros(16)})
@@ -520,15 +523,17 @@ def test_start_latent_from_refuses_bad_input():
     assert torch.equal(moving.latent["0.weight"], kept)
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(reassign=True, reassign_from="fit_start"), "`reassign_from` must be 'snap' or 'coupling_start'"),
-    (dict(reassign_from="coupling_start", snap_epoch=3), "needs `reassign=True`"),
-    (dict(reassign=True, reassign_from="coupling_start", snap_epoch=0), "use `reassign_from='snap'`"),
-    (dict(reassign=True, reassign_from="coupling_start", snap_epoch=None), "snap_epoch >= 1"),
+@pytest.mark.parametrize("build, match", [
+    (lambda: RefineConfig(reassign=True, reassign_from="fit_start"), "`reassign_from` must be one of 'snap', 'coupling_start'"),
+    (lambda: RefineConfig(reassign_from="coupling_start"), "needs `reassign=True`"),
+    (lambda: ClusterRefine(refine=RefineConfig(reassign=True, reassign_from="coupling_start"), snap_epoch=0),
+     "use `reassign_from='snap'`"),
+    (lambda: ClusterRefine(refine=RefineConfig(reassign=True, reassign_from="coupling_start"), snap_epoch=None),
+     "snap_epoch >= 1"),
 ])
-def test_reassign_from_refuses_what_it_cannot_do(kw, match):
+def test_reassign_from_refuses_what_it_cannot_do(build, match):
     with pytest.raises(ValueError, match=match):
-        ClusterRefine(**kw)
+        build()
 
 
 class _LatentAtSnap(pl.Callback):
@@ -561,8 +566,7 @@ def test_reassign_from_coupling_start_spreads_the_latent_weights_as_before_coupl
     # start from the weights of the start of epoch 1, not those the fit began with.
     probe, before = {}, _WeightsAt(1)
     for start in ("snap", "coupling_start"):
-        refine = ClusterRefine(snap_epoch=3, w=0.45, recalibrate_bn_batches=20, on_unclustered="snap", max_bits=2,
-                               reassign=True, reassign_from=start)
+        refine = ClusterRefine(snap_epoch=3, w=0.45, snap=SnapConfig(recalibrate_bn_batches=20, on_unclustered="snap", max_bits=2), refine=RefineConfig(reassign=True, reassign_from=start))
         probe[start] = _LatentAtSnap(refine, 3)
         pl.seed_everything(0)
         train, val = digits_loaders(shuffle=False)
@@ -594,8 +598,7 @@ def test_reassign_from_coupling_start_follows_a_learned_codebook_window():
 
     pl.seed_everything(0)
     train, val = digits_loaders(shuffle=False)
-    refine = ClusterRefine(snap_epoch=3, clusters_from="codebook", recalibrate_bn_batches=0, on_unclustered="snap",
-                           reassign=True, reassign_from="coupling_start")
+    refine = ClusterRefine(snap_epoch=3, clusters_from="codebook", snap=SnapConfig(recalibrate_bn_batches=0, on_unclustered="snap"), refine=RefineConfig(reassign=True, reassign_from="coupling_start"))
     probe, before = _LatentAtSnap(refine, 3), _WeightsAt(2)
     codebook = LearnedCodebook(lam=20.0, bits=2, start_epoch=2, stop_epoch=3, codebook_lr=1e-3)
     trainer(max_epochs=4, callbacks=[codebook, refine, probe, before]).fit(TinyNet(bn=True), train, val)
@@ -610,8 +613,7 @@ def test_reassign_from_coupling_start_follows_a_learned_codebook_window():
 def test_reassign_from_coupling_start_without_coupling_before_the_snap_warns():
     pl.seed_everything(0)
     train, val = digits_loaders(shuffle=False)
-    refine = ClusterRefine(snap_epoch=1, w=0.45, recalibrate_bn_batches=0, on_unclustered="snap", max_bits=2,
-                           reassign=True, reassign_from="coupling_start")
+    refine = ClusterRefine(snap_epoch=1, w=0.45, snap=SnapConfig(recalibrate_bn_batches=0, on_unclustered="snap", max_bits=2), refine=RefineConfig(reassign=True, reassign_from="coupling_start"))
     probe = _LatentAtSnap(refine, 1)
     # A step window that has not opened by the snap (an epoch window that opens at the snap is refused at setup).
     with pytest.warns(UserWarning, match="the coupling had not started before the snap"):
@@ -622,8 +624,8 @@ def test_reassign_from_coupling_start_without_coupling_before_the_snap_warns():
 
 
 def test_reassign_from_coupling_start_resumes_during_the_coupling_exactly(tmp_path):
-    kw = dict(snap_epoch=3, start_epoch=0, logger=False, bn=True, shuffle=False, on_unclustered="snap", max_bits=2,
-              reassign=True, reassign_from="coupling_start")
+    kw = dict(snap_epoch=3, start_epoch=0, logger=False, bn=True, shuffle=False, snap=dict(on_unclustered="snap", max_bits=2),
+              refine=RefineConfig(reassign=True, reassign_from="coupling_start"))
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     full, _, _, _ = _pipeline(tmp_path, epochs=5, **kw)
     _pipeline(tmp_path, epochs=5, extra=[ckpt, _StopAfter(2)], **kw)  # stopped after 2 coupling epochs
@@ -634,8 +636,7 @@ def test_reassign_from_coupling_start_resumes_during_the_coupling_exactly(tmp_pa
         pl.seed_everything(0)
         train, val = digits_loaders(shuffle=False)
         model = TinyNet(bn=True)
-        refine = ClusterRefine(snap_epoch=3, w=0.45, recalibrate_bn_batches=20, on_unclustered="snap", max_bits=2,
-                               reassign=True, reassign_from="coupling_start")
+        refine = ClusterRefine(snap_epoch=3, w=0.45, snap=SnapConfig(recalibrate_bn_batches=20, on_unclustered="snap", max_bits=2), refine=RefineConfig(reassign=True, reassign_from="coupling_start"))
         path = tmp_path / "ck" / "epoch=1.ckpt"
         if drop_copy:  # a checkpoint written without the copy (e.g. by another configuration)
             state = torch.load(path, weights_only=False)
@@ -670,8 +671,7 @@ def test_snap_to_given_clusters_after_fp_epochs_refines_from_the_weights_before_
     model = TinyNet(bn=True)
     given, initial = _heq_of(model)
     kept = copy.deepcopy(given)
-    refine = ClusterRefine(snap_epoch=2, recalibrate_bn_batches=20, on_unclustered="snap", reassign=True,
-                           reassign_from="coupling_start").snap_to(given)
+    refine = ClusterRefine(snap_epoch=2, snap=SnapConfig(recalibrate_bn_batches=20, on_unclustered="snap"), refine=RefineConfig(reassign=True, reassign_from="coupling_start")).snap_to(given)
     probe, before = _LatentAtSnap(refine, 2), _WeightsAt(2)
     trainer(max_epochs=3, callbacks=[refine, probe, before]).fit(model, train, val)
     assert probe.seen.keys() == set(given)  # only the given layers snapped, all of them
@@ -698,7 +698,7 @@ def test_snap_to_given_clusters_with_fixed_assignments_keeps_them():
     model = TinyNet(bn=True)
     given, _ = _heq_of(model, k=3)
     given.pop(BN_WEIGHTS[2])  # a selected layer without clusters stays full precision
-    refine = ClusterRefine(snap_epoch=1, recalibrate_bn_batches=0, on_unclustered="snap").snap_to(given)
+    refine = ClusterRefine(snap_epoch=1, snap=SnapConfig(recalibrate_bn_batches=0, on_unclustered="snap")).snap_to(given)
     trainer(max_epochs=3, callbacks=[refine]).fit(model, train, val)
     params = dict(model.named_parameters())
     assert set(refine.snapper.clusters) == set(given)
@@ -737,7 +737,7 @@ def test_snap_to_refuses_what_it_cannot_snap():
 @pytest.mark.parametrize("reassign", [False, True])
 def test_cuda_tie_makes_no_host_sync(reassign):
     net = TinyNet().net.cuda()
-    snapper = ClusterSnapper(max_snap_error=10.0, reassign=reassign)
+    snapper = ClusterSnapper(snap=SnapConfig(max_snap_error=10.0), refine=RefineConfig(reassign=reassign))
     snapper.snap(net, centroids={n: torch.tensor([-0.1, 0.0, 0.1]) for n in ("0.weight", "2.weight", "4.weight")})
     snapper.tie(net)  # the first call may move the clusters to the weights' device
     torch.cuda.synchronize()
@@ -774,7 +774,7 @@ def test_kmeans_placement_keeps_k_and_is_the_optimal_snap():
         net = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False))
         with torch.no_grad():
             net[0].weight.copy_(weights)
-        snapper = ClusterSnapper(w=0.6, on_unclustered="snap", merge="none", placement=placement)
+        snapper = ClusterSnapper(w=0.6, snap=SnapConfig(on_unclustered="snap", merge="none", placement=placement))
         snapped[placement] = (snapper.snap(net)["0.weight"], net[0].weight.detach().clone(), snapper)
     (mean, _, _), (km, w_km, snapper) = snapped["mean"], snapped["kmeans"]
     assert km.k == mean.k == torch.unique(w_km).numel() > 2
@@ -796,7 +796,7 @@ def test_kmeans_placement_changes_nothing_on_separated_clusters():
         net = torch.nn.Sequential(torch.nn.Linear(32, 8, bias=False))
         with torch.no_grad():
             net[0].weight.copy_(weights)
-        ClusterSnapper(w=0.3, placement=placement).snap(net)
+        ClusterSnapper(w=0.3, snap=SnapConfig(placement=placement)).snap(net)
         out.append(net[0].weight.detach().clone())
     assert torch.unique(out[0]).numel() == 4
     torch.testing.assert_close(out[0], out[1])
@@ -824,7 +824,7 @@ def test_heq_placement_cuts_equal_populations_at_the_discovered_k(max_bits):
         net = torch.nn.Sequential(torch.nn.Linear(32, 8, bias=False))
         with torch.no_grad():
             net[0].weight.copy_(weights)
-        snapper = ClusterSnapper(w=0.3, merge="none", on_unclustered="snap", placement=placement, max_bits=max_bits)
+        snapper = ClusterSnapper(w=0.3, snap=SnapConfig(merge="none", on_unclustered="snap", placement=placement, max_bits=max_bits))
         reports[placement] = snapper.snap(net)["0.weight"]
     k = 4 if max_bits is None else 2
     assert reports["heq"].k == k
@@ -845,7 +845,7 @@ def test_max_bits_caps_k_with_the_least_error_partition():
         net = torch.nn.Sequential(torch.nn.Linear(6, 4, bias=False))
         with torch.no_grad():
             net[0].weight.copy_(weights)
-        rep = ClusterSnapper(w=0.3, on_unclustered="snap", merge="none", max_bits=max_bits).snap(net)["0.weight"]
+        rep = ClusterSnapper(w=0.3, snap=SnapConfig(on_unclustered="snap", merge="none", max_bits=max_bits)).snap(net)["0.weight"]
         found[max_bits] = (rep, net[0].weight.detach().clone())
     assert found[None][0].k == 5 and found[3][0].k == 5  # under the cap: the discovered clusters stay
     torch.testing.assert_close(found[3][1], found[None][1])
@@ -860,8 +860,8 @@ def test_max_bits_caps_k_with_the_least_error_partition():
     net = torch.nn.Sequential(torch.nn.Linear(6, 4, bias=False))
     with torch.no_grad():
         net[0].weight.copy_(blob)
-    assert ClusterSnapper(w=3.0, merge="none").find(net)["0.weight"].k < 4
-    rep = ClusterSnapper(w=3.0, merge="none", on_unclustered="snap", max_bits=2).snap(net)["0.weight"]
+    assert ClusterSnapper(w=3.0, snap=SnapConfig(merge="none")).find(net)["0.weight"].k < 4
+    rep = ClusterSnapper(w=3.0, snap=SnapConfig(merge="none", on_unclustered="snap", max_bits=2)).snap(net)["0.weight"]
     assert rep.k == 4
     sse = float(((net[0].weight.detach() - blob) ** 2).sum())
     assert sse == pytest.approx(_best_partition_sse(blob.flatten().tolist(), 4), rel=1e-5)
@@ -875,9 +875,9 @@ def test_max_bits_repartitions_a_loose_layer_that_formed_exactly_the_budget():
     net = torch.nn.Sequential(torch.nn.Linear(41, 1, bias=False))
     with torch.no_grad():
         net[0].weight.copy_(weights)
-    formed = ClusterSnapper(w=1.0, merge="none").find(net)["0.weight"]
+    formed = ClusterSnapper(w=1.0, snap=SnapConfig(merge="none")).find(net)["0.weight"]
     assert formed.k == 2 and formed.snap_error(weights) > 0.3  # the case: at the budget, not clustered
-    rep = ClusterSnapper(w=1.0, merge="none", on_unclustered="snap", max_bits=1).snap(net)["0.weight"]
+    rep = ClusterSnapper(w=1.0, snap=SnapConfig(merge="none", on_unclustered="snap", max_bits=1)).snap(net)["0.weight"]
     assert rep.k == 2
     sse = float(((net[0].weight.detach() - weights) ** 2).sum())
     assert sse == pytest.approx(_best_partition_sse(weights.flatten().tolist(), 2), rel=1e-5)
@@ -907,7 +907,7 @@ def test_max_bits_overrides_give_matched_layers_their_own_budget():
     weights = _five_clusters(seed=2)
     net = lambda: _two_layers(weights)  # noqa: E731
 
-    snapper = ClusterSnapper(w=0.3, on_unclustered="snap", merge="none", max_bits=1, max_bits_overrides={r"^1\.": 3})
+    snapper = ClusterSnapper(w=0.3, snap=SnapConfig(on_unclustered="snap", merge="none", max_bits=1, max_bits_overrides={r"^1\.": 3}))
     assert snapper.max_bits_for("0.weight") == 1 and snapper.max_bits_for("1.weight") == 3
     model = net()
     reps = snapper.snap(model)
@@ -917,7 +917,7 @@ def test_max_bits_overrides_give_matched_layers_their_own_budget():
     assert sse == pytest.approx(_best_partition_sse(weights.flatten().tolist(), 2), rel=1e-5)
 
     model = net()
-    reps = ClusterSnapper(w=0.3, on_unclustered="snap", merge="none", max_bits_overrides={r"^0\.": 2}).snap(model)
+    reps = ClusterSnapper(w=0.3, snap=SnapConfig(on_unclustered="snap", merge="none", max_bits_overrides={r"^0\.": 2})).snap(model)
     assert (reps["0.weight"].k, reps["1.weight"].k) == (4, 5)
     sse = float(((model[0].weight.detach() - weights) ** 2).sum())
     assert sse == pytest.approx(_best_partition_sse(weights.flatten().tolist(), 4), rel=1e-5)
@@ -931,7 +931,7 @@ def test_max_clusters_gives_a_budget_that_is_not_a_power_of_two():
     net = lambda: _two_layers(weights)  # noqa: E731
 
     model = net()
-    snapper = ClusterSnapper(w=0.3, on_unclustered="snap", merge="none", max_clusters=3, max_bits_overrides={r"^1\.": 1})
+    snapper = ClusterSnapper(w=0.3, snap=SnapConfig(on_unclustered="snap", merge="none", max_clusters=3, max_bits_overrides={r"^1\.": 1}))
     assert (snapper.max_clusters_for("0.weight"), snapper.max_clusters_for("1.weight")) == (3, 2)
     reps = snapper.snap(model)
     assert (reps["0.weight"].k, reps["1.weight"].k) == (3, 2)
@@ -941,8 +941,8 @@ def test_max_clusters_gives_a_budget_that_is_not_a_power_of_two():
         sse = float(((model[i].weight.detach() - weights) ** 2).sum())
         assert sse == pytest.approx(_best_partition_sse(weights.flatten().tolist(), k), rel=1e-5)
     model = net()
-    assert ClusterSnapper(w=0.3, on_unclustered="snap", merge="none", max_clusters=5).snap(model)["0.weight"].k == 5
-    assert ClusterSnapper(max_bits=2).max_clusters_for("x") == 4 and ClusterSnapper().max_clusters_for("x") is None
+    assert ClusterSnapper(w=0.3, snap=SnapConfig(on_unclustered="snap", merge="none", max_clusters=5)).snap(model)["0.weight"].k == 5
+    assert ClusterSnapper(snap=SnapConfig(max_bits=2)).max_clusters_for("x") == 4 and ClusterSnapper().max_clusters_for("x") is None
 
 
 def test_max_bits_through_the_refine_callback(tmp_path, pipeline):
@@ -951,8 +951,8 @@ def test_max_bits_through_the_refine_callback(tmp_path, pipeline):
     # others to 2.
     uncapped = pipeline[2].snapper.reports["net.4.weight"].k
     assert uncapped > 8
-    model, refine, _, _ = _pipeline(tmp_path, logger=False, max_bits=1, on_unclustered="snap",
-                                    max_bits_overrides={r"^net\.4\.weight$": 3})
+    model, refine, _, _ = _pipeline(tmp_path, logger=False, snap=dict(max_bits=1, on_unclustered="snap",
+                                    max_bits_overrides={r"^net\.4\.weight$": 3}))
     params = dict(model.named_parameters())
     for name in WEIGHTS:
         rep = refine.snapper.reports[name]
@@ -966,8 +966,8 @@ def test_max_bits_through_the_refine_callback(tmp_path, pipeline):
 def test_max_clusters_through_the_refine_callback(tmp_path):
     # Ternary layers from a Trainer run, the last layer at its own 3-bit budget; the logged
     # bit-widths are log2 K_l (1.58 for a ternary layer) and the export reads back exactly.
-    model, refine, _, _ = _pipeline(tmp_path, max_clusters=3, on_unclustered="snap",
-                                    max_bits_overrides={r"^net\.4\.weight$": 3}, export_path=str(tmp_path / "t.safetensors"))
+    model, refine, _, _ = _pipeline(tmp_path, snap=dict(max_clusters=3, on_unclustered="snap", max_bits_overrides={r"^net\.4\.weight$": 3}),
+                                    export=ExportConfig(str(tmp_path / "t.safetensors")))
     params = dict(model.named_parameters())
     acc = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"scalars": 0})
     acc.Reload()
@@ -1000,8 +1000,8 @@ def test_gradual_snap_follows_its_ramp_to_the_exact_tie():
     centers = torch.tensor([-0.4, -0.2, 0.0, 0.15, 0.35])
     weights = centers[torch.arange(24) % 5].reshape(4, 6) + 0.02 * torch.randn(4, 6)
     model, at_once = _two_layers(weights), _two_layers(weights)
-    kw = dict(w=0.3, on_unclustered="snap", merge="none")
-    snapper = ClusterSnapper(**kw, ramp_steps=4, ramp_from=0.01)
+    kw = dict(w=0.3, snap=SnapConfig(on_unclustered="snap", merge="none"))
+    snapper = ClusterSnapper(**kw, refine=RefineConfig(ramp_steps=4, ramp_from=0.01))
     immediate = ClusterSnapper(**kw)
     reps, reps_now = snapper.snap(model), immediate.snap(at_once)
     assert torch.equal(model[0].weight.detach(), weights) and not snapper.exact  # not moved yet
@@ -1025,7 +1025,7 @@ def test_gradual_snap_follows_its_ramp_to_the_exact_tie():
         assert snapper.exact == (k >= 4)
         assert (torch.unique(model[0].weight.detach()).numel() == 5) == (k >= 4)
 
-    resumed, model2 = ClusterSnapper(**kw, ramp_steps=4, ramp_from=0.01), _two_layers(weights)
+    resumed, model2 = ClusterSnapper(**kw, refine=RefineConfig(ramp_steps=4, ramp_from=0.01)), _two_layers(weights)
     resumed.load_state_dict(saved[0])
     with torch.no_grad():
         for p, v in zip(model2.parameters(), saved[1]):
@@ -1036,10 +1036,10 @@ def test_gradual_snap_follows_its_ramp_to_the_exact_tie():
     for p, e in zip(model2.parameters(), expect):
         torch.testing.assert_close(p.detach().double(), e, rtol=0, atol=1e-7)
     old_state = {k: v for k, v in saved[0].items() if k != "ties"}  # written before the ramp existed
-    legacy = ClusterSnapper(**kw, ramp_steps=4)
+    legacy = ClusterSnapper(**kw, refine=RefineConfig(ramp_steps=4))
     legacy.load_state_dict(old_state)
     assert legacy.exact and legacy.pull() == 1.0
-    finished = ClusterSnapper(**kw, ramp_steps=4, ramp_from=0.01)
+    finished = ClusterSnapper(**kw, refine=RefineConfig(ramp_steps=4, ramp_from=0.01))
     finished.load_state_dict(saved[0])
     finished.finish(model2)  # the rest of the ramp at once
     assert finished.exact and all(torch.unique(p.detach()).numel() == 5 for p in model2.parameters())
@@ -1065,8 +1065,9 @@ def test_gradual_snap_through_the_refine_callback(tmp_path):
     # the snap epoch starts with the coupled weights, the first layer reaches its K values
     # at batch 31 and keeps them, the pull is logged, and the export reads back exactly.
     watch = _UniqueAtSnap(snap_epoch=18)
-    model, refine, _, _ = _pipeline(tmp_path, extra=[watch], on_unclustered="snap", snap_ramp_steps=30, snap_ramp_from=0.01,
-                                    export_path=str(tmp_path / "g.safetensors"))
+    model, refine, _, _ = _pipeline(tmp_path, extra=[watch], snap=dict(on_unclustered="snap"),
+                                    refine=RefineConfig(ramp_steps=30, ramp_from=0.01),
+                                    export=ExportConfig(str(tmp_path / "g.safetensors")))
     k0 = refine.snapper.reports["net.0.weight"].k
     assert watch.at_snap > 10 * k0  # the snap fixed the clusters, not the weights
     assert all(u > k0 for u in watch.per_batch[:30]) and all(u == k0 for u in watch.per_batch[30:])
@@ -1085,7 +1086,7 @@ def test_gradual_snap_through_the_refine_callback(tmp_path):
 
 def test_gradual_snap_longer_than_the_fit_is_finished_at_fit_end(tmp_path):
     with pytest.warns(UserWarning, match="fit ended 13 steps before the gradual snap reached its exact tie"):
-        model, refine, _, _ = _pipeline(tmp_path, logger=False, on_unclustered="snap", snap_ramp_steps=100)
+        model, refine, _, _ = _pipeline(tmp_path, logger=False, snap=dict(on_unclustered="snap"), refine=RefineConfig(ramp_steps=100))
     params = dict(model.named_parameters())
     assert refine.snapper.exact
     for name in WEIGHTS:
@@ -1096,13 +1097,14 @@ def test_resume_during_a_gradual_snap_is_exact(tmp_path):
     # Snap at epoch 3 spread over 40 batches (22 per epoch): the checkpoint of epoch 3 is
     # mid-ramp; resuming from it ends where the unbroken run ends, bit for bit.
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-    kw = dict(snap_epoch=3, start_epoch=0, logger=False, bn=True, shuffle=False, on_unclustered="snap", snap_ramp_steps=40)
+    kw = dict(snap_epoch=3, start_epoch=0, logger=False, bn=True, shuffle=False, snap=dict(on_unclustered="snap"),
+              refine=RefineConfig(ramp_steps=40))
     full, _, _, _ = _pipeline(tmp_path, epochs=6, **kw)
     _pipeline(tmp_path, epochs=4, extra=[ckpt], **kw)
     pl.seed_everything(0)
     train, val = digits_loaders(shuffle=False)
     resumed = TinyNet(bn=True)
-    refine = ClusterRefine(snap_epoch=3, w=0.45, recalibrate_bn_batches=20, on_unclustered="snap", snap_ramp_steps=40)
+    refine = ClusterRefine(snap_epoch=3, w=0.45, snap=SnapConfig(recalibrate_bn_batches=20, on_unclustered="snap"), refine=RefineConfig(ramp_steps=40))
     cbs = [SoftQuantCallback(h=2e-3, w=0.45, stop_epoch=3), refine]
     trainer(max_epochs=6, callbacks=cbs).fit(resumed, train, val, ckpt_path=str(tmp_path / "ck" / "epoch=3.ckpt"))
     assert refine.snapper.exact
@@ -1116,41 +1118,59 @@ def test_resume_during_a_gradual_snap_is_exact(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "build, match",
     [
-        ({"snap_epoch": -1}, "`snap_epoch` must be an int >= 0 or None"),
-        ({"w": 0}, "`w` must be a finite number > 0"),
-        ({"gap": -0.5}, "`gap` must be > 0"),
-        ({"min_cluster_frac": 1.5}, "`min_cluster_frac` must be in"),
-        ({"merge": "some"}, "`merge` must be"),
-        ({"max_snap_error": 0}, "`max_snap_error` must be > 0"),
-        ({"on_unclustered": "ignore"}, "`on_unclustered` must be"),
-        ({"clusters_from": "kmeans"}, "`clusters_from` must be"),
-        ({"placement": "median"}, "`placement` must be 'mean'"),
-        ({"max_bits": 0}, "`max_bits` must be None"),
-        ({"max_bits": 2.0}, "`max_bits` must be None"),
-        ({"max_clusters": 1}, r"`max_clusters` must be None \(no cap\) or an int in \[2, 65536\]"),
-        ({"max_clusters": 3.0}, "`max_clusters` must be None"),
-        ({"max_clusters": True}, "`max_clusters` must be None"),
-        ({"max_bits": 2, "max_clusters": 3}, r"`max_bits` \(2\) and `max_clusters` \(3\) are the same budget"),
-        ({"max_bits_overrides": {"fc(": 2}}, r"`max_bits_overrides` pattern 'fc\(' is not a valid regex"),
-        ({"max_bits_overrides": {"fc": 17}}, r"`max_bits_overrides\['fc'\]` must be an int in \[1, 16\], got 17\."),
-        ({"max_bits_overrides": [("fc", 4)]}, r"`max_bits_overrides` must be a dict of regex -> bits, got list\."),
-        ({"max_bits_overrides": []}, r"`max_bits_overrides` must be a dict of regex -> bits, got list\."),
-        ({"recalibrate_bn_batches": -1}, "`recalibrate_bn_batches` must be an int >= 0"),
-        ({"reassign": "yes"}, "`reassign` must be True or False"),
-        ({"snap_ramp_steps": -1}, r"`snap_ramp_steps` must be an int >= 0 \(0: snap at once\)"),
-        ({"snap_ramp_steps": 2.5}, "`snap_ramp_steps` must be an int"),
-        ({"snap_ramp_from": 0.0}, r"`snap_ramp_from` must be a number in \(0, 1\]"),
-        ({"snap_ramp_from": 1.5}, r"`snap_ramp_from` must be a number in \(0, 1\]"),
-        ({"snap_ramp_steps": 5, "reassign": True}, "`snap_ramp_steps` > 0 needs `reassign=False`"),
-        ({"snap_ramp_steps": 5, "refine": False}, r"needs `refine=True` and a `snap_epoch` \(got refine=False"),
-        ({"snap_ramp_steps": 5, "snap_epoch": None}, r"needs `refine=True` and a `snap_epoch` \(got refine=True, snap_epoch=None"),
+        (lambda: ClusterRefine(snap_epoch=-1), "`snap_epoch` must be an int >= 0 or None"),
+        (lambda: ClusterRefine(w=0), "`w` must be a finite number > 0"),
+        (lambda: ClusterRefine(clusters_from="kmeans"), "`clusters_from` must be"),
+        (lambda: SnapConfig(gap=-0.5), "`gap` must be > 0"),
+        (lambda: SnapConfig(min_cluster_frac=1.5), "`min_cluster_frac` must be in"),
+        (lambda: SnapConfig(merge="some"), "`merge` must be"),
+        (lambda: SnapConfig(max_snap_error=0), "`max_snap_error` must be > 0"),
+        (lambda: SnapConfig(on_unclustered="ignore"), "`on_unclustered` must be"),
+        (lambda: SnapConfig(placement="median"), "`placement` must be 'mean'"),
+        (lambda: SnapConfig(max_bits=0), "`max_bits` must be None"),
+        (lambda: SnapConfig(max_bits=2.0), "`max_bits` must be None"),
+        (lambda: SnapConfig(max_clusters=1), r"`max_clusters` must be None \(no cap\) or an int in \[2, 65536\]"),
+        (lambda: SnapConfig(max_clusters=3.0), "`max_clusters` must be None"),
+        (lambda: SnapConfig(max_clusters=True), "`max_clusters` must be None"),
+        (lambda: SnapConfig(max_bits=2, max_clusters=3), r"`max_bits` \(2\) and `max_clusters` \(3\) are the same budget"),
+        (lambda: SnapConfig(max_bits_overrides={"fc(": 2}), r"`max_bits_overrides` pattern 'fc\(' is not a valid regex"),
+        (lambda: SnapConfig(max_bits_overrides={"fc": 17}), r"`max_bits_overrides\['fc'\]` must be an int in \[1, 16\], got 17\."),
+        (lambda: SnapConfig(max_bits_overrides=[("fc", 4)]), r"`max_bits_overrides` must be a dict of regex -> bits, got list\."),
+        (lambda: SnapConfig(max_bits_overrides=[]), r"`max_bits_overrides` must be a dict of regex -> bits, got list\."),
+        (lambda: SnapConfig(recalibrate_bn_batches=-1), "`recalibrate_bn_batches` must be an int >= 0"),
+        (lambda: RefineConfig(reassign="yes"), "`reassign` must be True or False"),
+        (lambda: RefineConfig(ramp_steps=-1), r"`ramp_steps` must be an int >= 0 \(0: snap at once\)"),
+        (lambda: RefineConfig(ramp_steps=2.5), "`ramp_steps` must be an int"),
+        (lambda: RefineConfig(ramp_from=0.0), r"`ramp_from` must be a number in \(0, 1\]"),
+        (lambda: RefineConfig(ramp_from=1.5), r"`ramp_from` must be a number in \(0, 1\]"),
+        (lambda: RefineConfig(ramp_steps=5, reassign=True), "`ramp_steps` > 0 needs `reassign=False`"),
+        (lambda: ClusterRefine(refine=RefineConfig(ramp_steps=5), snap_epoch=None),
+         r"`refine.ramp_steps` > 0 .* needs a `snap_epoch` \(got snap_epoch=None"),
     ],
 )
-def test_bad_arguments(kwargs, match):
+def test_bad_arguments(build, match):
     with pytest.raises(ValueError, match=match):
+        build()
+
+
+@pytest.mark.parametrize("kwargs, moved", [
+    ({"gap": 0.5}, r"`gap` is now `snap=SnapConfig\(gap=...\)` \(YAML: `snap: \{gap: ...\}`\)"),
+    ({"max_bits": 2, "reassign": True}, r"`max_bits` is now `snap=SnapConfig\(max_bits=...\)`.*"
+                                         r"`reassign` is now `refine=RefineConfig\(reassign=...\)`"),
+    ({"snap_ramp_steps": 10}, r"`snap_ramp_steps` is now `refine=RefineConfig\(ramp_steps=...\)`"),
+    ({"export_path": "m.safetensors"}, r"`export_path` is now `export=ExportConfig\(path=...\)` \(YAML: `export: \{path: ...\}`\)"),
+    ({"recalibrate_bn_batches": 0}, r"`recalibrate_bn_batches` is now `snap=SnapConfig\(recalibrate_bn_batches=...\)`"),
+    ({"refine": False}, r"`refine=False` is now `refine=None`"),
+    ({"snap": {"gap": 0.5}}, r"`snap` must be a SnapConfig, got \{'gap': 0.5\}"),
+])
+def test_arguments_of_earlier_versions_name_their_new_place(kwargs, moved):
+    with pytest.raises(TypeError, match=moved):
         ClusterRefine(**kwargs)
+    if "refine" not in kwargs and "snap" not in kwargs:
+        with pytest.raises(TypeError, match="ClusterSnapper: "):
+            ClusterSnapper(**{"ramp_steps" if k == "snap_ramp_steps" else k: v for k, v in kwargs.items()})
 
 
 def test_codebook_source_requires_a_codebook_callback():
@@ -1162,7 +1182,7 @@ def test_codebook_source_requires_a_codebook_callback():
 def test_reassign_from_coupling_start_refuses_sharded_layers(monkeypatch):
     import sq_lightning.callbacks.cluster_refine as cr
 
-    refine = ClusterRefine(snap_epoch=2, reassign=True, reassign_from="coupling_start")
+    refine = ClusterRefine(snap_epoch=2, refine=RefineConfig(reassign=True, reassign_from="coupling_start"))
     monkeypatch.setattr(cr, "is_sharded", lambda p: True)  # as FSDP2 leaves every selected weight
     with pytest.raises(ValueError, match="sharded \\(FSDP\\).*reassign_from='snap'"):
         refine.on_fit_start(None, TinyNet())

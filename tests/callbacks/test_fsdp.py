@@ -152,7 +152,9 @@ def _snapper_worker(rank, port, out):
     with _process_group(rank, port):
         results = {}
         for mode, extra in _SNAP_MODES.items():
-            kwargs = dict(max_bits=2, on_unclustered="snap", **extra)
+            from sq_lightning.config import RefineConfig, SnapConfig
+
+            kwargs = dict(snap=SnapConfig(max_bits=2, on_unclustered="snap"), refine=RefineConfig(**extra))
             ref, net = _uneven_net(), _sharded(_uneven_net())
             ref_snap, snap = ClusterSnapper(**kwargs), ClusterSnapper(**kwargs)
             errors = ({n: r.snap_error for n, r in snap.snap(net).items()}, {n: r.snap_error for n, r in ref_snap.snap(ref).items()})

@@ -9,6 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from sq_lightning.config import SnapConfig
 from sq_lightning import ClusterRefine, ClusterSource, LearnedCodebook, SnapHint, SoftQuantCallback
 from sq_lightning.handoff import find_source
 from tests.helpers import TinyNet, digits_loaders, trainer
@@ -64,7 +65,7 @@ def test_two_training_stages_fail_at_setup():
 
 def test_without_a_training_stage_the_snap_is_at_fit_start():
     train, _ = digits_loaders()
-    refine = ClusterRefine(recalibrate_bn_batches=0)
+    refine = ClusterRefine(snap=SnapConfig(recalibrate_bn_batches=0))
     t = trainer(max_epochs=1, max_steps=1, callbacks=[refine])
     t.fit(TinyNet(), train)
     assert refine._snap_at == 0 and refine.snapped
@@ -103,7 +104,7 @@ def test_any_cluster_source_hands_over_its_centroids():
     centroids = {n: torch.tensor([-0.05, 0.0, 0.05]) for n, p in net.named_parameters() if n.endswith("weight")}
     source = _FixedCentroids(centroids)
     assert isinstance(source, ClusterSource)
-    refine = ClusterRefine(placement="mean", on_unclustered="snap")  # no stop_epoch: snaps at fit end
+    refine = ClusterRefine(snap=SnapConfig(placement="mean", on_unclustered="snap"))  # no stop_epoch: snaps at fit end
     trainer(max_epochs=1, max_steps=2, callbacks=[source, refine]).fit(net, train)
     params = dict(net.named_parameters())
     for name, c in centroids.items():
@@ -116,7 +117,7 @@ def test_any_cluster_source_hands_over_its_centroids():
 def test_learned_codebook_hands_over_by_default():
     train, _ = digits_loaders()
     codebook = LearnedCodebook(lam=1.0, bits=2, stop_epoch=1)
-    refine = ClusterRefine(placement="mean")  # clusters_from="auto": the codebook
+    refine = ClusterRefine(snap=SnapConfig(placement="mean"))  # clusters_from="auto": the codebook
     trainer(max_epochs=2, callbacks=[codebook, refine]).fit(TinyNet(), train)
     assert refine._snap_at == 1
     # K = 4 everywhere, also where a layer fits its codebook badly (the fallback keeps the codebook's size)
@@ -127,7 +128,7 @@ def test_with_hint_gives_w_l_to_a_snap_without_a_coupling(monkeypatch):
     train, _ = digits_loaders()
     net = TinyNet()
     w_l = {n: 0.01 for n, p in net.named_parameters() if n.endswith("weight")}
-    refine = ClusterRefine(recalibrate_bn_batches=0).with_hint(SnapHint(w_l=w_l))
+    refine = ClusterRefine(snap=SnapConfig(recalibrate_bn_batches=0)).with_hint(SnapHint(w_l=w_l))
     seen = _capture_find(monkeypatch, refine)
     trainer(max_epochs=1, max_steps=1, callbacks=[refine]).fit(net, train)
     assert seen["w_l"] == w_l

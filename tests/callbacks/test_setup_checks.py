@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from sq_lightning.config import SnapConfig
 from sq_lightning import ClusterRefine, LearnedCodebook, SoftQuantCallback
 from sq_lightning.layers import LayerSelector
 from sq_lightning.models import CharGPT
@@ -124,7 +125,7 @@ def test_batchnorm_is_re_estimated_through_training_step_when_there_is_no_forwar
                 seen["net"] = copy.deepcopy(pm.model)
                 seen["logged"] = len(pm.logged)
 
-    refine = ClusterRefine(snap_epoch=2, w=0.45, on_unclustered="snap", recalibrate_bn_batches=5)
+    refine = ClusterRefine(snap_epoch=2, w=0.45, snap=SnapConfig(on_unclustered="snap", recalibrate_bn_batches=5))
     trainer(max_epochs=3, callbacks=[SoftQuantCallback(h=2e-3, w=0.45, stop_epoch=2), refine, Probe()]).fit(
         module, train)
     assert refine.snapped

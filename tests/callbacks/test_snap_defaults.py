@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from sq_lightning.config import SnapConfig
 from sq_lightning import ClusterSnapper
 from sq_lightning.ops.baselines import kmeans_quantize
 
@@ -52,14 +53,14 @@ def test_every_layer_snaps_at_no_larger_error_than_kmeans_at_its_k(caplog):
 @pytest.mark.parametrize(("budget", "k"), [({"max_bits": 2}, 4), ({"max_clusters": 3}, 3)])
 def test_the_fallback_follows_the_bit_budget(budget, k):
     net = _net()
-    reports = ClusterSnapper(w=0.3, **budget).snap(net)
+    reports = ClusterSnapper(w=0.3, snap=SnapConfig(**budget)).snap(net)
     assert reports["4.weight"].snapped and reports["4.weight"].k == k
 
 
 def test_keep_stays_an_option():
     net = _net()
     before = net[4].weight.detach().clone()
-    reports = ClusterSnapper(w=0.3, on_unclustered="keep").snap(net)
+    reports = ClusterSnapper(w=0.3, snap=SnapConfig(on_unclustered="keep")).snap(net)
     assert not reports["4.weight"].snapped and reports["4.weight"].bits == 32.0
     assert torch.equal(net[4].weight.detach(), before)
 
@@ -76,5 +77,5 @@ def test_given_clusters_are_snapped_to_not_replaced():
 
 def test_a_per_layer_budget_sets_that_layers_fallback():
     net = _net()
-    reports = ClusterSnapper(w=0.3, max_bits=1, max_bits_overrides={"^4\\.": 3}).snap(net)
+    reports = ClusterSnapper(w=0.3, snap=SnapConfig(max_bits=1, max_bits_overrides={"^4\\.": 3})).snap(net)
     assert reports["4.weight"].k == 8

@@ -4,6 +4,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from sq_lightning.config import SnapConfig
 from sq_lightning.callbacks import SoftQuantCallback
 from sq_lightning.coupler import WeightCoupler
 from sq_lightning.ops.clustering import find_clusters
@@ -401,7 +402,7 @@ def test_default_strength_clusters_every_layer_with_sgd_and_adamw(net):
     train, _ = digits_loaders()
     model = net(hidden=128)
     trainer(max_epochs=8, callbacks=[]).fit(model, train)  # a trained model first
-    refine = ClusterRefine(on_unclustered="keep")
+    refine = ClusterRefine(snap=SnapConfig(on_unclustered="keep"))
     trainer(max_epochs=5, callbacks=[SoftQuantCallback(stop_epoch=4), refine]).fit(model, train)
     reports = refine.snapper.reports
     assert len(reports) == 3 and all(r.snapped for r in reports.values()), {n: r.snap_error for n, r in reports.items()}

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import load_benchmark
+from tests.helpers import load_experiment
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cifar10_tradeoff.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "cifar10_tradeoff.py"
 
 
 @pytest.fixture(scope="module")
 def report():
-    return load_benchmark("cifar10_tradeoff")
+    return load_experiment("cifar10_tradeoff")
 
 
 def _soft(acc, bits, seed=0, h=5e-3, epochs=(4, 2), baselines=()):
@@ -276,7 +276,7 @@ def test_reruns_skip_finished_runs_and_controls_take_their_own_source(tmp_path):
 
 @pytest.mark.slow
 def test_the_gpu_script_gathers_finished_rows_and_packs_a_run_cut_by_its_deadline(report, tmp_path, monkeypatch):
-    # benchmarks/cifar10_tradeoff_gpu.sh on the CPU (LIMIT batches an epoch) with a job file: one job
+    # experiments/cifar10_tradeoff_gpu.sh on the CPU (LIMIT batches an epoch) with a job file: one job
     # (a point and its control) finishes, one (far too many epochs) is stopped at DEADLINE; the finished
     # rows are gathered, the cut run's checkpoint packed, and a later call of the script finds the
     # unpacked run again (written with the absolute checkpoint path, looked up with the relative one).
@@ -302,7 +302,7 @@ def test_the_gpu_script_gathers_finished_rows_and_packs_a_run_cut_by_its_deadlin
     (cut,) = (unpacked / "b" / "runs").iterdir()  # only the cut run: a's finished runs left nothing
     assert not (unpacked / "a").exists() and torch.load(cut / "last.ckpt", weights_only=False)["epoch"] >= 1
     monkeypatch.chdir(SCRIPT.parent.parent)
-    argv = ["--pretrained", "benchmarks/checkpoints/resnet20_cifar10_fp.ckpt", "--schedule", "cosine", "--couple-epochs", "1",
+    argv = ["--pretrained", "experiments/checkpoints/resnet20_cifar10_fp.ckpt", "--schedule", "cosine", "--couple-epochs", "1",
             "--refine-epochs", "1", "--limit", "2", "--archive", str(archive), "--ramp-steps", "391", "--fp-control",
             "--couple-epochs", "100000", "--resume-dir", str(unpacked / "b" / "runs")]
     assert report._run_dir(report._parse(argv), "fp-finetuned", None) == cut
@@ -389,7 +389,7 @@ def test_a_control_takes_its_source_from_its_own_device_first_then_from_another(
 
 def test_a_run_resumes_whether_its_checkpoint_path_was_written_relative_or_absolute(report, monkeypatch, tmp_path):
     monkeypatch.chdir(SCRIPT.parent.parent)
-    relative = "benchmarks/checkpoints/resnet20_cifar10_fp.ckpt"
+    relative = "experiments/checkpoints/resnet20_cifar10_fp.ckpt"
     flags = ["--points", "1e-3:0.9", "--max-bits", "1", "--resume-dir", str(tmp_path / "runs")]
     first = report._run_dir(report._parse(["--pretrained", relative, *flags]), "softquant", "1e-3:0.9")
     again = report._run_dir(report._parse(["--pretrained", str(Path(relative).resolve()), *flags]), "softquant", "1e-3:0.9")
@@ -435,8 +435,8 @@ def test_the_committed_report_is_the_one_its_results_file_generates_now(report, 
     report.write_reports(rows, tmp_path)
     committed = (RESULTS.parent / "cifar10_tradeoff.md").read_text()
     assert (tmp_path / "cifar10_tradeoff.md").read_text() == committed, (
-        "benchmarks/results/cifar10_tradeoff.md is stale: run "
-        "`python benchmarks/cifar10_tradeoff.py --report-only --pretrained x`")
+        "experiments/results/cifar10_tradeoff.md is stale: run "
+        "`python experiments/cifar10_tradeoff.py --report-only --pretrained x`")
 
 
 def test_full_precision_epochs_before_the_coupling_are_their_own_configuration(report, monkeypatch, capsys):

@@ -15,26 +15,30 @@ which ``α`` would make the ratio size-independent (``α + exponent``).
 
 Usage::
 
-    python benchmarks/coupling_vs_task.py --pretrained benchmarks/checkpoints/resnet20_cifar10_fp.ckpt \\
+    python experiments/coupling_vs_task.py --pretrained experiments/checkpoints/resnet20_cifar10_fp.ckpt \\
         --settings 1e-3:0.3:0.66 1e-3:0.6:0.66 1e-3:0.9:0.66 1e-2:0.9:1.1 2e-2:0.6:1.1
 
-Results are printed and appended to ``benchmarks/results/coupling_vs_task.md``.
+Results are printed and appended to ``experiments/results/coupling_vs_task.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import _common as C
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import benchmarks._common as C  # noqa: E402
 from sq_lightning.coupler import WeightCoupler
 from sq_lightning.data import CIFAR10DataModule
 from sq_lightning.models import ImageClassifier
 
-RESULTS = C.RESULTS_DIR / "coupling_vs_task.md"
+RESULTS = ROOT / "experiments" / "results" / "coupling_vs_task.md"
 
 
 def slope(xs: list[float], ys: list[float]) -> float:

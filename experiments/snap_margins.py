@@ -1,6 +1,6 @@
 """Where does a low-bit snap cut the coupled weights? Margins to the decision boundaries.
 
-    python benchmarks/snap_margins.py --pretrained benchmarks/checkpoints/resnet20_cifar10_fp.ckpt \\
+    python experiments/snap_margins.py --pretrained experiments/checkpoints/resnet20_cifar10_fp.ckpt \\
         --coupled /tmp/coupled/softquant-0.001-0.9-seed1.pt --w 0.9 --max-bits 1 --edge-bits 4
 
 At 1 bit, soft quantization of ResNet-20 reaches ~81% coupled but ~32% right after the
@@ -20,7 +20,7 @@ adjacent values: the weights that a moving assignment flips first), the relative
 error, and the share of weights whose level index is the one HEQ gives the same weight in
 full precision (``agree``: 1 where both partitions put every weight on the same side).
 Totals are weighted by layer size over the layers held to ``--max-bits``. Appends a
-markdown report with the command to ``benchmarks/results/snap_margins.md``.
+markdown report with the command to ``experiments/results/snap_margins.md``.
 
 ``w_l = w · σ_l`` is taken from the full-precision weights: the coupling freezes ``σ_l``
 at its first step, i.e. from these same weights.
@@ -37,12 +37,13 @@ import torch
 
 from torch import Tensor
 
+from sq_lightning.config import SnapConfig
 from sq_lightning.callbacks import ClusterRefine
 from sq_lightning.ops.baselines import quantize
 from sq_lightning.ops.clustering import Clusters, tie_to_clusters
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import save  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._common import save  # noqa: E402
 from cifar10_tradeoff import EDGE_LAYERS  # noqa: E402  (the run's own edge layers)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -175,9 +176,8 @@ def main() -> None:
     if missing.missing_keys:
         raise SystemExit(f"--coupled {args.coupled}: not a ResNet-20 state_dict (missing {missing.missing_keys[:3]})")
     edges = {rf"^{m}\.weight$": args.edge_bits for m in EDGE_LAYERS} if args.edge_bits else {}
-    budget = ClusterRefine(w=args.w, placement=args.placement, max_bits=args.max_bits, max_clusters=args.max_clusters,
-                           on_unclustered="snap", max_bits_overrides=edges).snapper
-    formed = ClusterRefine(w=args.w, on_unclustered="snap").snapper
+    budget = ClusterRefine(w=args.w, snap=SnapConfig(placement=args.placement, max_bits=args.max_bits, max_clusters=args.max_clusters, on_unclustered="snap", max_bits_overrides=edges)).snapper
+    formed = ClusterRefine(w=args.w, snap=SnapConfig(on_unclustered="snap")).snapper
     fp = dict(fp_model.named_parameters())
     w_l = {n: args.w * float(p.detach().float().std()) for n, p in fp.items()}
     snapped = budget.find(coupled_model, w_l=w_l)

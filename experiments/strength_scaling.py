@@ -1,6 +1,6 @@
 """How strong must the coupling be for a layer of N_l weights? Fitting h_l ∝ N_l^-α.
 
-    python benchmarks/strength_scaling.py [--seeds 0 1] [--epochs 8] [--w 0.45]
+    python experiments/strength_scaling.py [--seeds 0 1] [--epochs 8] [--w 0.45]
 
 Soft quantization (arXiv:2601.21219) scales the strength per layer as
 ``h_l = h · N_l^-0.66``. This script measures the exponent on this project's own
@@ -22,7 +22,7 @@ Reference points: the coupling force on a weight is ``2 h_l (n_< - n_>)``, and t
 counts within ``w_l`` grow like ``N_l``, so against a size-independent opposing force
 ``α = 1``; the paper's 0.66 says the opposing task gradient is weaker per weight in
 bigger layers. Appends a markdown report with the command to
-``benchmarks/results/strength_scaling.md``.
+``experiments/results/strength_scaling.md``.
 """
 
 from __future__ import annotations

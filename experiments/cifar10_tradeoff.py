@@ -1,6 +1,6 @@
 """ResNet-20 / CIFAR-10: accuracy vs average bits, soft quantization against HEQ.
 
-    python benchmarks/cifar10_tradeoff.py --pretrained benchmarks/checkpoints/resnet20_cifar10_fp.ckpt \\
+    python experiments/cifar10_tradeoff.py --pretrained experiments/checkpoints/resnet20_cifar10_fp.ckpt \\
         --points 1e-3:0.3 1e-3:0.45 --codebook-bits 2 --dkm-bits 2 4 --couple-epochs 2 --refine-epochs 1
 
 For each ``h:w`` point, starting from the full-precision checkpoint:
@@ -30,7 +30,7 @@ loss ``(1 - WEIGHT) CE + WEIGHT T^2 KL``); such rows are labelled and compared a
 With ``--edge-bits B`` method B and DKM give the first convolution and the classifier
 (``conv1``, ``fc``: 1,072 of ResNet-20's 270k weights) ``2^B`` values instead of
 ``2^n_bits``, the usual exception of low-bit work; soft quantization caps them at ``2^B``
-values instead of ``2^max_bits`` (``ClusterRefine(max_bits_overrides=...)``: they keep the
+values instead of ``2^max_bits`` (``ClusterRefine(snap=SnapConfig(max_bits_overrides=...))``: they keep the
 clusters they found up to that); the row's bits count them as such.
 
 Every row records the median training-step time (forward, backward, optimizer step
@@ -41,7 +41,7 @@ indices, each file read back and checked bit-exact against the trained weights.
 Resumable: every run writes its last epoch's checkpoint (model, optimizer, lr schedule and
 the callbacks' state) under ``--resume-dir`` and a killed run continues from there; every
 finished point is appended as one JSON line to
-``benchmarks/results/cifar10_tradeoff.jsonl`` and skipped on the next run (a run is
+``experiments/results/cifar10_tradeoff.jsonl`` and skipped on the next run (a run is
 finished when a line of the same seed stored the same configuration: the method and every
 option it ran with, ``_fields``; a control takes its ``K_l`` from the seed-0 soft quantization
 line of its own options); the markdown table ``cifar10_tradeoff.md`` and the plot ``cifar10_tradeoff.png`` are
@@ -74,6 +74,7 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from sq_lightning.config import RefineConfig, SnapConfig
 from sq_lightning.callbacks import ClusterRefine, LearnedCodebook, SoftQuantCallback
 from sq_lightning.data import CIFAR10DataModule
 from sq_lightning.evaluate import METHODS, accuracy, evaluate_baselines
@@ -387,11 +388,7 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule, run_dir: Path | N
     soft = SoftQuantCallback(h=h, w=w, alpha=args.alpha, start_epoch=args.couple_from, stop_epoch=e2,
                              target_step=args.target_step, ramp_steps=args.ramp_steps, ramp_from=args.ramp_from)
     # With a bit budget every layer is snapped to it (as the controls are), whatever its snap error.
-    refine = ClusterRefine(snap_epoch=e2, w=w, recalibrate_bn_batches=100, placement=args.placement,
-                           max_bits=args.max_bits, max_clusters=args.max_clusters,
-                           on_unclustered="snap" if args.max_bits or args.max_clusters else "keep",
-                           reassign=args.reassign, reassign_from=args.reassign_from, max_bits_overrides=_edge_patterns(args),
-                           snap_ramp_steps=args.snap_ramp_steps, snap_ramp_from=args.snap_ramp_from)
+    refine = ClusterRefine(snap_epoch=e2, w=w, snap=SnapConfig(recalibrate_bn_batches=100, placement=args.placement, max_bits=args.max_bits, max_clusters=args.max_clusters, on_unclustered="snap" if args.max_bits or args.max_clusters else "keep", max_bits_overrides=_edge_patterns(args)), refine=RefineConfig(reassign=args.reassign, reassign_from=args.reassign_from, ramp_steps=args.snap_ramp_steps, ramp_from=args.snap_ramp_from))
     timer = StepTimer()
     phases, before, after = _phases(dm, e2, refine)
     start = _fit(module, dm, e2 + args.refine_epochs, [soft, *_saver(args, "softquant", (h, w)), *phases, timer],
@@ -462,10 +459,7 @@ def run_codebook(args, bits: int | str, dm: CIFAR10DataModule, run_dir: Path | N
     k = int(bits[1:]) if isinstance(bits, str) else 2**bits
     cb = LearnedCodebook(lam=args.codebook_lam, bits=None, k=k, init="kmeans", stop_epoch=e2,
                          k_overrides=_edge_patterns(args, as_k=True))
-    refine = ClusterRefine(
-        snap_epoch=e2, clusters_from="codebook", recalibrate_bn_batches=100, on_unclustered="snap", reassign=args.reassign,
-        reassign_from=args.reassign_from,
-    )  # method B ends by snapping to its representatives, whatever the error
+    refine = ClusterRefine(snap_epoch=e2, clusters_from="codebook", snap=SnapConfig(recalibrate_bn_batches=100, on_unclustered="snap"), refine=RefineConfig(reassign=args.reassign, reassign_from=args.reassign_from))  # method B ends by snapping to its representatives, whatever the error
     timer = StepTimer()
     phases, before, after = _phases(dm, e2, refine)
     start = _fit(module, dm, e2 + args.refine_epochs, [cb, *phases, timer], args.limit, run_dir)
@@ -506,8 +500,7 @@ def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFA
         raise SystemExit(f"--controls: the soft quantization row h={h:g} w={w:g} kept every layer fp32; nothing to quantize")
     timer = StepTimer()
     if args.reassign_from == "coupling_start":  # the source row's own refinement, at its epoch
-        refine = ClusterRefine(snap_epoch=args.couple_epochs, recalibrate_bn_batches=100, on_unclustered="snap",
-                               reassign=True, reassign_from="coupling_start").snap_to(clusters)
+        refine = ClusterRefine(snap_epoch=args.couple_epochs, snap=SnapConfig(recalibrate_bn_batches=100, on_unclustered="snap"), refine=RefineConfig(reassign=True, reassign_from="coupling_start")).snap_to(clusters)
         after = PhaseAccuracy(args.couple_epochs, dm.val_dataloader(), "snapped")
         start = _fit(module, dm, args.couple_epochs + args.refine_epochs, [refine, after, timer], args.limit, run_dir)
         acc_snapped = after.acc
@@ -515,8 +508,7 @@ def run_control(args, quantizer: str, h: float, w: float, source: dict, dm: CIFA
         # Every layer the soft quantization row snapped is snapped here, whatever its error.
         # A gradual snap (--snap-ramp-steps) is given to the control too: snapped before the fit,
         # so snap_epoch 0 never snaps again, the weights reach their values over the ramp.
-        refine = ClusterRefine(snap_epoch=0 if args.snap_ramp_steps else None, recalibrate_bn_batches=100, on_unclustered="snap",
-                               reassign=args.reassign, snap_ramp_steps=args.snap_ramp_steps, snap_ramp_from=args.snap_ramp_from)
+        refine = ClusterRefine(snap_epoch=0 if args.snap_ramp_steps else None, snap=SnapConfig(recalibrate_bn_batches=100, on_unclustered="snap"), refine=RefineConfig(reassign=args.reassign, ramp_steps=args.snap_ramp_steps, ramp_from=args.snap_ramp_from))
         refine.snapper.snap(module, clusters=clusters)  # ClusterRefine then ties from the first step
         dm.setup("fit")
         module.to(_device())  # the fit moves it there anyway; the stored clusters follow the weights
@@ -1152,7 +1144,7 @@ def _relation(soft: list[dict]) -> list[str]:
 
 # Rows written before commands were recorded per row all came from this script at 1/1 epochs.
 LEGACY_COMMAND = (
-    "python benchmarks/cifar10_tradeoff.py --pretrained benchmarks/checkpoints/resnet20_cifar10_fp.ckpt "
+    "python experiments/cifar10_tradeoff.py --pretrained experiments/checkpoints/resnet20_cifar10_fp.ckpt "
     "--points 1e-3:0.3 1e-3:0.45 3e-3:0.3 --couple-epochs 1 --refine-epochs 1"
 )
 
@@ -1189,20 +1181,20 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                          "K_l from such a row")
     ap.add_argument("--max-clusters", type=int, default=None,
                     help="soft quantization snap: the budget in values instead of bits (3: ternary layers, "
-                         "ClusterRefine(max_clusters=...)); exclusive with --max-bits")
+                         "ClusterRefine(snap=SnapConfig(max_clusters=...))); exclusive with --max-bits")
     ap.add_argument("--restart-at-snap", action="store_true",
                     help="cosine lr restarted at the snap (soft quantization, method B): refinement at a real lr")
     ap.add_argument("--reassign", action="store_true",
-                    help="refinement with moving assignments (ClusterRefine(reassign=True)): latent weights take the "
+                    help="refinement with moving assignments (ClusterRefine(refine=RefineConfig(reassign=True))): latent weights take the "
                          "updates and join their nearest centroid after each step (soft quantization, method B, controls)")
     ap.add_argument("--reassign-from", choices=["snap", "coupling_start"], default="snap",
                     help="soft quantization or method B with --reassign: start the latent weights from the coupled "
                          "weights at the snap, or from the full-precision ones spread around the snapped values "
-                         "(ClusterRefine(reassign_from=...)); --controls with coupling_start get that refinement: "
+                         "(ClusterRefine(refine=RefineConfig(reassign_from=...))); --controls with coupling_start get that refinement: "
                          "snapped at epoch --couple-epochs after as many full-precision epochs, latent weights from "
                          "the checkpoint's, the same lr window")
     ap.add_argument("--snap-ramp-steps", type=int, default=0,
-                    help="gradual snap (ClusterRefine(snap_ramp_steps=...)): after the snap each weight moves a growing "
+                    help="gradual snap (ClusterRefine(refine=RefineConfig(ramp_steps=...))): after the snap each weight moves a growing "
                          "fraction of the way to its cluster's mean per step, reaching the exact tie after this many "
                          "steps (soft quantization, controls); 0: snap at once")
     ap.add_argument("--snap-ramp-from", type=float, default=1e-3, help="the first step's fraction of --snap-ramp-steps")
@@ -1234,7 +1226,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--save-coupled", default=None, metavar="DIR",
                     help="soft quantization runs also write their coupled weights (the model's state_dict at the "
                          "snap) to DIR/softquant-H-W-seedS-HASH.pt (HASH: of the run's arguments), for "
-                         "benchmarks/snap_margins.py")
+                         "experiments/snap_margins.py")
     ap.add_argument("--report-only", action="store_true", help="rebuild the table and plot from --out, train nothing")
     args = ap.parse_args(argv)
     for flag, specs, parts in (("--points", args.points, 2), ("--controls", args.controls, 3)):

@@ -1,11 +1,11 @@
 """Refinement alone, from saved coupled weights: which start do moving assignments need?
 
-    python benchmarks/refine_coupled.py --pretrained benchmarks/checkpoints/resnet20_cifar10_fp.ckpt \\
-        --coupled benchmarks/checkpoints/coupled/softquant-0.005-0.9-seed2.pt --w 0.9 \\
+    python experiments/refine_coupled.py --pretrained experiments/checkpoints/resnet20_cifar10_fp.ckpt \\
+        --coupled experiments/checkpoints/coupled/softquant-0.005-0.9-seed2.pt --w 0.9 \\
         --max-clusters 3 --edge-bits 4 --latent fp --seed 2
 
 ``snap_margins.md`` found that after coupling no weight lies near a decision boundary of
-the budgeted snap, so refinement with moving assignments (``ClusterRefine(reassign=True)``)
+the budgeted snap, so refinement with moving assignments (``ClusterRefine(refine=RefineConfig(reassign=True))``)
 has nothing to move, while the full-precision weights under HEQ have 13-15% of theirs
 there. This script tests that reading by changing only the start of the refinement's
 latent weights (the full-precision copies that take the optimizer's updates and choose
@@ -32,7 +32,7 @@ BatchNorm is re-estimated on 100 batches after it, and the refinement runs ``--e
 epochs at the tail of the run's cosine (epochs ``--of-epochs - --epochs`` onwards of a
 cosine over ``--of-epochs``: the learning rates the refinement of ``cifar10_tradeoff.py``
 saw; the optimizer's momentum starts from zero). Appends a markdown report (the command and
-its row) to ``benchmarks/results/refine_coupled.md``.
+its row) to ``experiments/results/refine_coupled.md``.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from sq_lightning.config import RefineConfig, SnapConfig
 from sq_lightning.callbacks import ClusterRefine
 from sq_lightning.handoff import SnapHint
 from sq_lightning.data import CIFAR10DataModule
@@ -56,8 +57,8 @@ from sq_lightning.models import ImageClassifier
 from sq_lightning.models.classifier import lr_factor
 from sq_lightning.ops import nearest_centroid
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import save  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._common import save  # noqa: E402
 from cifar10_tradeoff import EDGE_LAYERS  # noqa: E402  (the run's own edge layers)
 from snap_margins import _state, add_run_args  # noqa: E402
 
@@ -174,9 +175,7 @@ def main() -> None:
     hint = SnapHint(w_l={f"model.{n}": args.w * float(p.float().std()) for n, p in fp.items()})
 
     def run_snap() -> ClusterRefine:
-        return ClusterRefine(snap_epoch=0, w=args.w, recalibrate_bn_batches=100, max_bits=args.max_bits,
-                             max_clusters=args.max_clusters, on_unclustered="snap", reassign=True,
-                             max_bits_overrides=edges).with_hint(hint)
+        return ClusterRefine(snap_epoch=0, w=args.w, snap=SnapConfig(recalibrate_bn_batches=100, max_bits=args.max_bits, max_clusters=args.max_clusters, on_unclustered="snap", max_bits_overrides=edges), refine=RefineConfig(reassign=True)).with_hint(hint)
 
     if args.moves_only:
         print(f"{Path(args.coupled).name}: share of the snapped weights nearer another centroid after the latent start")

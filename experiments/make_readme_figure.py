@@ -9,7 +9,7 @@ the snap and refinement with tied weights, whose title gives ``K_l`` and the bit
 
 Usage::
 
-    python benchmarks/make_readme_figure.py [--layers model.net.3.weight] [--out docs/weights_collapse.png]
+    python experiments/make_readme_figure.py [--layers model.net.3.weight] [--out docs/weights_collapse.png]
 
 About 20 s on one CPU thread (5 s of it training); the PNG is about 40 KB at the default dpi.
 """

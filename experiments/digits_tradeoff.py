@@ -1,6 +1,6 @@
 """Accuracy vs average bits on the 8x8 digits: soft quantization, method B, and HEQ.
 
-    python benchmarks/digits_tradeoff.py [--seeds 0 1]
+    python experiments/digits_tradeoff.py [--seeds 0 1]
 
 One full-precision MLP 64-128-64-10 per seed (22 epochs), then with the quickstart's
 epoch windows (epochs 10-17 regularized, snap at 18, refine to 22):
@@ -10,7 +10,7 @@ epoch windows (epochs 10-17 regularized, snap at 18, refine to 22):
 * for every point, post-training HEQ and optimal k-means of the full-precision model
   at the same per-layer K_l.
 
-Appends a markdown table with the command to benchmarks/results/digits_tradeoff.md.
+Appends a markdown table with the command to experiments/results/digits_tradeoff.md.
 """
 
 import argparse

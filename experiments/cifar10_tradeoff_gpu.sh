@@ -2,7 +2,7 @@
 # The longer-schedule ResNet-20 / CIFAR-10 runs of cifar10_tradeoff.py, side by side on one GPU.
 #
 #   ARCHIVE=path/to/cifar10-jpeg.tar.gz COUPLE=8 REFINE=8 DEADLINE=520 OUTDIR=/tmp/gpu \
-#       bash benchmarks/cifar10_tradeoff_gpu.sh
+#       bash experiments/cifar10_tradeoff_gpu.sh
 #
 # Five processes share the machine (ResNet-20 at batch 128 leaves a large GPU mostly idle):
 # soft quantization with a bit budget of 2 bits (alpha 0.66 and 0.9) and of 1 bit (w 0.9 and
@@ -12,8 +12,8 @@
 # DEADLINE seconds after this script starts (decoding the archive counts: leave the caller's
 # own limit some 30 s beyond it for the gathering), and whatever rows finished are gathered
 # into OUTDIR/rows.jsonl, the logs into OUTDIR/logs.txt. Merge the rows into
-# benchmarks/results/cifar10_tradeoff.jsonl, then rebuild the table with
-# `python benchmarks/cifar10_tradeoff.py --pretrained ... --report-only`.
+# experiments/results/cifar10_tradeoff.jsonl, then rebuild the table with
+# `python experiments/cifar10_tradeoff.py --pretrained ... --report-only`.
 # LIMIT (limit_train_batches) makes a smoke run of the same script on a CPU.
 #
 # JOBFILE replaces the five built-in jobs: one job a line, a name then its flags, e.g.
