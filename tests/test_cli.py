@@ -158,7 +158,7 @@ def test_cifar10_stage_runs_a_few_batches_on_the_offline_copy(tmp_path, monkeypa
     logs = list((tmp_path / "runs" / "cifar10_resnet20" / "softquant").glob("version_*"))
     assert logs, "no TensorBoard run written"
     scalars = _scalars(logs[0])
-    assert "sq/coupling_loss" in scalars and "sq/grad_ratio_max" in scalars and "val/acc" in scalars
+    assert "sq/coupling_loss" in scalars and "val/acc" in scalars
 
 
 @pytest.mark.slow

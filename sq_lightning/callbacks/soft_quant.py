@@ -114,7 +114,8 @@ class SoftQuantCallback(Callback):
         log_grad_ratio: also log, on the same steps, ``sq/grad_ratio/<layer>`` =
             ``‖coupling gradient‖ / ‖gradient in .grad‖`` (the task's, one batch, before
             clipping) and their maximum ``sq/grad_ratio_max``; costs one extra
-            coupling gradient on those steps. Well above 1 in a layer, the coupling
+            coupling gradient on those steps; with a fixed ``h`` only (with ``h=None`` the ratio
+            is ``grad_ratio`` by construction, and ``True`` is refused). Well above 1 in a layer, the coupling
             drives that layer and accuracy drops during coupling: on ResNet-20 this
             happens in the large layers at ``alpha=0.66`` with ``w >= 0.6``, and
             ``alpha ≈ 1.1`` evens the layers out
@@ -207,6 +208,12 @@ class SoftQuantCallback(Callback):
         )
         self.log_every_n_steps = log_every_n_steps
         self.log_per_layer = log_per_layer
+        if log_grad_ratio and self.relative:
+            raise ValueError(
+                "`log_grad_ratio=True` measures the coupling against the task gradient, but with the relative strength "
+                "(`h=None`) every layer's ratio is `grad_ratio` by construction: set `log_grad_ratio=False`, or give a "
+                "fixed `h` to watch the ratio."
+            )
         self.log_grad_ratio = bool(log_grad_ratio)
         self.histogram_every_n_epochs = histogram_every_n_epochs
         self.steps_applied = 0

@@ -82,6 +82,12 @@ class MetricSink(pl.loggers.Logger):
         return None
 
 
+def test_grad_ratio_logging_is_refused_where_the_ratio_is_fixed_by_construction():
+    with pytest.raises(ValueError, match="`log_grad_ratio=True` .* relative strength .* set `log_grad_ratio=False`"):
+        SoftQuantCallback(log_grad_ratio=True)
+    SoftQuantCallback(h=1e-3, log_grad_ratio=True)  # a fixed h: the ratio is a measurement
+
+
 def test_grad_ratio_is_coupling_norm_over_task_norm():
     pl.seed_everything(0)
     train, _ = digits_loaders()
