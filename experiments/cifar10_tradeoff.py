@@ -385,7 +385,9 @@ def run_point(args, h: float, w: float, dm: CIFAR10DataModule, run_dir: Path | N
     e2 = args.couple_epochs
     # --couple-from E: full-precision epochs before the coupling (its window [E, e2)); with
     # reassign_from="coupling_start" the refinement's latent weights start from those trained weights.
-    soft = SoftQuantCallback(h=h, w=w, alpha=args.alpha, start_epoch=args.couple_from, stop_epoch=e2,
+    # --grad-ratio R: the package's default relative strength (h of --points unused).
+    strength = {"h": None, "grad_ratio": args.grad_ratio} if args.grad_ratio else {"h": h}
+    soft = SoftQuantCallback(**strength, w=w, alpha=args.alpha, start_epoch=args.couple_from, stop_epoch=e2,
                              target_step=args.target_step, ramp_steps=args.ramp_steps, ramp_from=args.ramp_from)
     # With a bit budget every layer is snapped to it (as the controls are), whatever its snap error.
     refine = ClusterRefine(snap_epoch=e2, w=w, snap=SnapConfig(recalibrate_bn_batches=100, placement=args.placement, max_bits=args.max_bits, max_clusters=args.max_clusters, on_unclustered="snap" if args.max_bits or args.max_clusters else "keep", max_bits_overrides=_edge_patterns(args)), refine=RefineConfig(reassign=args.reassign, reassign_from=args.reassign_from, ramp_steps=args.snap_ramp_steps, ramp_from=args.snap_ramp_from))
@@ -441,6 +443,7 @@ def _ramp(args) -> dict:
     the coupling, a bit budget, moving assignments in refinement, the lr restart)."""
     out = {"ramp_steps": args.ramp_steps, "ramp_from": args.ramp_from} if args.ramp_steps else {}
     out = {**out, "couple_from": args.couple_from} if args.couple_from else out
+    out = {**out, "grad_ratio": args.grad_ratio} if args.grad_ratio else out
     out = {**out, "max_bits": args.max_bits} if args.max_bits else out
     out = {**out, "max_clusters": args.max_clusters} if args.max_clusters else out
     out = {**out, "reassign": True} if args.reassign else out
@@ -559,7 +562,7 @@ _NOT_THE_RUN = {"points", "codebook_bits", "codebook_k", "dkm_bits", "controls",
 
 # Arguments added after runs became resumable, at the value that runs started before them
 # used: left out of a run's identity at that value, so those runs still resume.
-_LATER_ARGS = {"max_clusters": None, "snap_ramp_steps": 0, "snap_ramp_from": 1e-3, "couple_from": 0}
+_LATER_ARGS = {"max_clusters": None, "snap_ramp_steps": 0, "snap_ramp_from": 1e-3, "couple_from": 0, "grad_ratio": None}
 
 
 def _identity(what: dict) -> dict:
@@ -669,7 +672,8 @@ def write_reports(lines: list[dict], directory: Path = RESULTS) -> None:
     soft = sorted((r for r in lines if _method(r) == "softquant"), key=lambda r: (r["w"], r["h"], r["couple_epochs"]))
     for r in soft:
         b = {x["method"].split(" ")[0]: x for x in r["baselines"]}
-        hcell = f"S={r['target_step']:g}" if r.get("target_step") else f"{r['h']:g}"
+        hcell = (f"S={r['target_step']:g}" if r.get("target_step") else
+                 f"ratio {r['grad_ratio']:g}" if r.get("grad_ratio") else f"{r['h']:g}")
         out.append(
             f"| {hcell} | {r['w']:g} | {r['bits_weighted']:.2f} | {r['bits_mean']:.2f} | {ent(r)} | {len(r['kept_fp32'])} | "
             f"{phase(r, 'acc_coupled')} | {phase(r, 'acc_snapped')} | {r['acc']:.4f} | {fp - r['acc']:+.4f} | {cell(b, 'heq', 'acc')} | {cell(b, 'heq', 'acc_bn')} | "
@@ -836,7 +840,8 @@ def _label(r: dict, names: dict) -> tuple[str, str]:
     """A row's method name and what it ran (h and w, or the bits; the epochs)."""
     m = _method(r)
     # A target-step run stores the h of --points but does not use it.
-    strength = lambda: f"S={r['target_step']:g}" if r.get("target_step") else f"h={r['h']:g}"  # noqa: E731
+    strength = lambda: (f"S={r['target_step']:g}" if r.get("target_step") else  # noqa: E731
+                        f"ratio={r['grad_ratio']:g}" if r.get("grad_ratio") else f"h={r['h']:g}")
     what = f"{strength()}, w={r['w']:g}" if m == "softquant" or m.startswith("refined-") else (
         f"K={r['k']}" if r.get("k") else f"n_bits={r.get('n_bits')}")
     what += f", {r['couple_epochs']}/{r['refine_epochs']} epochs"
@@ -1161,6 +1166,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                     help="method B runs with this many representatives a layer (3: ternary; LearnedCodebook(k=...))")
     ap.add_argument("--codebook-lam", type=float, default=30.0, help="method B strength")
     ap.add_argument("--dkm-bits", type=int, nargs="*", default=[], help="coremltools DKM runs at these bits")
+    ap.add_argument("--grad-ratio", type=float, default=None, metavar="R",
+                    help="soft quantization: the default relative strength, SoftQuantCallback(h=None, grad_ratio=R) "
+                         "(h of --points is then unused); exclusive with --target-step")
     ap.add_argument("--controls", nargs="*", default=[], metavar="Q:H:W",
                     help="HEQ, k-means or uniform ('heq:1e-3:0.9', 'kmeans:...', 'uniform:...') at the K_l of the soft quantization row h:w "
                          "(same epochs and schedule), then the same refinement (tied, or reassigned with --reassign) for all its "
@@ -1239,6 +1247,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
             if not ok:
                 ap.error(f"{flag}: {spec!r} is not " + ("h:w" if parts == 2 else "Q:h:w") + " with positive numbers "
                          "h and w (e.g. " + ("1e-3:0.9" if parts == 2 else "heq:1e-3:0.9") + ")")
+    if args.grad_ratio is not None and (args.grad_ratio <= 0 or args.target_step):
+        ap.error(f"--grad-ratio {args.grad_ratio}: a number > 0, without --target-step (both set the strength)")
     if args.couple_from and not (0 < args.couple_from < args.couple_epochs and args.points
                                  and not (args.codebook_bits or args.codebook_k or args.dkm_bits or args.controls
                                           or args.fp_control)):

@@ -281,9 +281,9 @@ class ClusterSnapper:
         # What to do about a layer too far from its clusters depends on where they came from.
         given = clusters is not None if given is None else given
         hint = ("The clusters given for them fit their weights badly: give more, or exclude those layers." if given else
-                "The coupling was too weak or too short for them: raise `h` (or `target_step`) or couple for more "
-                "steps, watching `sq/grad_ratio/<layer>` (the coupling's gradient against the task's in each layer); "
-                "or set `max_bits` to quantize them by k-means at a bit budget; or exclude them.")
+                "The coupling was too weak or too short for them: raise `grad_ratio` (with a fixed `h`: raise `h` or "
+                "`target_step`, watching `sq/grad_ratio/<layer>`) or couple for more steps; or set "
+                "`SnapConfig(max_bits=...)` to quantize them by k-means at a bit budget; or exclude them.")
         clusters = clusters if clusters is not None else self.find(model, w_l=w_l, centroids=centroids)
         loose: list[str] = []
         # Given clusters are the caller's choice: "kmeans" snaps to them anyway rather than replace them.

@@ -277,7 +277,7 @@ def test_unclustered_layer_is_kept_and_reported(caplog):
         assert torch.equal(p, before[n])
     assert snapper.summary()["bits_weighted"] == 32.0
 
-    with pytest.raises(UnclusteredLayerError, match="did not cluster.*0.weight \\(K=.*raise `h`"):
+    with pytest.raises(UnclusteredLayerError, match="did not cluster.*0.weight \\(K=.*raise `grad_ratio`"):
         ClusterSnapper(snap=SnapConfig(on_unclustered="raise")).snap(net)
     # Clusters the caller passed (a post-training quantizer's, say) are not the coupling's to blame.
     two = {"0.weight": Clusters.from_quantization(quantize(net[0].weight.detach(), 2, "kmeans"))}
