@@ -10,7 +10,7 @@ list is written twice. In a LightningCLI YAML file a group nests under its name:
       init_args:
         snap: {max_bits: 2, max_bits_overrides: {"^conv1\\\\.": 4}}
         refine: {reassign: true}
-        export: {path: model.sqz}
+        export: {path: model.sq.safetensors}
 
 The flat keyword arguments of earlier versions (``ClusterRefine(gap=0.5, max_bits=2,
 reassign=True, export_path=...)``) fail with a message naming the new place

@@ -147,13 +147,13 @@ class ClusterRefine(Callback):
 
         trainer = Trainer(max_epochs=6, callbacks=[
             SoftQuantCallback(stop_epoch=4),
-            ClusterRefine(snap=SnapConfig(max_bits=4), export=ExportConfig("model.sqz")),
+            ClusterRefine(snap=SnapConfig(max_bits=4), export=ExportConfig("model.sq.safetensors")),
         ])  # snaps at epoch 4 with the coupling's w_l, at most 16 values a layer, refines epochs 4-5
 
     In YAML (``lightning fit --config``)::
 
         - class_path: sq_lightning.ClusterRefine
-          init_args: {snap: {max_bits: 4}, export: {path: model.sqz}}
+          init_args: {snap: {max_bits: 4}, export: {path: model.sq.safetensors}}
     """
 
     def __init__(
