@@ -40,9 +40,11 @@ import math
 import subprocess
 import sys
 from pathlib import Path
-from statistics import mean, stdev
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from experiments._rows import t_interval as interval  # noqa: E402  (mean, 95% half-width)
+
 ROWS = ROOT / "experiments" / "results" / "converged.jsonl"
 PAGE = ROOT / "experiments" / "results" / "converged.md"
 SCRIPT = ROOT / "experiments" / "cifar10_tradeoff.py"
@@ -98,16 +100,6 @@ def violations(row: dict) -> list[str]:
     if row.get("limit_train_batches", 1.0) != 1.0:
         out.append("a training subset")
     return out
-
-
-def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval (nan half-width for one value)."""
-    from scipy.stats import t
-
-    m = mean(values)
-    if len(values) < 2:
-        return m, math.nan
-    return m, t.ppf(0.975, len(values) - 1) * stdev(values) / math.sqrt(len(values))
 
 
 def cell_of(row: dict) -> str | None:

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "experiments" / "results"
 ROWS = RESULTS / "relative_strength.jsonl"
 CACHE = Path(os.environ.get("SQ_EXPERIMENT_CACHE", "/tmp/sq_relative_strength"))
-from experiments._rows import append_row  # noqa: E402
+from experiments._rows import append_row, t_interval  # noqa: E402
 ARMS = ("h=1e-3", "ratio=1", "ratio=3", "ratio=10")
 
 
@@ -175,14 +175,9 @@ def _append(row: dict, argv: list[str]) -> None:
 
 
 def _mean_ci(xs: list[float]) -> str:
-    import statistics
-
     if len(xs) < 2:
         return f"{xs[0]:+.2f}" if xs else "-"
-    from scipy import stats  # scikit-learn's dependency
-
-    m, s = statistics.mean(xs), statistics.stdev(xs)
-    half = stats.t.ppf(0.975, len(xs) - 1) * s / len(xs) ** 0.5
+    m, half = t_interval(xs)
     return f"{m:+.2f} [{m - half:+.2f}, {m + half:+.2f}]"
 
 

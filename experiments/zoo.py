@@ -66,7 +66,7 @@ RESULTS = ROOT / "experiments" / "results"
 ROWS = RESULTS / "zoo.jsonl"
 CACHE = Path(os.environ.get("SQ_EXPERIMENT_CACHE", "/tmp/sq_zoo"))
 
-from experiments._rows import append_row  # noqa: E402
+from experiments._rows import append_row, t_interval  # noqa: E402
 from sq_lightning.config import SnapConfig
 from sq_lightning import ClusterRefine, SoftQuantCallback  # noqa: E402
 from sq_lightning.models.batchnorm import recalibrate_batchnorm  # noqa: E402
@@ -329,13 +329,10 @@ def _mean(xs: list[float]) -> str:
 
 def _diff_ci(a: list[float], b: list[float]) -> str:
     """Mean of the paired differences a - b with a 95% t interval; 'tie' when it contains 0."""
-    from scipy import stats
-
     d = [x - y for x, y in zip(a, b)]
     if len(d) < 2:
         return f"{d[0]:+.4f} (1 seed)"
-    m, s = statistics.mean(d), statistics.stdev(d)
-    half = stats.t.ppf(0.975, len(d) - 1) * s / math.sqrt(len(d))
+    m, half = t_interval(d)
     tag = "tie" if m - half <= 0 <= m + half else ("better" if m > 0 else "worse")
     return f"{m:+.4f} ± {half:.4f} ({tag})"
 
